@@ -1,0 +1,1 @@
+"""The `ah` command line: thin commands over `adapterhub.Registry`."""

@@ -1,0 +1,165 @@
+"""What a commit records about where an adapter came from (docs/provenance.md).
+
+Collected at commit time from the adapter's own `adapter_config.json`, the user's
+options, the working directory's git repo and the installed packages. Nothing here
+imports torch, peft or transformers: versions come from package metadata.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .errors import BadAdapter, UsageError
+
+PROVENANCE_VERSION = 1
+ENV_PACKAGES = ("torch", "peft", "transformers", "safetensors", "adapterhub")
+
+
+def read_adapter_config(folder: Path) -> dict:
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadAdapter(f"{path.name} is not valid JSON: {exc}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def parse_params(items: list[str] | tuple[str, ...]) -> dict:
+    """`KEY=VALUE` strings to a dict; values that parse as JSON keep their type."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def load_train_config(path: Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read training config {path}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # only when a YAML config is given
+
+            value = yaml.safe_load(text)
+        else:
+            value = json.loads(text)
+    except Exception as exc:
+        raise UsageError(f"training config {path} does not parse: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"training config {path} must hold a mapping")
+    return value
+
+
+def code_version(cwd: Path | None = None) -> dict | None:
+    """Git commit and dirty flag of the repo around `cwd`, if there is one."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=30,
+        )
+        return {"git_commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
+    for pkg in ENV_PACKAGES:
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return env
+
+
+def default_author() -> str:
+    """`$AH_AUTHOR`, else git's user.name/user.email, else user@host."""
+    if os.environ.get("AH_AUTHOR"):
+        return os.environ["AH_AUTHOR"]
+    name = email = ""
+    try:
+        name = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True, timeout=5).stdout.strip()
+        email = subprocess.run(["git", "config", "user.email"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if not name:
+        try:
+            name = getpass.getuser()
+        except Exception:
+            name = "unknown"
+    if not email:
+        email = f"{name}@{socket.gethostname()}"
+    return f"{name} <{email}>"
+
+
+def now() -> int:
+    """Commit time; `$AH_COMMIT_TIME` (epoch seconds) pins it for reproducible ids."""
+    pinned = os.environ.get("AH_COMMIT_TIME")
+    if pinned:
+        try:
+            return int(pinned)
+        except ValueError:
+            raise UsageError(f"AH_COMMIT_TIME must be epoch seconds, got {pinned!r}") from None
+    return int(time.time())
+
+
+def collect(
+    folder: Path,
+    *,
+    base_model: str | None = None,
+    base_model_revision: str | None = None,
+    dataset: str | None = None,
+    train_config: Path | None = None,
+    params: dict | None = None,
+    cwd: Path | None = None,
+) -> dict:
+    """The provenance record for a commit of `folder`."""
+    cfg = read_adapter_config(folder)
+    prov: dict = {"version": PROVENANCE_VERSION}
+    base_name = base_model or cfg.get("base_model_name_or_path")
+    base: dict = {}
+    if base_name:
+        base["name"] = str(base_name)
+    rev = base_model_revision or cfg.get("revision")
+    if rev:
+        base["revision"] = str(rev)
+    prov["base_model"] = base
+    adapter = {k: cfg[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "target_modules") if cfg.get(k) is not None}
+    if isinstance(adapter.get("target_modules"), (set, tuple)):
+        adapter["target_modules"] = sorted(adapter["target_modules"])
+    prov["adapter"] = adapter
+    if dataset:
+        prov["dataset"] = {"uri": dataset}
+    if train_config is not None:
+        prov["train_config"] = load_train_config(train_config)
+    if params:
+        prov["params"] = params
+    code = code_version(cwd)
+    if code:
+        prov["code"] = code
+    prov["environment"] = environment()
+    return prov

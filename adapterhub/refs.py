@@ -1,0 +1,226 @@
+"""Refs: branches, tags and HEAD, moved only by compare-and-swap, with a reflog.
+
+On disk (docs/format/refs.md): `HEAD` holds `ref: refs/heads/<name>` or a commit id;
+each ref is a file `refs/heads/<name>` or `refs/tags/<name>` holding an id and a newline.
+An update takes `<ref>.lock` with O_CREAT|O_EXCL (so two writers can't both win),
+checks the ref still holds the expected old id, writes the new id into the lock file,
+fsyncs it and renames it over the ref. A killed writer leaves at most a stale lock,
+which the next writer reports by name; it never leaves a ref empty or half written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import BadRefName, CorruptObject, RefConflict, RefExists, RefLocked, UnknownRevision
+from .fsutil import fsync_dir
+from .objects import ObjectId, is_oid
+
+HEADS = "refs/heads/"
+TAGS = "refs/tags/"
+ZERO_ID = "0" * 64
+# Sentinel for "don't check the old value" in update().
+ANY = object()
+
+_BAD_CHARS = re.compile(r"[\x00-\x20\x7f ~^:?*\[\\]")
+
+
+def check_ref_name(name: str, what: str = "branch") -> str:
+    """Validate a short branch or tag name (git check-ref-format rules, plus a length cap)."""
+    problem = None
+    if not name:
+        problem = "it is empty"
+    elif len(name) > 200:
+        problem = "it is longer than 200 characters"
+    elif _BAD_CHARS.search(name):
+        problem = "it contains a space, a control character or one of ~ ^ : ? * [ \\"
+    elif ".." in name:
+        problem = "it contains '..'"
+    elif "@{" in name or name == "@":
+        problem = "it contains '@{' or is '@'"
+    elif name.startswith("/") or name.endswith("/") or "//" in name:
+        problem = "it has an empty path component"
+    elif name.endswith("."):
+        problem = "it ends with '.'"
+    elif any(part.startswith(".") or part.endswith(".lock") for part in name.split("/")):
+        problem = "a component starts with '.' or ends with '.lock'"
+    elif name in ("HEAD",) or name.startswith("refs/"):
+        problem = "it is reserved"
+    if problem:
+        raise BadRefName(f"invalid {what} name {name!r}: {problem}")
+    return name
+
+
+@dataclass(frozen=True)
+class ReflogEntry:
+    """One move of a ref.
+
+    Attributes:
+        old: id before the move (ZERO_ID when the ref was created).
+        new: id after the move (ZERO_ID when the ref was deleted).
+        timestamp: seconds since the epoch.
+        who: the author of the move.
+        message: why the ref moved ("commit: ...", "branch: created from ...").
+    """
+
+    old: str
+    new: str
+    timestamp: int
+    who: str
+    message: str
+
+
+class RefStore:
+    """Loose refs under a registry's `.ah/` folder."""
+
+    def __init__(self, ah_dir: Path):
+        self.ah_dir = Path(ah_dir)
+
+    # --- HEAD -----------------------------------------------------------------------
+    def read_head(self) -> tuple[str | None, ObjectId | None]:
+        """(symbolic target ref or None if detached, commit id or None if unborn)."""
+        text = (self.ah_dir / "HEAD").read_text().strip()
+        if text.startswith("ref: "):
+            target = text[5:]
+            return target, self.read(target)
+        if is_oid(text):
+            return None, ObjectId(text)
+        raise CorruptObject("HEAD", f"HEAD holds neither a ref nor an id: {text[:80]!r}")
+
+    def set_head_symbolic(self, refname: str) -> None:
+        self._write_locked(self.ah_dir / "HEAD", f"ref: {refname}\n", expected=ANY, refname="HEAD")
+
+    def set_head_detached(self, oid: ObjectId) -> None:
+        self._write_locked(self.ah_dir / "HEAD", f"{oid}\n", expected=ANY, refname="HEAD")
+
+    # --- refs -----------------------------------------------------------------------
+    def _path(self, refname: str) -> Path:
+        return self.ah_dir / refname
+
+    def read(self, refname: str) -> ObjectId | None:
+        path = self._path(refname)
+        try:
+            text = path.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        if not is_oid(text):
+            raise CorruptObject(refname, f"ref {refname} does not hold an object id")
+        return ObjectId(text)
+
+    def update(
+        self, refname: str, new: ObjectId, expected=ANY, *, who: str = "", message: str = ""
+    ) -> None:
+        """Set `refname` to `new` if it currently holds `expected` (None: must not exist)."""
+        old = self._write_locked(self._path(refname), f"{new}\n", expected=expected, refname=refname)
+        self._append_reflog(refname, old or ZERO_ID, new, who, message)
+
+    def delete(self, refname: str, expected=ANY, *, who: str = "", message: str = "") -> None:
+        path = self._path(refname)
+        lock = self._take_lock(path, refname)
+        try:
+            current = self.read(refname)
+            if current is None:
+                raise UnknownRevision(f"{refname} does not exist")
+            if expected is not ANY and current != expected:
+                raise RefConflict(f"{refname} moved to {current[:12]} while it was being deleted")
+            path.unlink()
+        finally:
+            lock.unlink(missing_ok=True)
+        self._append_reflog(refname, current, ZERO_ID, who, message)
+        self._prune_empty_dirs(path.parent)
+
+    def list(self, prefix: str) -> Iterator[tuple[str, ObjectId]]:
+        """(refname, id) for every ref under `prefix` (e.g. "refs/heads/"), sorted."""
+        root = self._path(prefix)
+        if not root.is_dir():
+            return
+        found = []
+        for dirpath, _dirnames, filenames in os.walk(root):
+            for fn in filenames:
+                if fn.endswith(".lock") or fn.startswith("."):
+                    continue
+                full = Path(dirpath) / fn
+                refname = full.relative_to(self.ah_dir).as_posix()
+                oid = self.read(refname)
+                if oid is not None:
+                    found.append((refname, oid))
+        yield from sorted(found)
+
+    def reflog(self, refname: str) -> list[ReflogEntry]:
+        path = self.ah_dir / "logs" / refname
+        if not path.is_file():
+            return []
+        entries = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            meta, _, message = line.partition("\t")
+            parts = meta.split(" ", 3)
+            if len(parts) == 4:
+                entries.append(ReflogEntry(parts[0], parts[1], int(parts[2]), parts[3], message))
+        return entries
+
+    # --- internals ------------------------------------------------------------------
+    def _take_lock(self, path: Path, refname: str) -> Path:
+        lock = path.with_name(path.name + ".lock")
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RefExists(f"cannot create {refname}: a ref named like one of its parent folders exists") from None
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise RefLocked(
+                f"{refname} is locked by another process ({lock} exists); "
+                "if no other ah process is running, remove that file"
+            ) from None
+        os.close(fd)
+        return lock
+
+    def _write_locked(self, path: Path, content: str, *, expected, refname: str) -> ObjectId | None:
+        if path.is_dir():
+            raise RefExists(f"cannot create {refname}: refs exist below it (e.g. {refname}/...)")
+        lock = self._take_lock(path, refname)
+        try:
+            old = self.read(refname) if refname != "HEAD" else None
+            if expected is not ANY and old != expected:
+                if expected is None:
+                    raise RefExists(f"{refname} already exists (at {old[:12]})")
+                raise RefConflict(
+                    f"{refname} moved from {str(expected)[:12]} to {str(old)[:12] if old else 'nothing'} "
+                    "under this update; retry"
+                )
+            with open(lock, "w") as fh:
+                fh.write(content)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(lock, path)  # atomic: readers see the old id or the new one
+            fsync_dir(path.parent)
+            return old
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _append_reflog(self, refname: str, old: str, new: str, who: str, message: str) -> None:
+        path = self.ah_dir / "logs" / refname
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean = " ".join(message.split())
+        who = " ".join(who.split()) or "unknown"
+        # One write() of a line under O_APPEND: concurrent appenders never interleave.
+        line = f"{old} {new} {int(time.time())} {who}\t{clean}\n".encode("utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def _prune_empty_dirs(self, folder: Path) -> None:
+        stop = {self.ah_dir / "refs" / "heads", self.ah_dir / "refs" / "tags", self.ah_dir / "refs"}
+        while folder not in stop and folder != self.ah_dir:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent

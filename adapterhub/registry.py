@@ -1,0 +1,291 @@
+"""The Registry API: everything the `ah` CLI does, as typed Python calls.
+
+A registry is a folder holding `.ah/` (docs/format/layout.md). The API never prints and
+never exits; it returns dataclasses from `adapterhub.results` and raises
+`adapterhub.errors` types.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from .errors import NotARegistry, RegistryExists, UnknownRevision, UnsupportedFormat, UsageError
+from .fsutil import atomic_write
+from .objects import COMMIT, TAG, Commit, ObjectId, Tag
+from .refs import ANY, HEADS, TAGS, RefStore, check_ref_name
+from .results import CheckoutResult, CommitInfo, CommitResult, RefInfo, ShowResult
+from .revisions import peel_to_commit, resolve as resolve_expr
+from .snapshot import Progress, materialize, store_folder
+from .store import LooseObjectStore, ObjectStore
+from . import provenance as prov
+
+AH_DIR = ".ah"
+FORMAT_VERSION = 1
+DEFAULT_BRANCH = "main"
+
+
+def find_registry(start: Path | None = None) -> Path:
+    """Nearest folder at or above `start` that holds `.ah/`."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / AH_DIR).is_dir():
+            return folder
+    raise NotARegistry(f"not inside an adapterhub registry (no {AH_DIR}/ in {here} or above); run `ah init` first")
+
+
+class Registry:
+    """A registry on disk: object store, refs and config.
+
+    Attributes:
+        root: the folder holding `.ah/`.
+        ah_dir: the `.ah/` folder itself.
+        store: the object store.
+        refs: the ref store.
+        config: the parsed `.ah/config.json`.
+    """
+
+    def __init__(self, root: Path, store: ObjectStore | None = None):
+        self.root = Path(root)
+        self.ah_dir = self.root / AH_DIR
+        if not self.ah_dir.is_dir():
+            raise NotARegistry(f"{self.root} is not an adapterhub registry (no {AH_DIR}/ folder)")
+        self.config = self._read_config()
+        self.store = store or LooseObjectStore(self.ah_dir / "objects")
+        self.refs = RefStore(self.ah_dir)
+
+    # --- set-up ---------------------------------------------------------------------
+    @classmethod
+    def init(cls, path: Path | str = ".", default_branch: str = DEFAULT_BRANCH) -> "Registry":
+        root = Path(path)
+        check_ref_name(default_branch)
+        ah = root / AH_DIR
+        if ah.exists():
+            raise RegistryExists(f"{root} already holds a registry")
+        root.mkdir(parents=True, exist_ok=True)
+        # Build in a temp folder and rename, so a killed init never leaves half a registry.
+        tmp = root / f".ah-init-{os.getpid()}"
+        tmp.mkdir()
+        for sub in ("objects", "refs/heads", "refs/tags", "logs"):
+            (tmp / sub).mkdir(parents=True)
+        atomic_write(tmp / "config.json", (json.dumps({"format_version": FORMAT_VERSION}, indent=2) + "\n").encode())
+        atomic_write(tmp / "HEAD", f"ref: {HEADS}{default_branch}\n".encode())
+        try:
+            os.rename(tmp, ah)
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RegistryExists(f"{root} already holds a registry") from None
+        return cls(root)
+
+    @classmethod
+    def open(cls, path: Path | str | None = None) -> "Registry":
+        """Open the registry at `path`, or discover it: `$AH_REGISTRY`, else nearest `.ah/` upward."""
+        if path is None:
+            env = os.environ.get("AH_REGISTRY")
+            path = Path(env) if env else find_registry()
+        return cls(Path(path))
+
+    def _read_config(self) -> dict:
+        path = self.ah_dir / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotARegistry(f"{self.ah_dir} has no config.json") from None
+        except ValueError as exc:
+            raise UnsupportedFormat(f"{path} is not valid JSON: {exc}") from None
+        version = config.get("format_version") if isinstance(config, dict) else None
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormat(
+                f"registry format version {version!r} is not supported by this adapterhub "
+                f"(it reads version {FORMAT_VERSION}); upgrade adapterhub"
+            )
+        return config
+
+    # --- revisions --------------------------------------------------------------------
+    def resolve(self, rev: str = "HEAD") -> ObjectId:
+        """Commit id for a revision expression (id, short id, branch, tag, HEAD, ~N, ^N)."""
+        return resolve_expr(self.store, self.refs, rev)
+
+    def current_branch(self) -> str | None:
+        """Short name of the branch HEAD points at, or None when detached."""
+        target, _ = self.refs.read_head()
+        return target[len(HEADS):] if target and target.startswith(HEADS) else None
+
+    def commit_info(self, oid: ObjectId) -> CommitInfo:
+        return CommitInfo(oid, self.store.get_commit(oid))
+
+    # --- commit ---------------------------------------------------------------------
+    def commit(
+        self,
+        folder: Path | str,
+        message: str,
+        *,
+        branch: str | None = None,
+        base_model: str | None = None,
+        base_model_revision: str | None = None,
+        dataset: str | None = None,
+        train_config: Path | str | None = None,
+        params: dict | None = None,
+        author: str | None = None,
+        extra_parents: tuple[str, ...] = (),
+        progress: Progress | None = None,
+    ) -> CommitResult:
+        """Snapshot an adapter folder and record it as a new commit on a branch.
+
+        The branch (default: HEAD's) moves by compare-and-swap from the tip the parent
+        was read from, so a concurrent commit on the same branch fails cleanly rather
+        than being silently dropped from history.
+        """
+        if not message or not message.strip():
+            raise UsageError("a commit message is required (-m MSG)")
+        folder = Path(folder)
+        if branch is not None:
+            check_ref_name(branch)
+            refname = HEADS + branch
+            parent = self.refs.read(refname)
+        else:
+            refname, parent = self.refs.read_head()
+        snap_id, stats = store_folder(self.store, folder, progress)
+        record = prov.collect(
+            folder,
+            base_model=base_model,
+            base_model_revision=base_model_revision,
+            dataset=dataset,
+            train_config=Path(train_config) if train_config else None,
+            params=params,
+        )
+        parents = ([parent] if parent else []) + [self.resolve(p) for p in extra_parents]
+        commit = Commit(
+            snapshot=snap_id,
+            parents=tuple(parents),
+            author=author or prov.default_author(),
+            timestamp=prov.now(),
+            message=message,
+            provenance=record,
+        )
+        oid = self.store.put(COMMIT, commit.serialize())
+        summary = f"commit{' (initial)' if not parent else ''}: {message.splitlines()[0]}"
+        if refname is None:
+            self.refs.set_head_detached(oid)
+        else:
+            self.refs.update(refname, oid, expected=parent, who=commit.author, message=summary)
+        short = refname[len(HEADS):] if refname and refname.startswith(HEADS) else refname
+        return CommitResult(
+            oid, short, commit.parents, stats.files, stats.tensors, stats.logical_bytes, stats.new_objects
+        )
+
+    # --- history ----------------------------------------------------------------------
+    def iter_log(self, rev: str = "HEAD") -> Iterator[CommitInfo]:
+        """Ancestors of `rev`, newest first (by timestamp, then id), each once."""
+        start = self.resolve(rev)
+        seen = {start}
+        first = self.commit_info(start)
+        heap = [(-first.timestamp, start, first)]
+        while heap:
+            _, oid, info = heapq.heappop(heap)
+            yield info
+            for p in info.parents:
+                if p not in seen:
+                    seen.add(p)
+                    pinfo = self.commit_info(p)
+                    heapq.heappush(heap, (-pinfo.timestamp, p, pinfo))
+
+    def log(self, rev: str = "HEAD", n: int | None = None) -> list[CommitInfo]:
+        if n is not None and n < 0:
+            raise UsageError("-n must be zero or more")
+        out = []
+        for info in self.iter_log(rev):
+            if n is not None and len(out) >= n:
+                break
+            out.append(info)
+        return out
+
+    def show(self, rev: str = "HEAD") -> ShowResult:
+        oid = self.resolve(rev)
+        info = self.commit_info(oid)
+        snapshot = self.store.get_snapshot(info.commit.snapshot)
+        names = [r.name for r in self.branches() if r.commit == oid]
+        names += [f"tag: {r.name}" for r in self.tags() if r.commit == oid]
+        return ShowResult(info, snapshot, names)
+
+    # --- checkout ---------------------------------------------------------------------
+    def checkout(
+        self, rev: str, out: Path | str, *, force: bool = False, progress: Progress | None = None
+    ) -> CheckoutResult:
+        """Write the adapter folder of `rev` into `out`, every file byte-identical."""
+        oid = self.resolve(rev)
+        commit = self.store.get_commit(oid)
+        snap = materialize(self.store, commit.snapshot, Path(out), force=force, progress=progress)
+        return CheckoutResult(oid, str(out), len(snap.files), sum(f.size for f in snap.files))
+
+    # --- branches and tags ------------------------------------------------------------
+    def branches(self) -> list[RefInfo]:
+        current = self.current_branch()
+        return [
+            RefInfo(name[len(HEADS):], oid, name[len(HEADS):] == current)
+            for name, oid in self.refs.list(HEADS)
+        ]
+
+    def create_branch(self, name: str, start: str = "HEAD", *, force: bool = False) -> RefInfo:
+        check_ref_name(name)
+        oid = self.resolve(start)
+        self.refs.update(
+            HEADS + name, oid, expected=ANY if force else None,
+            who=prov.default_author(), message=f"branch: created from {start}",
+        )
+        return RefInfo(name, oid, name == self.current_branch())
+
+    def delete_branch(self, name: str) -> RefInfo:
+        check_ref_name(name)
+        if name == self.current_branch():
+            raise UsageError(f"cannot delete branch {name!r}: HEAD points at it (switch to another branch first)")
+        oid = self.refs.read(HEADS + name)
+        if oid is None:
+            raise UnknownRevision(f"branch {name!r} not found")
+        self.refs.delete(HEADS + name, expected=oid, who=prov.default_author(), message="branch: deleted")
+        return RefInfo(name, oid)
+
+    def switch(self, name: str, *, create: bool = False, start: str = "HEAD") -> RefInfo:
+        """Point HEAD at a branch (creating it from `start` with create=True)."""
+        check_ref_name(name)
+        if create:
+            info = self.create_branch(name, start)
+        else:
+            oid = self.refs.read(HEADS + name)
+            if oid is None:
+                raise UnknownRevision(f"branch {name!r} not found (use -c to create it)")
+            info = RefInfo(name, oid)
+        self.refs.set_head_symbolic(HEADS + name)
+        return RefInfo(info.name, info.commit, True)
+
+    def tags(self) -> list[RefInfo]:
+        out = []
+        for name, oid in self.refs.list(TAGS):
+            commit = peel_to_commit(self.store, oid, name)
+            out.append(RefInfo(name[len(TAGS):], commit, False, oid))
+        return out
+
+    def create_tag(self, name: str, rev: str = "HEAD", *, message: str | None = None, force: bool = False) -> RefInfo:
+        """Lightweight tag, or an annotated tag object when a message is given."""
+        check_ref_name(name, "tag")
+        commit = self.resolve(rev)
+        target = commit
+        author = prov.default_author()
+        if message is not None:
+            tag = Tag(commit, COMMIT, name, author, prov.now(), message)
+            target = self.store.put(TAG, tag.serialize())
+        self.refs.update(TAGS + name, target, expected=ANY if force else None, who=author, message=f"tag: {rev}")
+        return RefInfo(name, commit, False, target)
+
+    def delete_tag(self, name: str) -> RefInfo:
+        check_ref_name(name, "tag")
+        oid = self.refs.read(TAGS + name)
+        if oid is None:
+            raise UnknownRevision(f"tag {name!r} not found")
+        self.refs.delete(TAGS + name, expected=oid, who=prov.default_author(), message="tag: deleted")
+        return RefInfo(name, oid)

@@ -1,0 +1,203 @@
+"""Adapter folder <-> snapshot object.
+
+Committing splits every `.safetensors` file into its header and one `tensor` object per
+tensor (so an unchanged tensor is stored once, across revisions and adapters), and
+stores every other file whole. Checkout writes each file back byte for byte. Both
+directions refuse pickle weights, malformed safetensors and unsafe names.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import BadAdapter, CheckoutError, CorruptObject, PickleRefused
+from .fsutil import atomic_write
+from .objects import BLOB, SNAPSHOT, TENSOR, FileEntry, ObjectId, Snapshot, TensorEntry
+from .paths import check_relpath, ensure_real_dir
+from .safetensors_file import DTYPE_SIZES, parse_layout, rebuild_prefix
+from .store import ObjectStore
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAFETENSORS_SUFFIX = ".safetensors"
+# Threads for hashing/compressing tensors: BLAKE3 and zstd release the GIL.
+WORKERS = min(4, os.cpu_count() or 1)
+
+Progress = Callable[[int], None]
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    """Pickle protocol 2+ stream, or a torch.save zip archive (which wraps a pickle)."""
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    return head.startswith(b"PK\x03\x04") and b".pkl" in head
+
+
+def _refuse_pickle(rel: str, why: str) -> None:
+    raise PickleRefused(
+        f"{rel}: {why}; pickle weights can run code when loaded and are never unpickled. "
+        "Convert them to safetensors (e.g. model.save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def list_adapter_files(folder: Path) -> list[tuple[str, Path]]:
+    """(relative POSIX path, absolute path) of every file, sorted; refuses symlinks."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadAdapter(f"{folder} is not a folder")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in list(dirnames) + filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(folder).as_posix()
+            check_relpath(rel)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                raise BadAdapter(f"{rel} is a symlink; adapter folders must hold plain files")
+            if name in filenames and not stat.S_ISREG(st.st_mode):
+                raise BadAdapter(f"{rel} is not a regular file")
+        for name in filenames:
+            full = Path(dirpath) / name
+            out.append((full.relative_to(folder).as_posix(), full))
+    out.sort()
+    if not out:
+        raise BadAdapter(f"{folder} holds no files")
+    return out
+
+
+@dataclass(frozen=True)
+class SnapshotStats:
+    """What a commit stored.
+
+    Attributes:
+        files: files in the snapshot.
+        tensors: tensors across all safetensors files.
+        logical_bytes: total size of the files.
+        new_objects: objects that were not in the store before.
+    """
+
+    files: int
+    tensors: int
+    logical_bytes: int
+    new_objects: int
+
+
+def store_folder(store: ObjectStore, folder: Path, progress: Progress | None = None) -> tuple[ObjectId, SnapshotStats]:
+    """Validate and store an adapter folder; return the snapshot id and what was stored."""
+    files = list_adapter_files(Path(folder))
+    entries: list[FileEntry] = []
+    new = 0
+    ntensors = 0
+    logical = 0
+
+    counter_lock = threading.Lock()
+
+    def put(obj_type: str, body) -> ObjectId:
+        nonlocal new
+        oid, created = store.put_ex(obj_type, body)
+        with counter_lock:
+            new += created
+        return oid
+
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        for rel, full in files:
+            lower = rel.lower()
+            if lower.endswith(PICKLE_SUFFIXES):
+                _refuse_pickle(rel, "pickle-based weights file")
+            data = full.read_bytes()
+            logical += len(data)
+            if looks_like_pickle(data[:4096]):
+                _refuse_pickle(rel, "file content is a pickle or torch.save archive")
+            if lower.endswith(SAFETENSORS_SUFFIX):
+                layout = parse_layout(data, rel)
+                view = memoryview(data)
+                futures = [pool.submit(put, TENSOR, view[s.start : s.end]) for s in layout.tensors]
+                header_id = put(BLOB, layout.header)
+                tensors = tuple(
+                    TensorEntry(s.name, s.dtype, s.shape, f.result()) for s, f in zip(layout.tensors, futures)
+                )
+                ntensors += len(tensors)
+                entries.append(FileEntry(rel, "safetensors", len(data), header_id, tensors))
+            else:
+                entries.append(FileEntry(rel, "file", len(data), put(BLOB, data)))
+            if progress:
+                progress(len(data))
+    snap = Snapshot(tuple(entries))
+    snap.check()
+    snap_id = put(SNAPSHOT, snap.serialize())
+    return snap_id, SnapshotStats(len(entries), ntensors, logical, new)
+
+
+def iter_file_bytes(store: ObjectStore, entry: FileEntry, snap_id: str = "") -> Iterator[bytes]:
+    """The bytes of one snapshot file, in order, each piece verified on read."""
+    if entry.kind == "file":
+        data = _read_blob(store, entry.blob, BLOB)
+        yield data
+        return
+    header = _read_blob(store, entry.blob, BLOB)
+    yield rebuild_prefix(header)
+    for t in entry.tensors:
+        data = _read_blob(store, t.blob, TENSOR)
+        expected = DTYPE_SIZES.get(t.dtype, 0)
+        for d in t.shape:
+            expected *= d
+        if len(data) != expected:
+            raise CorruptObject(t.blob, f"tensor {t.name!r} has {len(data)} bytes, its shape needs {expected}")
+        yield data
+
+
+def _read_blob(store: ObjectStore, oid: str, obj_type: str) -> bytes:
+    got_type, body = store.read(oid)
+    if got_type != obj_type:
+        raise CorruptObject(oid, f"expected a {obj_type}, found a {got_type}")
+    return body
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def materialize(
+    store: ObjectStore, snap_id: ObjectId, out: Path, *, force: bool = False, progress: Progress | None = None
+) -> Snapshot:
+    """Write a snapshot's files into `out`.
+
+    `out` must be missing or empty unless `force`; with `force`, snapshot files replace
+    what is there (a symlink in the way is replaced, never followed) and other files stay.
+    """
+    snap = store.get_snapshot(snap_id)
+    out = Path(out)
+    if os.path.lexists(out):
+        if out.is_symlink():
+            raise CheckoutError(f"refusing to check out into {out}: it is a symlink")
+        if not out.is_dir():
+            raise CheckoutError(f"{out} exists and is not a folder")
+        if not force and not _is_empty_dir(out):
+            raise CheckoutError(f"{out} is not empty; use --force to overwrite the adapter's files in it")
+    else:
+        out.mkdir(parents=True)
+    for entry in snap.files:
+        check_relpath(entry.path)
+        parent_rel, _, _name = entry.path.rpartition("/")
+        parent = ensure_real_dir(out, parent_rel)
+        target = parent / _name
+        written = 0
+
+        def counted(chunks):
+            nonlocal written
+            for c in chunks:
+                written += len(c)
+                yield c
+
+        atomic_write(target, counted(iter_file_bytes(store, entry, snap_id)), durable=False)
+        if written != entry.size:
+            raise CorruptObject(snap_id, f"{entry.path} rebuilt to {written} bytes, snapshot says {entry.size}")
+        if progress:
+            progress(entry.size)
+    return snap
