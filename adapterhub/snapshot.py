@@ -8,6 +8,7 @@ directions refuse pickle weights, malformed safetensors and unsafe names.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import threading
@@ -43,6 +44,26 @@ def _refuse_pickle(rel: str, why: str) -> None:
         f"{rel}: {why}; pickle weights can run code when loaded and are never unpickled. "
         "Convert them to safetensors (e.g. model.save_pretrained(..., safe_serialization=True))"
     )
+
+
+def check_file(rel: str, full: Path) -> None:
+    """Refuse pickle weights and malformed safetensors, reading only headers.
+
+    `store_folder` runs this over every file before it stores a single object, so a
+    refused folder leaves no orphan objects behind (the safetensors data region is
+    mapped, not read: only its header is touched).
+    """
+    lower = rel.lower()
+    if lower.endswith(PICKLE_SUFFIXES):
+        _refuse_pickle(rel, "pickle-based weights file")
+    with open(full, "rb") as fh:
+        if looks_like_pickle(fh.read(4096)):
+            _refuse_pickle(rel, "file content is a pickle or torch.save archive")
+        if lower.endswith(SAFETENSORS_SUFFIX):
+            if os.fstat(fh.fileno()).st_size == 0:
+                parse_layout(b"", rel)
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                parse_layout(view, rel)
 
 
 def list_adapter_files(folder: Path) -> list[tuple[str, Path]]:
@@ -91,6 +112,8 @@ class SnapshotStats:
 def store_folder(store: ObjectStore, folder: Path, progress: Progress | None = None) -> tuple[ObjectId, SnapshotStats]:
     """Validate and store an adapter folder; return the snapshot id and what was stored."""
     files = list_adapter_files(Path(folder))
+    for rel, full in files:
+        check_file(rel, full)
     entries: list[FileEntry] = []
     new = 0
     ntensors = 0

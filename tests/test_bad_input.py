@@ -1,0 +1,580 @@
+"""Attack tests: hostile or broken input is refused with the exact typed error, and the
+registry (and the checkout target) is left exactly as it was.
+
+Covers pickle weights (never unpickled), malformed safetensors headers, unsafe file names
+in folders and in stored snapshots, symlinks planted in a checkout target, flipped bytes
+in stored objects, and registries of an unknown format version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from adapterhub import codec
+from adapterhub.errors import (
+    BadAdapter,
+    CheckoutError,
+    CorruptObject,
+    MalformedSafetensors,
+    PickleRefused,
+    UnsafePath,
+    UnsupportedFormat,
+)
+from adapterhub.objects import BLOB, COMMIT, SNAPSHOT, Commit, FileEntry, Snapshot
+from adapterhub.registry import Registry
+from adapterhub.safetensors_file import MAX_HEADER_LEN, parse_layout
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _author(monkeypatch):
+    monkeypatch.setenv("AH_AUTHOR", "Tester <t@example.com>")
+
+
+def _write_adapter(folder: Path, seed: int = 0) -> Path:
+    """A small valid PEFT-shaped adapter folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "seed": seed}))
+    save_file(
+        {
+            "base_model.model.q.lora_A.weight": rng.standard_normal((4, 8), dtype=np.float32),
+            "base_model.model.q.lora_B.weight": rng.standard_normal((8, 4), dtype=np.float32),
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
+    return folder
+
+
+def _raw_safetensors(header: dict | bytes, data: bytes, *, length: int | None = None) -> bytes:
+    """Hand-built safetensors bytes: lets a test write any header, valid or not."""
+    hbytes = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(hbytes) if length is None else length) + hbytes + data
+
+
+def _f32(offsets, shape=(4,)) -> dict:
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def _state(reg: Registry) -> dict:
+    """Everything a refused operation must leave unchanged: HEAD, refs, reflogs and the
+    set of stored objects (a refused commit stores nothing, not even orphan blobs)."""
+    ah = reg.ah_dir
+    refs = {p.relative_to(ah).as_posix(): p.read_bytes() for p in (ah / "refs").rglob("*") if p.is_file()}
+    logs = {p.relative_to(ah).as_posix(): p.read_bytes() for p in (ah / "logs").rglob("*") if p.is_file()}
+    objects = sorted(reg.store.iter_ids())
+    return {"head": (ah / "HEAD").read_bytes(), "refs": refs, "logs": logs, "objects": objects}
+
+
+@pytest.fixture
+def reg(tmp_path) -> Registry:
+    """A registry with one good commit on main, so we can check nothing is lost."""
+    r = Registry.init(tmp_path / "reg")
+    r.commit(_write_adapter(tmp_path / "good"), "good adapter")
+    return r
+
+
+def _assert_refused_cleanly(reg: Registry, before: dict) -> None:
+    assert _state(reg) == before
+    # The earlier commit is intact and still reads back.
+    assert reg.log("main")[0].message == "good adapter"
+    for oid in reg.store.iter_ids():
+        reg.store.read(oid)
+
+
+def _ah(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, AH_AUTHOR="Tester <t@example.com>")
+    full_env.pop("AH_REGISTRY", None)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", "from adapterhub.cli.main import main; main()", *args],  # what `ah` runs
+        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=120,
+    )
+
+
+def _assert_cli_error(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+    return lines[0]
+
+
+# --- pickle weights: refused, never unpickled -------------------------------------------
+
+
+class _Evil:
+    """Unpickling this creates `marker`: the proof that someone ran pickle.load."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_pickle(marker: Path) -> bytes:
+    return pickle.dumps({"lora_A": _Evil(marker)}, protocol=4)
+
+
+def test_evil_pickle_really_creates_marker_when_loaded(tmp_path):
+    # Control: the payload used below does run code when unpickled, so a missing
+    # marker in the other tests means "never unpickled", not "payload was inert".
+    marker = tmp_path / "control-marker"
+    pickle.loads(_evil_pickle(marker))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["adapter_model.bin", "model.pt", "weights.pth", "sub/model.ckpt", "x.pkl"])
+def test_pickle_suffix_refused(reg, tmp_path, name):
+    marker = tmp_path / "pwned"
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(_evil_pickle(marker))
+    before = _state(reg)
+    with pytest.raises(PickleRefused) as exc:
+        reg.commit(folder, "with pickle")
+    assert name in str(exc.value)
+    assert "safetensors" in str(exc.value)
+    assert not marker.exists()
+    _assert_refused_cleanly(reg, before)
+
+
+def test_pickle_renamed_to_safetensors_refused(reg, tmp_path):
+    marker = tmp_path / "pwned"
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    (folder / "adapter_model.safetensors").write_bytes(_evil_pickle(marker))
+    before = _state(reg)
+    with pytest.raises(PickleRefused, match="adapter_model.safetensors.*pickle"):
+        reg.commit(folder, "renamed pickle")
+    assert not marker.exists()
+    _assert_refused_cleanly(reg, before)
+
+
+def test_torch_save_renamed_to_safetensors_refused(reg, tmp_path):
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "pwned"
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    target = folder / "adapter_model.safetensors"
+    torch.save({"w": torch.zeros(3), "evil": _Evil(marker)}, str(target))
+    assert target.read_bytes()[:4] == b"PK\x03\x04"  # really a torch.save zip archive
+    before = _state(reg)
+    with pytest.raises(PickleRefused, match="torch.save"):
+        reg.commit(folder, "renamed torch.save")
+    assert not marker.exists()
+    _assert_refused_cleanly(reg, before)
+
+
+def test_cli_pickle_refused(reg, tmp_path):
+    marker = tmp_path / "pwned"
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    (folder / "adapter_model.bin").write_bytes(_evil_pickle(marker))
+    before = _state(reg)
+    proc = _ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
+    _assert_cli_error(proc, 2, "adapter_model.bin", "safetensors")
+    assert not marker.exists()
+    assert _state(reg) == before
+
+
+# --- malformed safetensors --------------------------------------------------------------
+
+_DATA16 = bytes(range(16))
+
+MALFORMED = {
+    "header_past_end": (_raw_safetensors({"a": _f32([0, 16])}, _DATA16, length=10_000), "runs past the end"),
+    "header_over_limit": (
+        _raw_safetensors({"a": _f32([0, 16])}, _DATA16, length=MAX_HEADER_LEN + 1),
+        f"over the {MAX_HEADER_LEN} byte limit",
+    ),
+    "too_short": (b"\x01\x00\x00", "too short"),
+    "offsets_out_of_range": (_raw_safetensors({"a": _f32([0, 1_000_000], (250_000,))}, _DATA16), "out of range"),
+    "offsets_reversed": (_raw_safetensors({"a": _f32([16, 0])}, _DATA16), "out of range"),
+    "offsets_negative": (_raw_safetensors({"a": _f32([-16, 0])}, _DATA16), "out of range"),
+    "overlapping": (
+        _raw_safetensors({"a": _f32([0, 16]), "b": _f32([8, 24])}, bytes(24)),
+        "overlaps",
+    ),
+    "duplicate_names": (
+        _raw_safetensors(b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},'
+                         b'"a":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}', bytes(32)),
+        "duplicate tensor name 'a'",
+    ),
+    "size_not_shape_times_dtype": (_raw_safetensors({"a": _f32([0, 12])}, bytes(12)), "needs 16"),
+    "hole_in_data": (
+        _raw_safetensors({"a": _f32([0, 16]), "b": _f32([20, 36])}, bytes(36)),
+        "hole before tensor 'b'",
+    ),
+    "trailing_bytes": (_raw_safetensors({"a": _f32([0, 16])}, bytes(20)), "4 trailing bytes"),
+    "non_json_header": (_raw_safetensors(b"{not json at all", _DATA16), "not valid JSON"),
+    "non_utf8_header": (_raw_safetensors(b'{"\xff":1}', _DATA16), "not valid JSON"),
+    "header_not_object": (_raw_safetensors(b"[1, 2, 3]", b""), "not a JSON object"),
+    "unknown_dtype": (
+        _raw_safetensors({"a": {"dtype": "F31", "shape": [4], "data_offsets": [0, 16]}}, _DATA16),
+        "unknown dtype",
+    ),
+    "bad_shape": (
+        _raw_safetensors({"a": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, _DATA16),
+        "bad shape",
+    ),
+    "bad_metadata": (_raw_safetensors({"__metadata__": {"k": 1}, "a": _f32([0, 16])}, _DATA16), "__metadata__"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_parse_layout_refuses(case):
+    data, fragment = MALFORMED[case]
+    with pytest.raises(MalformedSafetensors) as exc:
+        parse_layout(data, "adapter_model.safetensors")
+    assert fragment in str(exc.value)
+    assert str(exc.value).startswith("adapter_model.safetensors: ")
+
+
+def test_parse_layout_accepts_real_file(tmp_path):
+    # The hand-built and the library-built forms of a good file both pass.
+    parse_layout(_raw_safetensors({"a": _f32([0, 16]), "b": _f32([16, 32])}, bytes(32)))
+    path = _write_adapter(tmp_path / "ok") / "adapter_model.safetensors"
+    layout = parse_layout(path.read_bytes())
+    assert [t.name for t in layout.tensors] == ["base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight"]
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_commit_refuses_malformed_safetensors(reg, tmp_path, case):
+    data, fragment = MALFORMED[case]
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    (folder / "adapter_model.safetensors").write_bytes(data)
+    before = _state(reg)
+    with pytest.raises(MalformedSafetensors) as exc:
+        reg.commit(folder, "malformed")
+    assert fragment in str(exc.value)
+    _assert_refused_cleanly(reg, before)
+
+
+def test_cli_malformed_safetensors(reg, tmp_path):
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    (folder / "adapter_model.safetensors").write_bytes(MALFORMED["overlapping"][0])
+    before = _state(reg)
+    proc = _ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
+    _assert_cli_error(proc, 2, "adapter_model.safetensors", "overlaps")
+    assert _state(reg) == before
+
+
+# --- unsafe names in a real folder at commit --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rel, error, fragment",
+    [
+        (".ah/config.json", UnsafePath, "repository folder"),
+        ("sub/.ah/HEAD", UnsafePath, "repository folder"),
+        (".git/config", UnsafePath, "repository folder"),
+        ("back\\slash.txt", UnsafePath, "backslash"),
+        ("tab\there.txt", UnsafePath, "control character"),
+    ],
+)
+def test_commit_refuses_unsafe_names(reg, tmp_path, rel, error, fragment):
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+    (folder / rel).write_text("x")
+    before = _state(reg)
+    with pytest.raises(error, match=fragment):
+        reg.commit(folder, "unsafe")
+    _assert_refused_cleanly(reg, before)
+
+
+def test_commit_refuses_empty_ah_folder(reg, tmp_path):
+    # Even an empty `.ah/` folder inside an adapter is a registry-looking name.
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    (folder / ".ah").mkdir()
+    before = _state(reg)
+    with pytest.raises(UnsafePath):
+        reg.commit(folder, "unsafe")
+    _assert_refused_cleanly(reg, before)
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_commit_refuses_symlinks(reg, tmp_path, kind):
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    outside = tmp_path / "outside"
+    if kind == "file":
+        outside.write_text("secret")
+    else:
+        outside.mkdir()
+        (outside / "secret.txt").write_text("secret")
+    (folder / "link").symlink_to(outside)
+    before = _state(reg)
+    with pytest.raises(BadAdapter, match="symlink"):
+        reg.commit(folder, "symlink")
+    _assert_refused_cleanly(reg, before)
+
+
+def test_cli_backslash_name(reg, tmp_path):
+    folder = _write_adapter(tmp_path / "bad", seed=1)
+    (folder / "a\\b.txt").write_text("x")
+    proc = _ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
+    _assert_cli_error(proc, 2, "backslash")
+
+
+# --- unsafe names in a stored snapshot at checkout --------------------------------------
+
+
+def _plant_snapshot(reg: Registry, paths: list[str], branch: str = "evil") -> str:
+    """Store a snapshot whose paths were never checked (as a hostile remote could send)
+    and a commit on `branch` pointing at it; return the snapshot id."""
+    blob = reg.store.put(BLOB, b"payload\n")
+    files = tuple(FileEntry(p, "file", 8, blob) for p in sorted(paths))
+    snap_id = reg.store.put(SNAPSHOT, Snapshot(files).serialize())  # serialize() does not check
+    commit = Commit(snap_id, (), "Mallory <m@example.com>", 0, "evil", {})
+    cid = reg.store.put(COMMIT, commit.serialize())
+    reg.refs.update("refs/heads/" + branch, cid, expected=None)
+    return snap_id
+
+
+UNSAFE_STORED = [
+    "../escape.txt",
+    "sub/../../escape.txt",
+    "..",
+    "./x",
+    "a//b",
+    "nul\0byte",
+    "back\\..\\escape.txt",
+    ".ah/config.json",
+    "deep/.AH/HEAD",
+    ".git/hooks/post-checkout",
+    "ctrl\nname",
+    "",
+]
+
+
+@pytest.mark.parametrize("bad", UNSAFE_STORED + ["ABSOLUTE"])
+def test_checkout_refuses_unsafe_stored_names(reg, tmp_path, bad):
+    if bad == "ABSOLUTE":
+        bad = str(tmp_path / "abs-escape.txt")
+    snap_id = _plant_snapshot(reg, ["adapter_config.json", bad])
+    out = tmp_path / "work" / "out"
+    before_tree = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    with pytest.raises(CorruptObject) as exc:
+        reg.checkout("evil", out)
+    assert exc.value.oid == snap_id
+    assert snap_id in str(exc.value)
+    # Nothing at all was written: not the target, not a single file anywhere.
+    after_tree = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert after_tree == before_tree
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "work" / "escape.txt").exists()
+    assert not (tmp_path / "abs-escape.txt").exists()
+
+
+def test_materialize_rechecks_each_path(reg, tmp_path):
+    # Defence in depth: even past the snapshot check, check_relpath refuses the name.
+    from adapterhub.paths import check_relpath
+
+    for bad in UNSAFE_STORED + ["/etc/passwd", "C:/x"]:
+        with pytest.raises(UnsafePath):
+            check_relpath(bad)
+
+
+def test_cli_checkout_unsafe_stored_name(reg, tmp_path):
+    snap_id = _plant_snapshot(reg, ["../escape.txt"])
+    out = tmp_path / "out"
+    proc = _ah("--registry", str(reg.root), "checkout", "evil", "-o", str(out))
+    _assert_cli_error(proc, 1, f"corrupt object {snap_id}", "..")
+    assert not out.exists()
+    assert not (tmp_path / "escape.txt").exists()
+
+
+# --- checkout never writes through a symlink --------------------------------------------
+
+
+@pytest.fixture
+def nested(tmp_path) -> Registry:
+    """A registry whose main holds a file at the top and one in a sub-folder."""
+    r = Registry.init(tmp_path / "reg2")
+    folder = _write_adapter(tmp_path / "nested")
+    (folder / "extra").mkdir()
+    (folder / "extra" / "notes.txt").write_text("from the registry\n")
+    r.commit(folder, "nested")
+    return r
+
+
+def test_checkout_force_replaces_file_symlink_without_following(nested, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text("ORIGINAL")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").symlink_to(outside)
+    nested.checkout("main", out, force=True)
+    assert outside.read_text() == "ORIGINAL"
+    assert not (out / "adapter_config.json").is_symlink()
+    assert (out / "adapter_config.json").read_bytes() == (tmp_path / "nested" / "adapter_config.json").read_bytes()
+
+
+def test_checkout_force_refuses_directory_symlink(nested, tmp_path):
+    outside = tmp_path / "outside_dir"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("ORIGINAL")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "extra").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CheckoutError, match="symlink"):
+        nested.checkout("main", out, force=True)
+    assert sorted(os.listdir(outside)) == ["notes.txt"]
+    assert (outside / "notes.txt").read_text() == "ORIGINAL"
+    assert (out / "extra").is_symlink()
+
+
+def test_checkout_refuses_symlinked_target_folder(nested, tmp_path):
+    outside = tmp_path / "outside_dir"
+    outside.mkdir()
+    (tmp_path / "out").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CheckoutError, match="symlink"):
+        nested.checkout("main", tmp_path / "out", force=True)
+    assert os.listdir(outside) == []
+
+
+def test_cli_checkout_force_symlinks(nested, tmp_path):
+    outside_file = tmp_path / "outside.json"
+    outside_file.write_text("ORIGINAL")
+    outside_dir = tmp_path / "outside_dir"
+    outside_dir.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").symlink_to(outside_file)
+    (out / "extra").symlink_to(outside_dir, target_is_directory=True)
+    proc = _ah("--registry", str(nested.root), "checkout", "main", "-o", str(out), "--force")
+    _assert_cli_error(proc, 1, "symlink", str(out / "extra"))
+    assert outside_file.read_text() == "ORIGINAL"
+    assert os.listdir(outside_dir) == []
+
+
+def test_checkout_without_force_refuses_non_empty(nested, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(CheckoutError, match="not empty"):
+        nested.checkout("main", out)
+    assert os.listdir(out) == ["mine.txt"]
+
+
+# --- flipped bytes in stored objects ----------------------------------------------------
+
+
+def _object_path(reg: Registry, oid: str) -> Path:
+    return reg.ah_dir / "objects" / oid[:2] / oid[2:]
+
+
+def _flip(path: Path, pos: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[pos % len(data)] ^= 0x01
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+
+
+def _positions(path: Path) -> list[int]:
+    size = path.stat().st_size
+    # magic, raw_len, start / middle / end of the zstd payload.
+    return [0, 6, codec.RECORD_HEADER.size + 1, (codec.RECORD_HEADER.size + size) // 2, size - 1]
+
+
+def _every_kind(reg: Registry) -> dict[str, str]:
+    cid = reg.resolve("main")
+    commit = reg.store.get_commit(cid)
+    snap = reg.store.get_snapshot(commit.snapshot)
+    st = [f for f in snap.files if f.kind == "safetensors"][0]
+    return {"commit": cid, "snapshot": commit.snapshot, "header": st.blob, "tensor": st.tensors[0].blob}
+
+
+@pytest.mark.parametrize("kind", ["commit", "snapshot", "header", "tensor"])
+def test_flipped_byte_detected_on_read(reg, kind):
+    oid = _every_kind(reg)[kind]
+    path = _object_path(reg, oid)
+    original = path.read_bytes()
+    for pos in _positions(path):
+        _flip(path, pos)
+        with pytest.raises(CorruptObject) as exc:
+            reg.store.read(oid)
+        assert exc.value.oid == oid and oid in str(exc.value)
+        path.write_bytes(original)
+    reg.store.read(oid)  # restored: reads again
+
+
+def test_tampered_content_with_valid_record_detected(reg):
+    # A record that decodes cleanly but holds other bytes (a swapped file) fails the hash.
+    oid = _every_kind(reg)["tensor"]
+    obj_type, body = reg.store.read(oid)
+    forged = bytearray(body)
+    forged[0] ^= 0xFF
+    from adapterhub.objects import header
+
+    path = _object_path(reg, oid)
+    os.chmod(path, 0o644)
+    path.write_bytes(codec.encode([header(obj_type, len(forged)), bytes(forged)]))
+    with pytest.raises(CorruptObject, match=f"{oid}: content does not hash to its id"):
+        reg.store.read(oid)
+
+
+def test_cli_show_reports_corrupt_commit(reg):
+    oid = _every_kind(reg)["commit"]
+    _flip(_object_path(reg, oid), -1)
+    proc = _ah("--registry", str(reg.root), "show", "main")
+    _assert_cli_error(proc, 1, f"corrupt object {oid}")
+    proc = _ah("--registry", str(reg.root), "log", "--format", "json")
+    _assert_cli_error(proc, 1, oid)
+
+
+def test_cli_checkout_reports_corrupt_tensor(reg, tmp_path):
+    oid = _every_kind(reg)["tensor"]
+    path = _object_path(reg, oid)
+    _flip(path, path.stat().st_size // 2)
+    out = tmp_path / "out"
+    proc = _ah("--registry", str(reg.root), "checkout", "main", "-o", str(out))
+    _assert_cli_error(proc, 1, f"corrupt object {oid}")
+    # The damaged file never appears under its final name, and no temp file is left.
+    assert not (out / "adapter_model.safetensors").exists()
+    assert [p.name for p in out.iterdir()] in ([], ["adapter_config.json"])
+
+
+def test_truncated_object_detected(reg):
+    oid = _every_kind(reg)["snapshot"]
+    path = _object_path(reg, oid)
+    data = path.read_bytes()
+    for cut in (0, 5, codec.RECORD_HEADER.size, len(data) - 1):
+        os.chmod(path, 0o644)
+        path.write_bytes(data[:cut])
+        with pytest.raises(CorruptObject) as exc:
+            reg.store.read(oid)
+        assert exc.value.oid == oid
+
+
+# --- registry format version -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [{"format_version": 2}, {"format_version": "1"}, {}, [1]])
+def test_unknown_format_version_refused(reg, config):
+    (reg.ah_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedFormat, match="format version"):
+        Registry.open(reg.root)
+
+
+def test_cli_unknown_format_version(reg):
+    (reg.ah_dir / "config.json").write_text(json.dumps({"format_version": 99}))
+    proc = _ah("--registry", str(reg.root), "log")
+    _assert_cli_error(proc, 1, "format version 99", "upgrade")
+
+
+def test_config_not_json_refused(reg):
+    (reg.ah_dir / "config.json").write_text("{nope")
+    with pytest.raises(UnsupportedFormat, match="not valid JSON"):
+        Registry.open(reg.root)
