@@ -86,7 +86,11 @@ def _parse_json(oid: str, body: bytes | memoryview) -> dict:
         raise CorruptObject(oid, f"body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise CorruptObject(oid, "body is not a JSON object")
-    if canonical_json(value) != raw:
+    try:
+        again = canonical_json(value)
+    except ValueError:  # NaN/Infinity parse but are not JSON: never canonical
+        raise CorruptObject(oid, "body holds a non-finite number") from None
+    if again != raw:
         raise CorruptObject(oid, "body is not in canonical JSON form")
     return value
 

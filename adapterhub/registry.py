@@ -289,3 +289,36 @@ class Registry:
             raise UnknownRevision(f"tag {name!r} not found")
         self.refs.delete(TAGS + name, expected=oid, who=prov.default_author(), message="tag: deleted")
         return RefInfo(name, oid)
+
+    # --- evals (adapterhub.evals) -------------------------------------------------------
+    def add_eval(
+        self, rev: str, metrics: dict, *, suite: str = "", dataset: str | None = None,
+        evaluator: str | None = None, details: dict | None = None,
+    ) -> list:
+        """Record one eval object per metric for the commit `rev` names; returns EvalInfo list."""
+        from . import evals
+
+        commit = self.resolve(rev)
+        if not metrics:
+            raise evals.BadEval("give at least one metric")
+        who, when = evaluator or prov.default_author(), prov.now()
+        records = [
+            evals.new_record(commit, name, value, suite=suite, dataset=dataset, evaluator=who,
+                             timestamp=when, details=details)
+            for name, value in metrics.items()
+        ]
+        out = evals.store_evals(self.store, evals.EvalLists(self.ah_dir), records)
+        self._index_sync()
+        return out
+
+    def evals(self, rev: str | None = None) -> list:
+        """Eval records (EvalInfo) of `rev` (default HEAD), oldest first; reads no index."""
+        from . import evals
+
+        return evals.load_evals(self.store, evals.EvalLists(self.ah_dir), self.resolve(rev or "HEAD"))
+
+    def _index_sync(self) -> None:
+        """Bring .ah/index.duckdb up to date after a write; never fails the write itself."""
+        from .index import sync_after_write
+
+        sync_after_write(self)

@@ -308,6 +308,17 @@ def cat_file(ctx, obj, mode):
         click.echo(text)
 
 
+def _register_index_commands() -> None:
+    # At the bottom so index_commands can import FORMATS and _open from this module.
+    from .index_commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register_index_commands()
+
+
 def main() -> None:
     cli(prog_name="ah")
 
