@@ -127,6 +127,53 @@ def now() -> int:
     return int(time.time())
 
 
+def _local_dir(value: str | None) -> Path | None:
+    """`value` as a local folder, when it names one (a hub id like "org/model" usually won't)."""
+    if not value:
+        return None
+    path = Path(os.path.expanduser(str(value)))
+    return path if path.is_dir() else None
+
+
+def base_model_record(cfg: dict, base_model: str | None, revision: str | None) -> dict:
+    """Name, revision and, for a local folder, path and weight fingerprint of the base model.
+
+    `base_model` (the --base-model option) wins over adapter_config.json's
+    `base_model_name_or_path`. When the chosen value is a local folder, its safetensors
+    weights are fingerprinted (adapterhub.fingerprint); the recorded name is then the
+    adapter config's name when it has one (the hub id the adapter was trained against),
+    else the folder as given.
+    """
+    from .fingerprint import choose_mode, fingerprint_model
+
+    cfg_name = cfg.get("base_model_name_or_path")
+    given = base_model or cfg_name
+    base: dict = {}
+    local = _local_dir(given)
+    if local is not None:
+        base["name"] = str(cfg_name if (base_model and cfg_name and not _local_dir(cfg_name)) else given)
+        base["path"] = str(local.resolve())
+        base["fingerprint"] = fingerprint_model(local, choose_mode(local)).to_json()
+    elif given:
+        base["name"] = str(given)
+    rev = revision or cfg.get("revision")
+    if rev:
+        base["revision"] = str(rev)
+    return base
+
+
+def dataset_record(dataset: str) -> dict:
+    """URI as given; for a local file or folder also its absolute path and content hash."""
+    from .fingerprint import hash_dataset
+
+    record: dict = {"uri": dataset}
+    path = Path(os.path.expanduser(dataset))
+    if path.is_file() or path.is_dir():
+        record["path"] = str(path.resolve())
+        record["content"] = hash_dataset(path)
+    return record
+
+
 def collect(
     folder: Path,
     *,
@@ -140,20 +187,13 @@ def collect(
     """The provenance record for a commit of `folder`."""
     cfg = read_adapter_config(folder)
     prov: dict = {"version": PROVENANCE_VERSION}
-    base_name = base_model or cfg.get("base_model_name_or_path")
-    base: dict = {}
-    if base_name:
-        base["name"] = str(base_name)
-    rev = base_model_revision or cfg.get("revision")
-    if rev:
-        base["revision"] = str(rev)
-    prov["base_model"] = base
+    prov["base_model"] = base_model_record(cfg, base_model, base_model_revision)
     adapter = {k: cfg[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "target_modules") if cfg.get(k) is not None}
     if isinstance(adapter.get("target_modules"), (set, tuple)):
         adapter["target_modules"] = sorted(adapter["target_modules"])
     prov["adapter"] = adapter
     if dataset:
-        prov["dataset"] = {"uri": dataset}
+        prov["dataset"] = dataset_record(dataset)
     if train_config is not None:
         prov["train_config"] = load_train_config(train_config)
     if params:
