@@ -62,7 +62,7 @@ class ReflogEntry:
 
     Attributes:
         old: id before the move (ZERO_ID when the ref was created).
-        new: id after the move (ZERO_ID when the ref was deleted).
+        new: id after the move (a deleted ref's reflog is deleted with it).
         timestamp: seconds since the epoch.
         who: the author of the move.
         message: why the ref moved ("commit: ...", "branch: created from ...").
@@ -131,8 +131,13 @@ class RefStore:
             path.unlink()
         finally:
             lock.unlink(missing_ok=True)
-        self._append_reflog(refname, current, ZERO_ID, who, message)
         self._prune_empty_dirs(path.parent)
+        # As git does, a deleted ref's reflog goes with it: left behind, `logs/.../x` (a
+        # file) or `logs/.../x/` (a folder) would break the reflog of a later `x/y` or `x`
+        # after the ref itself had been created.
+        log = self.ah_dir / "logs" / refname
+        log.unlink(missing_ok=True)
+        self._prune_empty_dirs(log.parent)
 
     def list(self, prefix: str) -> Iterator[tuple[str, ObjectId]]:
         """(refname, id) for every ref under `prefix` (e.g. "refs/heads/"), sorted."""
@@ -217,7 +222,7 @@ class RefStore:
             os.close(fd)
 
     def _prune_empty_dirs(self, folder: Path) -> None:
-        stop = {self.ah_dir / "refs" / "heads", self.ah_dir / "refs" / "tags", self.ah_dir / "refs"}
+        stop = {self.ah_dir / top / sub for top in ("refs", "logs/refs") for sub in ("heads", "tags", "")}
         while folder not in stop and folder != self.ah_dir:
             try:
                 folder.rmdir()
