@@ -3,7 +3,8 @@
 Record layout (docs/format/store.md), all integers little-endian:
 
     magic     4 bytes  b"AHO1"
-    encoding  1 byte   0 = zstd frame of the canonical bytes
+    encoding  1 byte   0 = zstd frame of the canonical bytes, 1 = tensor byte planes,
+                       2 = tensor delta against a base (docs/format/encodings.md)
     raw_len   8 bytes  length of the canonical bytes (header + body)
     payload   the rest
 
@@ -15,42 +16,29 @@ bytes are stored, never the object id, which is always the hash of the canonical
 from __future__ import annotations
 
 import struct
-import threading
+from typing import Callable
 
-import zstandard
-
+from .encoding.delta import MAX_CHAIN
+from .encoding.frames import ZSTD_LEVEL, compressor, zstd_exact
+from .encoding.planes import layout_for
+from .encoding.tensor import DeltaBase, DeltaRef, decode_delta, decode_planes, encode_delta, encode_planes, read_delta_ref
 from .errors import CorruptObject, UnsupportedFormat
 
 MAGIC = b"AHO1"
 ENC_ZSTD = 0
+ENC_PLANES = 1
+ENC_DELTA = 2
+ENCODINGS = (ENC_ZSTD, ENC_PLANES, ENC_DELTA)
 RECORD_HEADER = struct.Struct("<4sBQ")
 # The largest object we will ever inflate: far above any adapter tensor, far below
 # what would exhaust memory on a small machine from a hostile 100-byte frame.
 MAX_RAW_LEN = 8 << 30
-ZSTD_LEVEL = 3
-
-_local = threading.local()
-
-
-def _cctx() -> zstandard.ZstdCompressor:
-    # ZstdCompressor objects are not thread-safe: one per thread.
-    cctx = getattr(_local, "cctx", None)
-    if cctx is None:
-        cctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-    return cctx
-
-
-def _dctx() -> zstandard.ZstdDecompressor:
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    return dctx
 
 
 def encode(canonical_parts: list[bytes | memoryview]) -> bytes:
     """Encode canonical bytes (given as parts, to avoid a copy) into a stored record."""
     raw_len = sum(len(p) for p in canonical_parts)
-    cobj = _cctx().compressobj(size=raw_len)
+    cobj = compressor().compressobj(size=raw_len)
     out = [RECORD_HEADER.pack(MAGIC, ENC_ZSTD, raw_len)]
     for part in canonical_parts:
         out.append(cobj.compress(part))
@@ -60,25 +48,28 @@ def encode(canonical_parts: list[bytes | memoryview]) -> bytes:
 
 def zstd_decompress_bounded(oid: str, payload: bytes | memoryview, raw_len: int) -> bytes:
     """Inflate one zstd frame that must be exactly `raw_len` bytes; never more."""
-    try:
-        declared = zstandard.frame_content_size(payload)
-    except zstandard.ZstdError as exc:
-        raise CorruptObject(oid, f"bad zstd frame: {exc}") from None
-    if declared not in (-1, raw_len):
-        raise CorruptObject(oid, f"zstd frame declares {declared} bytes, record declares {raw_len}")
-    try:
-        # With a declared size zstandard allocates exactly that; without one,
-        # max_output_size caps what it will produce.
-        data = _dctx().decompress(payload, max_output_size=raw_len)
-    except zstandard.ZstdError as exc:
-        raise CorruptObject(oid, f"zstd frame does not decompress: {exc}") from None
-    if len(data) != raw_len:
-        raise CorruptObject(oid, f"inflated to {len(data)} bytes, record declares {raw_len}")
-    return data
+    return zstd_exact(oid, payload, raw_len)
 
 
-def decode(oid: str, record: bytes | memoryview) -> bytes:
-    """Canonical bytes of a stored record (not yet hash-checked: the store does that)."""
+def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, base: DeltaBase | None = None) -> bytes:
+    """The smallest record for a tensor: plain zstd, byte planes, or a delta against `base`.
+
+    `dtype` (safetensors name) says how to cut elements into planes; without one, or for
+    one-byte types, only plain zstd applies. `base` must be a tensor of the same length
+    whose own depth is below MAX_CHAIN; the caller (the store) checks that.
+    """
+    raw_len = len(header) + len(body)
+    candidates = [encode([header, body])]
+    layout = layout_for(dtype)
+    if layout is not None and len(body) >= layout.width:
+        candidates.append(RECORD_HEADER.pack(MAGIC, ENC_PLANES, raw_len) + encode_planes(header, body, layout))
+        if base is not None and base.depth < MAX_CHAIN and len(base.body) == len(body):
+            candidates.append(RECORD_HEADER.pack(MAGIC, ENC_DELTA, raw_len) + encode_delta(header, body, layout, base))
+    return min(candidates, key=len)
+
+
+def _split_record(oid: str, record: bytes | memoryview) -> tuple[int, int, memoryview]:
+    """(encoding, raw_len, payload) after checking the record header."""
     if len(record) < RECORD_HEADER.size:
         raise CorruptObject(oid, "stored record is truncated")
     magic, enc, raw_len = RECORD_HEADER.unpack_from(record)
@@ -86,7 +77,46 @@ def decode(oid: str, record: bytes | memoryview) -> bytes:
         raise CorruptObject(oid, "stored record has a bad magic number")
     if raw_len > MAX_RAW_LEN:
         raise CorruptObject(oid, f"declared size {raw_len} exceeds the {MAX_RAW_LEN} byte limit")
-    payload = memoryview(record)[RECORD_HEADER.size :]
+    if enc not in ENCODINGS:
+        raise UnsupportedFormat(f"object {oid} uses storage encoding {enc}, which this version does not know")
+    return enc, raw_len, memoryview(record)[RECORD_HEADER.size :]
+
+
+def raw_length(oid: str, record: bytes | memoryview) -> int:
+    """Length of the canonical bytes a record holds (header check only, no decoding)."""
+    return _split_record(oid, record)[1]
+
+
+def delta_ref(oid: str, record: bytes | memoryview) -> DeltaRef | None:
+    """The base a delta record depends on, or None for a self-contained record."""
+    enc, raw_len, payload = _split_record(oid, record)
+    return read_delta_ref(oid, payload, raw_len) if enc == ENC_DELTA else None
+
+
+def decode(
+    oid: str,
+    record: bytes | memoryview,
+    load_base: Callable[[str, int], bytes] | None = None,
+    max_depth: int = MAX_CHAIN,
+) -> bytes:
+    """Canonical bytes of a stored record (not yet hash-checked: the store does that).
+
+    A delta record needs `load_base(base_id, max_depth)`, which returns the base's
+    verified body; `max_depth` bounds how deep this record's own chain may be, so even a
+    hand-made cycle of deltas ends after MAX_CHAIN reads.
+    """
+    enc, raw_len, payload = _split_record(oid, record)
     if enc == ENC_ZSTD:
-        return zstd_decompress_bounded(oid, payload, raw_len)
-    raise UnsupportedFormat(f"object {oid} uses storage encoding {enc}, which this version does not know")
+        return zstd_exact(oid, payload, raw_len)
+    if enc == ENC_PLANES:
+        data = decode_planes(oid, payload, raw_len)
+    else:
+        ref = read_delta_ref(oid, payload, raw_len)
+        if ref.depth > max_depth:
+            raise CorruptObject(oid, f"delta chain is deeper than {MAX_CHAIN} (record declares depth {ref.depth})")
+        if load_base is None:
+            raise CorruptObject(oid, f"delta record needs its base {ref.base}, which cannot be read here")
+        data = decode_delta(oid, payload, raw_len, load_base)
+    if len(data) != raw_len:
+        raise CorruptObject(oid, f"decoded to {len(data)} bytes, record declares {raw_len}")
+    return data

@@ -150,7 +150,8 @@ class Registry:
             parent = self.refs.read(refname)
         else:
             refname, parent = self.refs.read_head()
-        snap_id, stats = store_folder(self.store, folder, progress)
+        parent_snap = self.store.get_commit(parent).snapshot if parent else None  # delta bases (issue 4)
+        snap_id, stats = store_folder(self.store, folder, progress, delta_from=parent_snap)
         record = prov.collect(
             folder,
             base_model=base_model,

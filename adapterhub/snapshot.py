@@ -109,9 +109,25 @@ class SnapshotStats:
     new_objects: int
 
 
-def store_folder(store: ObjectStore, folder: Path, progress: Progress | None = None) -> tuple[ObjectId, SnapshotStats]:
-    """Validate and store an adapter folder; return the snapshot id and what was stored."""
+def delta_bases(store: ObjectStore, snap_id: ObjectId | None) -> dict[tuple[str, str], TensorEntry]:
+    """(file path, tensor name) -> tensor entry of a snapshot: where a new revision's
+    tensors look for a delta base (the same-named tensor of the parent)."""
+    if snap_id is None:
+        return {}
+    snap = store.get_snapshot(snap_id)
+    return {(f.path, t.name): t for f in snap.files for t in f.tensors}
+
+
+def store_folder(
+    store: ObjectStore, folder: Path, progress: Progress | None = None, *, delta_from: ObjectId | None = None
+) -> tuple[ObjectId, SnapshotStats]:
+    """Validate and store an adapter folder; return the snapshot id and what was stored.
+
+    `delta_from` (the parent revision's snapshot) offers each tensor the same-named,
+    same-shaped tensor there as a delta base; the store keeps the delta only when smaller.
+    """
     files = list_adapter_files(Path(folder))
+    bases = delta_bases(store, delta_from)
     for rel, full in files:
         check_file(rel, full)
     entries: list[FileEntry] = []
@@ -121,9 +137,10 @@ def store_folder(store: ObjectStore, folder: Path, progress: Progress | None = N
 
     counter_lock = threading.Lock()
 
-    def put(obj_type: str, body) -> ObjectId:
+    def put(obj_type: str, body, dtype: str | None = None, base: TensorEntry | None = None) -> ObjectId:
         nonlocal new
-        oid, created = store.put_ex(obj_type, body)
+        same = base is not None and base.dtype == dtype
+        oid, created = store.put_ex(obj_type, body, dtype=dtype, delta_base=base.blob if same else None)
         with counter_lock:
             new += created
         return oid
@@ -140,7 +157,10 @@ def store_folder(store: ObjectStore, folder: Path, progress: Progress | None = N
             if lower.endswith(SAFETENSORS_SUFFIX):
                 layout = parse_layout(data, rel)
                 view = memoryview(data)
-                futures = [pool.submit(put, TENSOR, view[s.start : s.end]) for s in layout.tensors]
+                futures = [
+                    pool.submit(put, TENSOR, view[s.start : s.end], s.dtype, bases.get((rel, s.name)))
+                    for s in layout.tensors
+                ]
                 header_id = put(BLOB, layout.header)
                 tensors = tuple(
                     TensorEntry(s.name, s.dtype, s.shape, f.result()) for s, f in zip(layout.tensors, futures)

@@ -15,7 +15,8 @@ from typing import Iterator
 from . import codec
 from .errors import AmbiguousRevision, CorruptObject, ObjectNotFound
 from .fsutil import TMP_PREFIX, atomic_write
-from .objects import COMMIT, SNAPSHOT, TAG, Commit, ObjectId, Snapshot, Tag, hash_object, header, parse_object, split_canonical
+from .encoding.tensor import DeltaBase
+from .objects import COMMIT, SNAPSHOT, TAG, TENSOR, Commit, ObjectId, Snapshot, Tag, hash_object, header, parse_object, split_canonical
 
 
 class ObjectStore:
@@ -35,26 +36,89 @@ class ObjectStore:
     def iter_ids(self) -> Iterator[ObjectId]:
         raise NotImplementedError
 
-    # --- shared behaviour -----------------------------------------------------------
-    def put(self, obj_type: str, body: bytes | memoryview) -> ObjectId:
-        """Store an object (no-op when present) and return its id."""
-        return self.put_ex(obj_type, body)[0]
+    def _freshen(self, oid: ObjectId) -> bool:
+        """Mark an existing object as just written (a put found it already stored).
 
-    def put_ex(self, obj_type: str, body: bytes | memoryview) -> tuple[ObjectId, bool]:
+        gc keeps unreachable objects younger than its grace period; a commit that reuses
+        an old unreachable object must make it young again, or gc could remove it between
+        this put and the ref update that makes it reachable. Backends without ages skip it.
+        False when the object vanished since `has` (gc pruned it): the caller writes it again.
+        """
+        return True
+
+    # --- shared behaviour -----------------------------------------------------------
+    def put(
+        self, obj_type: str, body: bytes | memoryview, *, dtype: str | None = None, delta_base: str | None = None
+    ) -> ObjectId:
+        """Store an object (no-op when present) and return its id.
+
+        Hints only change how a tensor is stored, never its id: `dtype` (safetensors
+        name) lets it be cut into byte planes; `delta_base` names a tensor (usually the
+        same-named one of the parent revision) it may be stored as a delta against.
+        """
+        return self.put_ex(obj_type, body, dtype=dtype, delta_base=delta_base)[0]
+
+    def put_ex(
+        self, obj_type: str, body: bytes | memoryview, *, dtype: str | None = None, delta_base: str | None = None
+    ) -> tuple[ObjectId, bool]:
         """Like put, and also say whether the object was new to this store."""
         oid = hash_object(obj_type, body)
-        if self.has(oid):
+        if self.has(oid) and self._freshen(oid):
             return oid, False
-        self._write_record(oid, codec.encode([header(obj_type, len(body)), body]))
+        self._write_record(oid, self.encode_record(oid, obj_type, body, dtype=dtype, delta_base=delta_base))
         return oid, True
+
+    def encode_record(
+        self, oid: str, obj_type: str, body: bytes | memoryview, *, dtype: str | None = None, delta_base: str | None = None
+    ) -> bytes:
+        """The stored record for an object, choosing the smallest encoding the hints allow."""
+        head = header(obj_type, len(body))
+        if obj_type != TENSOR or dtype is None:
+            return codec.encode([head, body])
+        base = self._delta_base(oid, delta_base, len(body)) if delta_base else None
+        return codec.encode_tensor(head, body, dtype, base)
+
+    def _delta_base(self, oid: str, base_id: str, length: int) -> DeltaBase | None:
+        """The base for a delta, or None when it is unusable (missing, other size, chain full)."""
+        if base_id == oid:
+            return None
+        try:
+            obj_type, body, depth = self._read_verified(base_id, codec.MAX_CHAIN)
+        except ObjectNotFound:
+            return None
+        if obj_type != TENSOR or len(body) != length or depth >= codec.MAX_CHAIN:
+            return None
+        return DeltaBase(base_id, body, depth)
 
     def read(self, oid: str) -> tuple[str, bytes]:
         """(type, body) of a stored object, verified against its id."""
-        canonical = codec.decode(oid, self._read_record(oid))
+        obj_type, body, _depth = self._read_verified(oid, codec.MAX_CHAIN)
+        return obj_type, body
+
+    def _read_verified(self, oid: str, max_depth: int) -> tuple[str, bytes, int]:
+        """(type, body, delta-chain depth) of an object, re-hashed; its chain at most `max_depth`."""
+        record = self._read_record(oid)
+        ref = codec.delta_ref(oid, record)
+
+        def load_base(base_id: str, base_max_depth: int) -> bytes:
+            try:
+                base_type, base_body, _ = self._read_verified(base_id, base_max_depth)
+            except ObjectNotFound:
+                raise CorruptObject(oid, f"its delta base {base_id} is missing from the store") from None
+            if base_type != TENSOR:
+                raise CorruptObject(oid, f"its delta base {base_id} is a {base_type}, not a tensor")
+            return base_body
+
+        canonical = codec.decode(oid, record, load_base, max_depth)
         obj_type, body = split_canonical(oid, canonical)
         if hash_object(obj_type, body) != oid:
             raise CorruptObject(oid, "content does not hash to its id")
-        return obj_type, bytes(body)
+        return obj_type, bytes(body), ref.depth if ref else 0
+
+    def delta_base_of(self, oid: str) -> ObjectId | None:
+        """The object a stored record depends on (its delta base), read from the record header."""
+        ref = codec.delta_ref(oid, self._read_record(oid))
+        return ObjectId(ref.base) if ref else None
 
     def get(self, oid: str, expect_type: str | None = None):
         obj_type, body = self.read(oid)
@@ -104,6 +168,13 @@ class LooseObjectStore(ObjectStore):
             return self._path(oid).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFound(oid) from None
+
+    def _freshen(self, oid: ObjectId) -> bool:
+        try:
+            os.utime(self._path(oid))
+        except FileNotFoundError:
+            return False
+        return True
 
     def _write_record(self, oid: ObjectId, record: bytes) -> None:
         path = self._path(oid)

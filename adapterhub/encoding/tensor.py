@@ -1,0 +1,169 @@
+"""Record payloads for tensors: byte planes (encoding 1) and deltas (encoding 2).
+
+Both payloads start with the object's canonical header (`tensor <len>\\0`), so decoding
+gives back the exact canonical bytes the id was hashed from; the store then re-hashes
+them as for any other record. Layouts are byte-exact in docs/format/encodings.md:
+
+    planes: u8 hlen | header | u8 layout | <width> plane sections | [tail section]
+    delta:  u8 hlen | header | 32-byte base id | u8 depth | u8 kind | u8 layout
+            | <width> plane sections | [tail section]
+
+The tail section holds the bytes past the last whole element (none in a valid tensor;
+kept so that any byte string round-trips). A delta's tail is stored as is, not diffed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import CorruptObject
+from . import delta as deltas
+from .frames import decode_section, encode_section
+from .planes import PlaneLayout, as_words, join, rotate, split, unrotate
+
+_MAX_HEADER = 32
+OID_BYTES = 32
+
+
+@dataclass(frozen=True)
+class DeltaBase:
+    """What a delta needs to know about its base.
+
+    Attributes:
+        oid: id of the base tensor object.
+        body: the base tensor's bytes (same length as the tensor being stored).
+        depth: the base's own chain depth (0 when stored whole).
+    """
+
+    oid: str
+    body: bytes | memoryview
+    depth: int
+
+
+@dataclass(frozen=True)
+class DeltaRef:
+    """The base a stored delta record names, read from its payload without decoding it.
+
+    Attributes:
+        base: id of the base object.
+        depth: this record's chain depth (1 for a delta against a whole record).
+    """
+
+    base: str
+    depth: int
+
+
+def _planes_body(out: bytearray, words: np.ndarray, layout: PlaneLayout, tail: bytes | memoryview) -> None:
+    out.append(layout.to_byte())
+    for plane in split(words, layout):
+        encode_section(out, plane)
+    if len(tail):
+        encode_section(out, tail)
+
+
+def _head(header: bytes) -> bytearray:
+    out = bytearray((len(header),))
+    out += header
+    return out
+
+
+def encode_planes(header: bytes, body: bytes | memoryview, layout: PlaneLayout) -> bytes:
+    """Planes payload of a tensor whose canonical header is `header`."""
+    words = as_words(body, layout)
+    out = _head(header)
+    _planes_body(out, rotate(words, layout), layout, memoryview(body)[len(words) * layout.width :])
+    return bytes(out)
+
+
+def encode_delta(header: bytes, body: bytes | memoryview, layout: PlaneLayout, base: DeltaBase) -> bytes:
+    """Smallest delta payload (XOR or SUB) of `body` against `base.body` (same length)."""
+    if len(base.body) != len(body):
+        raise ValueError("a delta base must have the tensor's length")
+    words = as_words(body, layout)
+    base_words = as_words(base.body, layout)
+    tail = memoryview(body)[len(words) * layout.width :]
+    best: bytes | None = None
+    for kind in deltas.KINDS:
+        out = _head(header)
+        out += bytes.fromhex(base.oid)
+        out += bytes((base.depth + 1, kind))
+        _planes_body(out, deltas.diff(kind, words, base_words, layout), layout, tail)
+        if best is None or len(out) < len(best):
+            best = bytes(out)
+    return best
+
+
+def _read_head(oid: str, payload: memoryview, raw_len: int) -> tuple[bytes, int, int]:
+    """(canonical header, body length, position after the header)."""
+    if not len(payload):
+        raise CorruptObject(oid, "stored record is truncated (no header)")
+    hlen = payload[0]
+    if hlen > _MAX_HEADER or hlen > raw_len or 1 + hlen > len(payload):
+        raise CorruptObject(oid, "stored record has a bad header length")
+    return bytes(payload[1 : 1 + hlen]), raw_len - hlen, 1 + hlen
+
+
+def _read_layout(oid: str, payload: memoryview, pos: int) -> tuple[PlaneLayout, int]:
+    if pos >= len(payload):
+        raise CorruptObject(oid, "stored record is truncated (no plane layout)")
+    layout = PlaneLayout.from_byte(payload[pos])
+    if layout is None:
+        raise CorruptObject(oid, f"stored record names an unknown plane layout {payload[pos]:#x}")
+    return layout, pos + 1
+
+
+def _read_planes(oid: str, payload: memoryview, pos: int, layout: PlaneLayout, body_len: int):
+    """(joined words, tail bytes) of the plane sections from `pos` to the payload's end."""
+    n = body_len // layout.width
+    planes = []
+    for _ in range(layout.width):
+        plane, pos = decode_section(oid, payload, pos, n)
+        planes.append(plane)
+    tail_len = body_len - n * layout.width
+    tail = b""
+    if tail_len:
+        tail, pos = decode_section(oid, payload, pos, tail_len)
+    if pos != len(payload):
+        raise CorruptObject(oid, f"stored record has {len(payload) - pos} stray bytes after its data")
+    return join(planes, layout, n), bytes(tail)
+
+
+def decode_planes(oid: str, payload: memoryview, raw_len: int) -> bytes:
+    header, body_len, pos = _read_head(oid, payload, raw_len)
+    layout, pos = _read_layout(oid, payload, pos)
+    words, tail = _read_planes(oid, payload, pos, layout, body_len)
+    return header + unrotate(words, layout).tobytes() + tail
+
+
+def read_delta_ref(oid: str, payload: memoryview, raw_len: int) -> DeltaRef:
+    """Base id and depth a delta record declares (cheap: no decompression)."""
+    _header, _body_len, pos = _read_head(oid, payload, raw_len)
+    if pos + OID_BYTES + 1 > len(payload):
+        raise CorruptObject(oid, "stored delta record is truncated (no base id)")
+    base = bytes(payload[pos : pos + OID_BYTES]).hex()
+    depth = payload[pos + OID_BYTES]
+    if depth < 1:
+        raise CorruptObject(oid, "stored delta record declares chain depth 0")
+    return DeltaRef(base, depth)
+
+
+def decode_delta(oid: str, payload: memoryview, raw_len: int, load_base: Callable[[str, int], bytes]) -> bytes:
+    """Canonical bytes of a delta record; `load_base(base_id, max_depth)` reads the base."""
+    header, body_len, pos = _read_head(oid, payload, raw_len)
+    ref = read_delta_ref(oid, payload, raw_len)
+    pos += OID_BYTES + 1
+    if pos >= len(payload):
+        raise CorruptObject(oid, "stored delta record is truncated (no delta kind)")
+    kind = payload[pos]
+    if kind not in deltas.KINDS:
+        raise CorruptObject(oid, f"stored delta record names an unknown delta kind {kind}")
+    layout, pos = _read_layout(oid, payload, pos + 1)
+    words, tail = _read_planes(oid, payload, pos, layout, body_len)
+    base_body = load_base(ref.base, ref.depth - 1)
+    if len(base_body) != body_len:
+        raise CorruptObject(oid, f"delta base {ref.base} has {len(base_body)} bytes, {body_len} expected")
+    base_words = as_words(base_body, layout)
+    return header + deltas.apply(kind, words, base_words, layout).tobytes() + tail
