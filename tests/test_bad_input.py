@@ -12,13 +12,11 @@ import json
 import os
 import pickle
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from ah_testkit import write_adapter
+from conftest import run_ah
 
 from adapterhub import codec
 from adapterhub.errors import (
@@ -38,23 +36,11 @@ from adapterhub.safetensors_file import MAX_HEADER_LEN, parse_layout
 # --- helpers ------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _author(monkeypatch):
-    monkeypatch.setenv("AH_AUTHOR", "Tester <t@example.com>")
-
-
-def _write_adapter(folder: Path, seed: int = 0) -> Path:
-    """A small valid PEFT-shaped adapter folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "seed": seed}))
-    save_file(
-        {
-            "base_model.model.q.lora_A.weight": rng.standard_normal((4, 8), dtype=np.float32),
-            "base_model.model.q.lora_B.weight": rng.standard_normal((8, 4), dtype=np.float32),
-        },
-        str(folder / "adapter_model.safetensors"),
-    )
+def _bad_folder(tmp_path: Path) -> Path:
+    """A valid adapter unlike the registry's (new tensors, and a README that sorts first):
+    if a refused commit stored anything before refusing, `_state` would see new objects."""
+    folder = write_adapter(tmp_path / "bad", seed=1)
+    (folder / "README.md").write_text("this folder is refused\n")
     return folder
 
 
@@ -79,10 +65,10 @@ def _state(reg: Registry) -> dict:
 
 
 @pytest.fixture
-def reg(tmp_path) -> Registry:
+def reg(registry, tmp_path) -> Registry:
     """A registry with one good commit on main, so we can check nothing is lost."""
-    r = Registry.init(tmp_path / "reg")
-    r.commit(_write_adapter(tmp_path / "good"), "good adapter")
+    r = registry
+    r.commit(write_adapter(tmp_path / "good"), "good adapter")
     return r
 
 
@@ -94,21 +80,13 @@ def _assert_refused_cleanly(reg: Registry, before: dict) -> None:
         reg.store.read(oid)
 
 
-def _ah(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, AH_AUTHOR="Tester <t@example.com>")
-    full_env.pop("AH_REGISTRY", None)
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-c", "from adapterhub.cli.main import main; main()", *args],  # what `ah` runs
-        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=120,
-    )
-
-
-def _assert_cli_error(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
+def _assert_cli_error(result: tuple[int, str, str], code: int, *fragments: str) -> str:
+    """`ah` failed as the contract says: exit `code`, one `error:` line, no traceback."""
+    rc, out, err = result
+    assert rc == code, (rc, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
     for frag in fragments:
         assert frag in lines[0], (frag, lines[0])
     return lines[0]
@@ -142,7 +120,7 @@ def test_evil_pickle_really_creates_marker_when_loaded(tmp_path):
 @pytest.mark.parametrize("name", ["adapter_model.bin", "model.pt", "weights.pth", "sub/model.ckpt", "x.pkl"])
 def test_pickle_suffix_refused(reg, tmp_path, name):
     marker = tmp_path / "pwned"
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     (folder / name).parent.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(_evil_pickle(marker))
     before = _state(reg)
@@ -156,7 +134,7 @@ def test_pickle_suffix_refused(reg, tmp_path, name):
 
 def test_pickle_renamed_to_safetensors_refused(reg, tmp_path):
     marker = tmp_path / "pwned"
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     (folder / "adapter_model.safetensors").write_bytes(_evil_pickle(marker))
     before = _state(reg)
     with pytest.raises(PickleRefused, match="adapter_model.safetensors.*pickle"):
@@ -168,7 +146,7 @@ def test_pickle_renamed_to_safetensors_refused(reg, tmp_path):
 def test_torch_save_renamed_to_safetensors_refused(reg, tmp_path):
     torch = pytest.importorskip("torch")
     marker = tmp_path / "pwned"
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     target = folder / "adapter_model.safetensors"
     torch.save({"w": torch.zeros(3), "evil": _Evil(marker)}, str(target))
     assert target.read_bytes()[:4] == b"PK\x03\x04"  # really a torch.save zip archive
@@ -181,10 +159,10 @@ def test_torch_save_renamed_to_safetensors_refused(reg, tmp_path):
 
 def test_cli_pickle_refused(reg, tmp_path):
     marker = tmp_path / "pwned"
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     (folder / "adapter_model.bin").write_bytes(_evil_pickle(marker))
     before = _state(reg)
-    proc = _ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
+    proc = run_ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
     _assert_cli_error(proc, 2, "adapter_model.bin", "safetensors")
     assert not marker.exists()
     assert _state(reg) == before
@@ -246,15 +224,15 @@ def test_parse_layout_refuses(case):
 def test_parse_layout_accepts_real_file(tmp_path):
     # The hand-built and the library-built forms of a good file both pass.
     parse_layout(_raw_safetensors({"a": _f32([0, 16]), "b": _f32([16, 32])}, bytes(32)))
-    path = _write_adapter(tmp_path / "ok") / "adapter_model.safetensors"
+    path = write_adapter(tmp_path / "ok") / "adapter_model.safetensors"
     layout = parse_layout(path.read_bytes())
-    assert [t.name for t in layout.tensors] == ["base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight"]
+    assert len(layout.tensors) == 2 and all(t.name.endswith(".weight") for t in layout.tensors)
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_commit_refuses_malformed_safetensors(reg, tmp_path, case):
     data, fragment = MALFORMED[case]
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     (folder / "adapter_model.safetensors").write_bytes(data)
     before = _state(reg)
     with pytest.raises(MalformedSafetensors) as exc:
@@ -264,10 +242,10 @@ def test_commit_refuses_malformed_safetensors(reg, tmp_path, case):
 
 
 def test_cli_malformed_safetensors(reg, tmp_path):
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     (folder / "adapter_model.safetensors").write_bytes(MALFORMED["overlapping"][0])
     before = _state(reg)
-    proc = _ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
+    proc = run_ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
     _assert_cli_error(proc, 2, "adapter_model.safetensors", "overlaps")
     assert _state(reg) == before
 
@@ -286,7 +264,7 @@ def test_cli_malformed_safetensors(reg, tmp_path):
     ],
 )
 def test_commit_refuses_unsafe_names(reg, tmp_path, rel, error, fragment):
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     (folder / rel).parent.mkdir(parents=True, exist_ok=True)
     (folder / rel).write_text("x")
     before = _state(reg)
@@ -297,7 +275,7 @@ def test_commit_refuses_unsafe_names(reg, tmp_path, rel, error, fragment):
 
 def test_commit_refuses_empty_ah_folder(reg, tmp_path):
     # Even an empty `.ah/` folder inside an adapter is a registry-looking name.
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     (folder / ".ah").mkdir()
     before = _state(reg)
     with pytest.raises(UnsafePath):
@@ -307,7 +285,7 @@ def test_commit_refuses_empty_ah_folder(reg, tmp_path):
 
 @pytest.mark.parametrize("kind", ["file", "dir"])
 def test_commit_refuses_symlinks(reg, tmp_path, kind):
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     outside = tmp_path / "outside"
     if kind == "file":
         outside.write_text("secret")
@@ -322,9 +300,9 @@ def test_commit_refuses_symlinks(reg, tmp_path, kind):
 
 
 def test_cli_backslash_name(reg, tmp_path):
-    folder = _write_adapter(tmp_path / "bad", seed=1)
+    folder = _bad_folder(tmp_path)
     (folder / "a\\b.txt").write_text("x")
-    proc = _ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
+    proc = run_ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
     _assert_cli_error(proc, 2, "backslash")
 
 
@@ -389,7 +367,7 @@ def test_materialize_rechecks_each_path(reg, tmp_path):
 def test_cli_checkout_unsafe_stored_name(reg, tmp_path):
     snap_id = _plant_snapshot(reg, ["../escape.txt"])
     out = tmp_path / "out"
-    proc = _ah("--registry", str(reg.root), "checkout", "evil", "-o", str(out))
+    proc = run_ah("--registry", str(reg.root), "checkout", "evil", "-o", str(out))
     _assert_cli_error(proc, 1, f"corrupt object {snap_id}", "..")
     assert not out.exists()
     assert not (tmp_path / "escape.txt").exists()
@@ -399,10 +377,10 @@ def test_cli_checkout_unsafe_stored_name(reg, tmp_path):
 
 
 @pytest.fixture
-def nested(tmp_path) -> Registry:
+def nested(registry, tmp_path) -> Registry:
     """A registry whose main holds a file at the top and one in a sub-folder."""
-    r = Registry.init(tmp_path / "reg2")
-    folder = _write_adapter(tmp_path / "nested")
+    r = registry
+    folder = write_adapter(tmp_path / "nested")
     (folder / "extra").mkdir()
     (folder / "extra" / "notes.txt").write_text("from the registry\n")
     r.commit(folder, "nested")
@@ -453,7 +431,7 @@ def test_cli_checkout_force_symlinks(nested, tmp_path):
     out.mkdir()
     (out / "adapter_config.json").symlink_to(outside_file)
     (out / "extra").symlink_to(outside_dir, target_is_directory=True)
-    proc = _ah("--registry", str(nested.root), "checkout", "main", "-o", str(out), "--force")
+    proc = run_ah("--registry", str(nested.root), "checkout", "main", "-o", str(out), "--force")
     _assert_cli_error(proc, 1, "symlink", str(out / "extra"))
     assert outside_file.read_text() == "ORIGINAL"
     assert os.listdir(outside_dir) == []
@@ -528,9 +506,9 @@ def test_tampered_content_with_valid_record_detected(reg):
 def test_cli_show_reports_corrupt_commit(reg):
     oid = _every_kind(reg)["commit"]
     _flip(_object_path(reg, oid), -1)
-    proc = _ah("--registry", str(reg.root), "show", "main")
+    proc = run_ah("--registry", str(reg.root), "show", "main")
     _assert_cli_error(proc, 1, f"corrupt object {oid}")
-    proc = _ah("--registry", str(reg.root), "log", "--format", "json")
+    proc = run_ah("--registry", str(reg.root), "log", "--format", "json")
     _assert_cli_error(proc, 1, oid)
 
 
@@ -539,7 +517,7 @@ def test_cli_checkout_reports_corrupt_tensor(reg, tmp_path):
     path = _object_path(reg, oid)
     _flip(path, path.stat().st_size // 2)
     out = tmp_path / "out"
-    proc = _ah("--registry", str(reg.root), "checkout", "main", "-o", str(out))
+    proc = run_ah("--registry", str(reg.root), "checkout", "main", "-o", str(out))
     _assert_cli_error(proc, 1, f"corrupt object {oid}")
     # The damaged file never appears under its final name, and no temp file is left.
     assert not (out / "adapter_model.safetensors").exists()
@@ -570,7 +548,7 @@ def test_unknown_format_version_refused(reg, config):
 
 def test_cli_unknown_format_version(reg):
     (reg.ah_dir / "config.json").write_text(json.dumps({"format_version": 99}))
-    proc = _ah("--registry", str(reg.root), "log")
+    proc = run_ah("--registry", str(reg.root), "log")
     _assert_cli_error(proc, 1, "format version 99", "upgrade")
 
 

@@ -3,45 +3,26 @@ and concurrent commits that must never lose a commit that reported success."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from ah_testkit import write_adapter
+from conftest import TEST_AUTHOR, run_ah
 
 from adapterhub import provenance
 from adapterhub.errors import BadRefName, RefConflict, RefExists, RefLocked, UnknownRevision, UsageError
-from adapterhub.refs import ANY, HEADS, TAGS, ZERO_ID, RefStore, check_ref_name
+from adapterhub.refs import HEADS, TAGS, ZERO_ID, check_ref_name
 from adapterhub.registry import Registry
 
-AUTHOR = "Tester <t@example.com>"
-
-
-@pytest.fixture(autouse=True)
-def _author(monkeypatch):
-    monkeypatch.setenv("AH_AUTHOR", AUTHOR)
-
-
-def _write_adapter(folder: Path, seed: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    save_file({"lora_A": rng.standard_normal((4, 8), dtype=np.float32)}, str(folder / "adapter_model.safetensors"))
-    return folder
-
-
 @pytest.fixture
-def reg(tmp_path) -> Registry:
-    r = Registry.init(tmp_path / "reg")
-    r.commit(_write_adapter(tmp_path / "a1", 1), "first")
-    r.commit(_write_adapter(tmp_path / "a2", 2), "second")
-    return r
+def reg(registry, tmp_path) -> Registry:
+    """main: first - second."""
+    registry.commit(write_adapter(tmp_path / "a1", 1), "first")
+    registry.commit(write_adapter(tmp_path / "a2", 2), "second")
+    return registry
 
 
 def _ids(reg: Registry) -> tuple[str, str]:
@@ -117,7 +98,7 @@ def test_stale_lock_is_reported_with_its_path(reg):
     assert lock.exists()  # someone else's lock is never removed by the loser
     # A commit on that branch is refused the same way, and stores no ref move.
     with pytest.raises(RefLocked):
-        reg.commit(_write_adapter(reg.root.parent / "a3", 3), "third")
+        reg.commit(write_adapter(reg.root.parent / "a3", 3), "third")
     assert reg.refs.read(HEADS + "main") == second
     lock.unlink()
     reg.refs.update(HEADS + "main", first, expected=second)
@@ -142,10 +123,9 @@ def test_lock_files_are_not_listed_as_refs(reg):
 def test_cli_stale_lock(reg):
     lock = reg.ah_dir / "refs" / "heads" / "main.lock"
     lock.write_text("")
-    proc = _ah("--registry", str(reg.root), "commit", str(_write_adapter(reg.root.parent / "a3", 3)), "-m", "x")
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.startswith("error: ") and str(lock) in proc.stderr
-    assert "Traceback" not in proc.stderr
+    rc, _, err = run_ah("--registry", reg.root, "commit", write_adapter(reg.root.parent / "a3", 3), "-m", "x")
+    assert rc == 1, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(lock) in err
 
 
 # --- hierarchical names -----------------------------------------------------------------
@@ -161,7 +141,7 @@ def test_hierarchical_branch(reg):
     assert reg.resolve("refs/heads/users/bob/main") == second
     reg.switch("users/alice/main")
     assert reg.current_branch() == "users/alice/main"
-    res = reg.commit(_write_adapter(reg.root.parent / "a3", 3), "alice's")
+    res = reg.commit(write_adapter(reg.root.parent / "a3", 3), "alice's")
     assert res.branch == "users/alice/main" and res.parents == (first,)
     assert reg.refs.read(HEADS + "main") == second
 
@@ -196,10 +176,10 @@ def test_sub_branch_vs_branch_conflict(reg):
 def test_cli_branch_conflict_is_one_error_line(reg):
     first, _ = _ids(reg)
     reg.create_branch("a", first)
-    proc = _ah("--registry", str(reg.root), "branch", "a/b")
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
-    assert "refs/heads/a/b" in proc.stderr
+    rc, _, err = run_ah("--registry", reg.root, "branch", "a/b")
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "refs/heads/a/b" in err
 
 
 # --- reflog -------------------------------------------------------------------------------
@@ -211,7 +191,7 @@ def test_reflog_records_every_move(reg):
     assert [(e.old, e.new) for e in log] == [(ZERO_ID, first), (first, second)]
     assert log[0].message == "commit (initial): first"
     assert log[1].message == "commit: second"
-    assert all(e.who == AUTHOR and e.timestamp > 0 for e in log)
+    assert all(e.who == TEST_AUTHOR and e.timestamp > 0 for e in log)
 
     reg.create_branch("dev", first)
     reg.create_branch("dev", second, force=True)
@@ -225,7 +205,7 @@ def test_reflog_records_every_move(reg):
 
 
 def test_reflog_message_is_one_line(reg):
-    res = reg.commit(_write_adapter(reg.root.parent / "a3", 3), "multi\nline\tmessage")
+    res = reg.commit(write_adapter(reg.root.parent / "a3", 3), "multi\nline\tmessage")
     last = reg.refs.reflog(HEADS + "main")[-1]
     assert last.new == res.id and last.message == "commit: multi"
     raw = (reg.ah_dir / "logs/refs/heads/main").read_text().splitlines()
@@ -332,10 +312,9 @@ def test_init_refuses_bad_default_branch(tmp_path):
 @pytest.mark.parametrize("name", ["a..b", "x.lock", "a b", "@{"])
 def test_cli_bad_ref_name(reg, name):
     for args in (["branch", name], ["tag", name], ["switch", "-c", name]):
-        proc = _ah("--registry", str(reg.root), *args)
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert proc.stderr.startswith("error: invalid ") and proc.stderr.count("\n") == 1
-        assert "Traceback" not in proc.stderr
+        rc, _, err = run_ah("--registry", reg.root, *args)
+        assert rc == 2, (args, err)
+        assert err.startswith("error: invalid ") and err.count("\n") == 1
 
 
 # --- races -----------------------------------------------------------------------------------
@@ -350,12 +329,12 @@ def test_commit_detects_branch_moved_during_commit(reg, monkeypatch):
     def collect_and_race(*args, **kwargs):
         if not inner:
             inner.append("running")
-            inner[0] = reg.commit(_write_adapter(reg.root.parent / "rival", 77), "rival").id
+            inner[0] = reg.commit(write_adapter(reg.root.parent / "rival", 77), "rival").id
         return real_collect(*args, **kwargs)
 
     monkeypatch.setattr(provenance, "collect", collect_and_race)
     with pytest.raises(RefConflict, match="refs/heads/main"):
-        reg.commit(_write_adapter(reg.root.parent / "loser", 78), "loser")
+        reg.commit(write_adapter(reg.root.parent / "loser", 78), "loser")
     rival = inner[0]
     assert reg.refs.read(HEADS + "main") == rival
     assert [c.message for c in reg.log("main")] == ["rival", "second", "first"]
@@ -368,7 +347,7 @@ def _commit_worker(root: str, folder_base: str, worker: int, rounds: int, barrie
         os.environ["AH_AUTHOR"] = f"Worker {worker} <w{worker}@example.com>"
         reg = Registry.open(root)
         for i in range(rounds):
-            folder = _write_adapter(Path(folder_base) / f"w{worker}-{i}", 1000 * worker + i)
+            folder = write_adapter(Path(folder_base) / f"w{worker}-{i}", 1000 * worker + i)
             barrier.wait(timeout=60)
             try:
                 res = reg.commit(folder, f"worker {worker} round {i}")
@@ -418,14 +397,3 @@ def test_concurrent_commits_never_lose_a_commit(reg, tmp_path):
     print(f"\nconcurrent commits: {len(ok)} won, {len(failed)} refused "
           f"({sum(r[2] == 'RefConflict' for r in failed)} RefConflict, {sum(r[2] == 'RefLocked' for r in failed)} RefLocked)")
 
-
-# --- CLI helper ------------------------------------------------------------------------------
-
-
-def _ah(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, AH_AUTHOR=AUTHOR)
-    env.pop("AH_REGISTRY", None)
-    return subprocess.run(
-        [sys.executable, "-c", "from adapterhub.cli.main import main; main()", *args],  # what `ah` runs
-        capture_output=True, text=True, env=env, timeout=120,
-    )

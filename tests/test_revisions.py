@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from ah_testkit import write_adapter
 
 from adapterhub.errors import AmbiguousRevision, UnknownRevision
 from adapterhub.objects import BLOB, COMMIT, Commit, hash_object
@@ -15,34 +13,21 @@ from adapterhub.registry import Registry
 from adapterhub.revisions import MIN_ABBREV, split_expression
 
 
-@pytest.fixture(autouse=True)
-def _author(monkeypatch):
-    monkeypatch.setenv("AH_AUTHOR", "Tester <t@example.com>")
-
-
-def _write_adapter(folder: Path, seed: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    save_file({"lora_A": rng.standard_normal((4, 8), dtype=np.float32)}, str(folder / "adapter_model.safetensors"))
-    return folder
-
-
 class History:
     """main: c1 - c2 - m (merge of c2 and side's s1); side: c1 - s1."""
 
-    def __init__(self, tmp_path: Path):
-        self.reg = reg = Registry.init(tmp_path / "reg")
-        self.c1 = reg.commit(_write_adapter(tmp_path / "c1", 1), "c1").id
-        self.c2 = reg.commit(_write_adapter(tmp_path / "c2", 2), "c2").id
+    def __init__(self, reg: Registry, tmp_path: Path):
+        self.reg = reg
+        self.c1 = reg.commit(write_adapter(tmp_path / "c1", 1), "c1").id
+        self.c2 = reg.commit(write_adapter(tmp_path / "c2", 2), "c2").id
         reg.create_branch("side", self.c1)
-        self.s1 = reg.commit(_write_adapter(tmp_path / "s1", 3), "s1", branch="side").id
-        self.m = reg.commit(_write_adapter(tmp_path / "m", 4), "merge side", extra_parents=("side",)).id
+        self.s1 = reg.commit(write_adapter(tmp_path / "s1", 3), "s1", branch="side").id
+        self.m = reg.commit(write_adapter(tmp_path / "m", 4), "merge side", extra_parents=("side",)).id
 
 
 @pytest.fixture
-def h(tmp_path) -> History:
-    return History(tmp_path)
+def h(registry, tmp_path) -> History:
+    return History(registry, tmp_path)
 
 
 def test_history_shape(h):
@@ -153,8 +138,8 @@ def test_detached_head(h):
     assert h.reg.current_branch() is None
 
 
-def test_unborn_head(tmp_path):
-    reg = Registry.init(tmp_path / "empty")
+def test_unborn_head(registry):
+    reg = registry
     with pytest.raises(UnknownRevision, match="HEAD: branch 'main' has no commits yet"):
         reg.resolve("HEAD")
     with pytest.raises(UnknownRevision, match="unknown revision 'main'"):
