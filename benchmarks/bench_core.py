@@ -119,7 +119,7 @@ def run_scenario(name: str, folders: list[Path], scratch: Path) -> list[ToolRun]
     """Every tool on the same input folders, each in its own fresh folder."""
     runs = []
     for tool_cls in ALL_TOOLS:
-        base = scratch / name / tool_cls.name.replace(" ", "-")
+        base = scratch / name / tool_cls.slug()
         runs.append(run_tool(tool_cls(base / "tool"), folders, base / "checkouts"))
         shutil.rmtree(base / "checkouts")  # keep the scratch disk use to one tool's checkouts
     return runs

@@ -25,7 +25,6 @@ import platform
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -326,6 +325,11 @@ class Tool:
         self.workdir = workdir
         workdir.mkdir(parents=True)
 
+    @classmethod
+    def slug(cls) -> str:
+        """The name as a file-name part ("plain copy" -> "plain-copy")."""
+        return cls.name.replace(" ", "-")
+
     def prepare(self, folder: Path) -> None:
         """Untimed set-up before committing `folder` (default: nothing)."""
 
@@ -488,7 +492,7 @@ def run_tool(tool: Tool, folders: Sequence[Path], scratch: Path) -> ToolRun:
         run.commit_s.append(t.seconds)
     run.stored_bytes = tool.stored_bytes()
     for i, (folder, handle) in enumerate(zip(folders, handles)):
-        out = scratch / f"{tool.name.replace(' ', '-')}-checkout-{i:02d}"
+        out = scratch / f"{tool.slug()}-checkout-{i:02d}"
         with stopwatch() as t:
             tool.checkout(handle, out)
         run.checkout_s.append(t.seconds)
