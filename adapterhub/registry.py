@@ -20,7 +20,8 @@ from .refs import ANY, HEADS, TAGS, RefStore, check_ref_name
 from .results import CheckoutResult, CommitInfo, CommitResult, RefInfo, ShowResult
 from .revisions import peel_to_commit, resolve as resolve_expr
 from .snapshot import Progress, materialize, store_folder
-from .store import LooseObjectStore, ObjectStore
+from .packstore import PackedObjectStore
+from .store import ObjectStore
 from . import provenance as prov
 
 AH_DIR = ".ah"
@@ -54,7 +55,7 @@ class Registry:
         if not self.ah_dir.is_dir():
             raise NotARegistry(f"{self.root} is not an adapterhub registry (no {AH_DIR}/ folder)")
         self.config = self._read_config()
-        self.store = store or LooseObjectStore(self.ah_dir / "objects")
+        self.store = store or PackedObjectStore(self.ah_dir / "objects")  # loose + packs (issue 4)
         self.refs = RefStore(self.ah_dir)
 
     # --- set-up ---------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""The registry's object store: loose objects for fresh writes, packs for the bulk.
+
+Writes go to loose files (one atomic rename each, no coordination with other writers);
+`ah gc` and `ah import` move objects into packs (`adapterhub.pack`). A read looks in the
+loose folder first, then in every pack through its index. The set of packs is re-listed
+whenever a lookup misses, so an object that gc moved from a loose file into a new pack
+while this process was running is still found.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ObjectNotFound
+from .objects import ObjectId
+from .pack import Pack, PackWriter, pack_paths
+from .store import LooseObjectStore, ObjectStore
+
+PACK_DIR = "pack"
+
+
+class PackedObjectStore(ObjectStore):
+    """Loose objects under `root/<xx>/`, packs under `root/pack/`.
+
+    Attributes:
+        root: the objects folder (`.ah/objects`).
+        loose: the loose store inside it, where new objects are written.
+        pack_dir: the folder of packs.
+    """
+
+    def __init__(self, root: Path, *, durable: bool = True):
+        self.root = Path(root)
+        self.loose = LooseObjectStore(self.root, durable=durable)
+        self.pack_dir = self.root / PACK_DIR
+        self.durable = durable
+        self._packs: dict[str, Pack] = {}
+        self._listing: tuple | None = None
+        self._lock = threading.Lock()
+
+    # --- packs ---------------------------------------------------------------------------
+    def packs(self) -> list[Pack]:
+        """The packs as last listed (listed on first use)."""
+        if self._listing is None:
+            self.rescan()
+        return list(self._packs.values())
+
+    def rescan(self) -> bool:
+        """Re-list the pack folder; True when the set of packs changed."""
+        with self._lock:
+            try:
+                st = os.stat(self.pack_dir)
+                stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+            except FileNotFoundError:
+                stamp = None
+            if stamp == self._listing and self._listing is not None:
+                return False
+            current = {p.name: p for p in pack_paths(self.pack_dir)}
+            for name in list(self._packs):
+                if name not in current:
+                    self._packs.pop(name).close()
+            for name, path in current.items():
+                if name not in self._packs:
+                    try:
+                        self._packs[name] = Pack(path)
+                    except FileNotFoundError:
+                        continue  # removed by gc between listing and opening
+            self._listing = stamp
+            return True
+
+    def _find_in_packs(self, oid: str) -> Pack | None:
+        for pack in self.packs():
+            if pack.find(oid) is not None:
+                return pack
+        if self.rescan():
+            for pack in self._packs.values():
+                if pack.find(oid) is not None:
+                    return pack
+        return None
+
+    def writer(self) -> PackWriter:
+        """A writer for a new pack in this store (bulk import, gc)."""
+        return PackWriter(self.pack_dir, durable=self.durable)
+
+    def add_pack_written(self) -> None:
+        """Make packs written since the last listing visible to this store at once."""
+        self._listing = None
+        self.rescan()
+
+    # --- contract primitives -------------------------------------------------------------
+    def has(self, oid: str) -> bool:
+        return self.loose.has(oid) or self._find_in_packs(oid) is not None
+
+    def _read_record(self, oid: str) -> bytes:
+        try:
+            return self.loose._read_record(oid)
+        except ObjectNotFound:
+            pass
+        pack = self._find_in_packs(oid)
+        if pack is None:
+            raise ObjectNotFound(oid)
+        return pack.read_record(oid)
+
+    def _write_record(self, oid: ObjectId, record: bytes) -> None:
+        self.loose._write_record(oid, record)
+
+    def _freshen(self, oid: ObjectId) -> bool:
+        if self.loose._freshen(oid):
+            return True
+        pack = self._find_in_packs(oid)
+        if pack is None:
+            return False
+        try:
+            os.utime(pack.path)
+        except FileNotFoundError:
+            return False  # gc replaced the pack: the caller writes a loose copy
+        return True
+
+    def iter_ids(self) -> Iterator[ObjectId]:
+        seen = set(self.loose.iter_ids())
+        for pack in self.packs():
+            seen.update(pack.iter_ids())
+        yield from sorted(seen)
+
+    def find_prefix(self, prefix: str) -> list[ObjectId]:
+        found = set(self.loose.find_prefix(prefix))
+        self.rescan()
+        for pack in self.packs():
+            found.update(pack.find_prefix(prefix))
+        return sorted(found)
+
+    def remove(self, oid: str) -> None:
+        """Remove a loose copy (objects in packs go only when gc replaces the pack)."""
+        self.loose.remove(oid)

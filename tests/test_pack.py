@@ -1,0 +1,219 @@
+"""Packs and the loose+pack store: the store contract, index lookups, and damaged packs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from adapterhub import codec
+from adapterhub.errors import CorruptObject, ObjectNotFound
+from adapterhub.objects import BLOB, TENSOR, hash_object, header
+from adapterhub.pack import ENTRY_BYTES, FANOUT, IDX_HEAD, Pack, PackWriter, pack_paths
+from adapterhub.packstore import PackedObjectStore
+from test_store_contract import StoreContract
+
+
+def _record(obj_type: str, body: bytes) -> tuple[str, bytes, int]:
+    return hash_object(obj_type, body), codec.encode([header(obj_type, len(body)), body]), len(header(obj_type, len(body))) + len(body)
+
+
+class PackOnlyStore(PackedObjectStore):
+    """Writes every record into its own pack, so the contract exercises pack reads only."""
+
+    def _write_record(self, oid, record):
+        for pack in self.packs():
+            if pack.find(oid) is not None:
+                pack.idx_path.unlink()
+                pack.path.unlink()
+        self.add_pack_written()
+        try:
+            raw_len = codec.raw_length(oid, record)
+        except Exception:
+            raw_len = 0
+        with self.writer() as w:
+            w.add(oid, record, raw_len)
+            w.finish()
+        self.add_pack_written()
+
+
+class TestPackedObjectStoreLoose(StoreContract):
+    def make_store(self, tmp_path):
+        (tmp_path / "objects").mkdir()
+        return PackedObjectStore(tmp_path / "objects")
+
+
+class TestPackedObjectStorePacks(StoreContract):
+    def make_store(self, tmp_path):
+        (tmp_path / "objects").mkdir()
+        return PackOnlyStore(tmp_path / "objects")
+
+
+# --- pack files --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def packed(tmp_path):
+    """A store with 600 objects in one pack and one loose object."""
+    (tmp_path / "objects").mkdir()
+    store = PackedObjectStore(tmp_path / "objects")
+    bodies = {}
+    with store.writer() as w:
+        for i in range(600):
+            body = b"object %d " % i * (i % 7 + 1)
+            oid, rec, raw = _record(BLOB, body)
+            assert w.add(oid, rec, raw)
+            assert not w.add(oid, rec, raw)  # duplicates are skipped
+            bodies[oid] = body
+        w.finish()
+    store.add_pack_written()
+    loose = store.put(BLOB, b"fresh write")
+    bodies[loose] = b"fresh write"
+    return store, bodies, loose
+
+
+def test_pack_round_trip_and_lookup(packed):
+    store, bodies, loose = packed
+    (pack,) = store.packs()
+    assert pack.count == 600
+    assert store.loose.has(loose) and pack.find(loose) is None
+    for oid, body in bodies.items():
+        assert store.has(oid)
+        assert store.read(oid) == (BLOB, body)
+    assert list(store.iter_ids()) == sorted(bodies)
+    missing = hash_object(BLOB, b"never stored")
+    assert not store.has(missing)
+    with pytest.raises(ObjectNotFound):
+        store.read(missing)
+    some = sorted(bodies)[17]
+    assert some in store.find_prefix(some[:3])
+    assert store.find_prefix(some[:3]) == sorted(o for o in bodies if o.startswith(some[:3]))
+    entries = list(pack.iter_entries())
+    assert [e.oid for e in entries] == sorted(o for o in bodies if o != loose)
+    assert all(e.raw_len == len(header(BLOB, len(bodies[e.oid]))) + len(bodies[e.oid]) for e in entries)
+    pack.verify()
+
+
+def test_writes_go_loose_and_a_pack_written_by_another_process_is_found(packed, tmp_path):
+    store, bodies, _ = packed
+    other = PackedObjectStore(tmp_path / "objects")
+    assert other.read(sorted(bodies)[0])[0] == BLOB
+    with store.writer() as w:
+        oid, rec, raw = _record(TENSOR, b"\x01\x02" * 64)
+        w.add(oid, rec, raw)
+        w.finish()
+    # `other` listed the packs before this one existed: a miss re-lists the folder.
+    assert other.read(oid) == (TENSOR, b"\x01\x02" * 64)
+
+
+def test_empty_writer_and_aborted_writer_leave_nothing(tmp_path):
+    with PackWriter(tmp_path / "pack") as w:
+        assert w.finish() is None
+    with pytest.raises(RuntimeError):
+        with PackWriter(tmp_path / "pack") as w:
+            oid, rec, raw = _record(BLOB, b"x")
+            w.add(oid, rec, raw)
+            raise RuntimeError("killed")
+    assert list((tmp_path / "pack").iterdir()) == []
+
+
+# --- damage -------------------------------------------------------------------------------
+
+
+def _only_pack(store):
+    (idx,) = pack_paths(store.pack_dir)
+    return idx, idx.with_suffix(".pack")
+
+
+def _fresh(store):
+    return PackedObjectStore(store.root)
+
+
+def test_truncated_index_is_refused(packed):
+    store, bodies, _ = packed
+    idx, _ = _only_pack(store)
+    data = idx.read_bytes()
+    for cut in (0, 10, IDX_HEAD.size + FANOUT.size // 2, len(data) - ENTRY_BYTES, len(data) - 1):
+        idx.write_bytes(data[:cut])
+        with pytest.raises(CorruptObject, match=r"pack pack-.*\.idx.*(truncated|magic)"):
+            _fresh(store).read(sorted(bodies)[0])
+
+
+def test_damaged_index_is_refused(packed):
+    store, bodies, _ = packed
+    idx, _ = _only_pack(store)
+    data = bytearray(idx.read_bytes())
+    data[IDX_HEAD.size + FANOUT.size + 5] ^= 1  # one id byte
+    idx.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject, match="index checksum does not match"):
+        _fresh(store).read(sorted(bodies)[0])
+
+
+def test_truncated_pack_is_refused(packed):
+    store, bodies, _ = packed
+    _, pack_file = _only_pack(store)
+    data = pack_file.read_bytes()
+    for cut in (0, 6, len(data) // 2, len(data) - 1):
+        pack_file.write_bytes(data[:cut])
+        with pytest.raises(CorruptObject, match=r"pack pack-.*\.pack.*(truncated)"):
+            _fresh(store).read(sorted(bodies)[0])
+
+
+def test_missing_pack_file_is_refused(packed):
+    store, bodies, _ = packed
+    _, pack_file = _only_pack(store)
+    pack_file.unlink()
+    with pytest.raises(CorruptObject, match="pack file .* is missing"):
+        _fresh(store).has(sorted(bodies)[0])
+
+
+def test_pack_entry_whose_bytes_hash_to_another_id(tmp_path):
+    (tmp_path / "objects").mkdir()
+    store = PackedObjectStore(tmp_path / "objects")
+    real_id, _, _ = _record(BLOB, b"what the id promises")
+    _, other_rec, raw = _record(BLOB, b"something else entirely")
+    with store.writer() as w:
+        w.add(real_id, other_rec, raw)  # an index entry pointing at another object's record
+        w.finish()
+    with pytest.raises(CorruptObject, match=f"{real_id}.*does not hash to its id"):
+        _fresh(store).read(real_id)
+
+
+def test_flipped_byte_inside_a_packed_record(packed):
+    store, bodies, _ = packed
+    _, pack_file = _only_pack(store)
+    pack = Pack(pack_file.with_suffix(".idx"))
+    target = sorted(bodies)[5]
+    if pack.find(target) is None:
+        target = sorted(bodies)[6]
+    e = pack.entry(pack.find(target))
+    pack.close()
+    data = bytearray(pack_file.read_bytes())
+    data[e.offset + e.length - 3] ^= 0x40
+    pack_file.write_bytes(bytes(data))
+    reopened = Pack(pack_file.with_suffix(".idx"))
+    with pytest.raises(CorruptObject, match="pack checksum does not match"):
+        reopened.verify()
+    with pytest.raises(CorruptObject, match=target):
+        _fresh(store).read(target)
+
+
+def test_entry_pointing_past_the_pack_end(tmp_path):
+    """An index whose checksum was recomputed over a bad offset still cannot read past the data."""
+    import blake3
+    import struct
+
+    (tmp_path / "objects").mkdir()
+    store = PackedObjectStore(tmp_path / "objects")
+    oid, rec, raw = _record(BLOB, b"payload")
+    with store.writer() as w:
+        w.add(oid, rec, raw)
+        idx_path = w.finish()
+    data = bytearray(idx_path.read_bytes())
+    off_at = IDX_HEAD.size + FANOUT.size + 32
+    struct.pack_into("<Q", data, off_at, 1 << 20)
+    body = bytes(data[:-32])
+    idx_path.write_bytes(body + blake3.blake3(body).digest())
+    with pytest.raises(CorruptObject, match="points outside the pack"):
+        _fresh(store).read(oid)
+    assert os.path.exists(idx_path)
