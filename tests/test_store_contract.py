@@ -1,8 +1,9 @@
 """The object-store contract, as one test class every backend inherits (dulwich style).
 
 `StoreContract` checks what any `ObjectStore` must do: round-trip every object type, name
-objects by the BLAKE3 hash of their canonical bytes whatever the storage encoding, list and
-look up ids by prefix, and refuse damaged records with an error naming the object.
+objects by the BLAKE3 hash of their canonical bytes whatever the storage encoding (zstd
+level, tensor byte planes, delta chains), list and look up ids by prefix, and refuse
+damaged records with an error naming the object.
 
 A new backend is done when a subclass passes:
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 
 import blake3
+import numpy as np
 import pytest
 import zstandard
 
@@ -171,6 +173,52 @@ class StoreContract:
         assert store.read(oid) == (TENSOR, body)
         # Putting the same object again neither changes its id nor needs a rewrite.
         assert store.put_ex(TENSOR, body) == (oid, False)
+
+    # --- tensor encodings (hints change storage, never ids) ----------------------------
+
+    @pytest.mark.parametrize("dtype,np_dtype", [("F32", "<f4"), ("F16", "<f2"), ("BF16", "<u2"), ("I64", "<i8")])
+    def test_tensor_dtype_hint_keeps_id(self, store, dtype, np_dtype):
+        body = (np.random.default_rng(1).standard_normal(999) * 0.02).astype(np_dtype).tobytes()
+        oid = store.put(TENSOR, body, dtype=dtype)
+        assert oid == hash_object(TENSOR, body)
+        assert store.read(oid) == (TENSOR, body)
+        assert store.put_ex(TENSOR, body) == (oid, False)
+
+    def test_delta_chain_reads_back_and_stays_bounded(self, store):
+        """Twelve training steps, each stored against the one before (as commits do)."""
+        rng = np.random.default_rng(2)
+        weights = (rng.standard_normal(2048) * 0.02).astype("<f4")
+        ids, bodies, prev = [], [], None
+        for _ in range(12):
+            weights = weights + (rng.standard_normal(2048) * 1e-5).astype("<f4")
+            body = weights.tobytes()
+            oid = store.put(TENSOR, body, dtype="F32", delta_base=prev)
+            assert oid == hash_object(TENSOR, body)
+            ids.append(oid)
+            bodies.append(body)
+            prev = oid
+        for oid, body in zip(ids, bodies):
+            assert store.read(oid) == (TENSOR, body)
+            depth, cur = 0, store.delta_base_of(oid)
+            while cur is not None:
+                assert cur in ids[: ids.index(oid)]
+                depth += 1
+                cur = store.delta_base_of(cur)
+            assert depth <= codec.MAX_CHAIN
+
+    def test_delta_record_whose_base_is_absent(self, store, tmp_path):
+        rng = np.random.default_rng(3)
+        a = (rng.standard_normal(2048) * 0.02).astype("<f4")
+        b = a + (rng.standard_normal(2048) * 1e-5).astype("<f4")
+        ida = store.put(TENSOR, a.tobytes(), dtype="F32")
+        idb = store.put(TENSOR, b.tobytes(), dtype="F32", delta_base=ida)
+        if store.delta_base_of(idb) != ida:
+            pytest.skip("this backend stored the tensor whole")
+        (tmp_path / "other").mkdir()
+        other = self.make_store(tmp_path / "other")
+        self.write_raw_record(other, idb, store._read_record(idb))
+        exc = self.assert_corrupt(other, idb)
+        assert ida in exc.reason
 
     # --- listing and prefixes ---------------------------------------------------------
 
