@@ -142,7 +142,7 @@ def test_unusable_delta_base_is_ignored_not_an_error(tmp_path):
         store.remove(oid)
 
 
-def _write_adapter(folder: Path, step: int, dtype: str = "F32") -> Path:
+def write_checkpoint(folder: Path, step: int, dtype: str = "F32") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(100)
     a = (rng.standard_normal((16, 64)) * 0.02).astype(np.float32)
@@ -173,7 +173,7 @@ def test_commits_store_deltas_with_a_bounded_chain_and_check_out_identically(tmp
     reg = Registry.init(tmp_path / "reg")
     commits = []
     for step in range(MAX_CHAIN + 4):
-        folder = _write_adapter(tmp_path / f"ck{step}", step, dtype)
+        folder = write_checkpoint(tmp_path / f"ck{step}", step, dtype)
         commits.append((reg.commit(folder, f"step {step}").id, folder))
     depths = []
     for cid, _ in commits:

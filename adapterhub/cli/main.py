@@ -319,6 +319,17 @@ def _register_index_commands() -> None:
 _register_index_commands()
 
 
+def _register_storage_commands() -> None:
+    # gc, stats, pack-refs, import (issue 4); at the bottom for the same reason.
+    from .storage_commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register_storage_commands()
+
+
 def main() -> None:
     cli(prog_name="ah")
 

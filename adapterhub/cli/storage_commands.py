@@ -1,0 +1,107 @@
+"""`ah gc`, `ah stats`, `ah pack-refs`, `ah import`: the storage engine's commands.
+
+Registered on the main group by cli/main.py. Each parses options, makes one library call
+(adapterhub.gc, .stats, .refs, .importer) and renders the result.
+"""
+
+from __future__ import annotations
+
+import click
+
+from . import render
+
+FORMATS = click.Choice(["text", "json"])
+
+
+def _open(ctx: click.Context):
+    # Imported here, not at module level: cli/main.py imports this module at its bottom.
+    from .main import _open as open_registry
+
+    return open_registry(ctx)
+
+
+def _packed_store(reg):
+    from ..errors import AhError
+    from ..packstore import PackedObjectStore
+
+    if not isinstance(reg.store, PackedObjectStore):
+        raise AhError("this registry's object store does not support packs")
+    return reg.store
+
+
+def _duration(text: str) -> float:
+    """Seconds from `90`, `30s`, `15m`, `12h`, `14d` or `now`."""
+    from ..errors import UsageError
+
+    text = text.strip().lower()
+    if text == "now":
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise UsageError(f"--prune expects a duration like 14d, 12h, 30m, 90s or now; got {text!r}") from None
+    if value < 0:
+        raise UsageError("--prune cannot be negative")
+    return value
+
+
+@click.command("gc")
+@click.option(
+    "--prune", "prune", default="14d", show_default=True, metavar="AGE",
+    help="Remove unreachable objects older than AGE (e.g. 14d, 12h, 30m, now).",
+)
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.pass_context
+def gc_command(ctx, prune: str, fmt: str):
+    """Repack reachable objects into one pack; prune unreachable ones past a grace period."""
+    from ..gc import collect_garbage
+
+    reg = _open(ctx)
+    result = collect_garbage(reg.ah_dir, _packed_store(reg), reg.refs, grace_s=_duration(prune))
+    if fmt == "json":
+        render.emit_json(result.__dict__)
+        return
+    click.echo(
+        f"{result.reachable} reachable objects, {result.packed} packed"
+        f"{' into ' + result.pack if result.pack else ''}; {result.pruned} pruned, "
+        f"{result.kept_recent} unreachable kept (younger than {prune}); "
+        f"{render.human_bytes(result.stored_before)} -> {render.human_bytes(result.stored_after)}"
+    )
+    if result.missing:
+        click.echo(f"warning: {len(result.missing)} reachable objects are missing or damaged; nothing was pruned "
+                   f"(run `ah fsck`), e.g. {result.missing[0]}", err=True)
+
+
+def stats_text(s) -> str:
+    rows = [
+        ("objects", f"{s.objects} ({s.loose_objects} loose, {s.packed_objects} packed in {s.packs} packs)"),
+        ("revisions", f"{s.revisions}"),
+        ("revision bytes", f"{render.human_bytes(s.revision_bytes)}  (every revision as a plain copy)"),
+        ("content bytes", f"{render.human_bytes(s.content_bytes)}  (distinct files and tensors)"),
+        ("dedup savings", render.human_bytes(s.dedup_savings)),
+        ("logical bytes", f"{render.human_bytes(s.logical_bytes)}  (distinct objects, uncompressed)"),
+        ("stored bytes", render.human_bytes(s.stored_bytes)),
+        ("ratio", f"{s.ratio:.2f}x logical/stored, {s.total_ratio:.2f}x revisions/stored"),
+    ]
+    return "\n".join(f"{k:>15}: {v}" for k, v in rows)
+
+
+@click.command("stats")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.pass_context
+def stats_command(ctx, fmt: str):
+    """Logical and stored bytes, compression ratio, objects, packs and dedup savings."""
+    from ..stats import store_stats
+
+    reg = _open(ctx)
+    s = store_stats(reg.ah_dir, _packed_store(reg), reg.refs)
+    if fmt == "json":
+        render.emit_json(s.to_json())
+    else:
+        click.echo(stats_text(s))
+
+
+COMMANDS = [gc_command, stats_command]
