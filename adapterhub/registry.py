@@ -176,6 +176,7 @@ class Registry:
             self.refs.set_head_detached(oid)
         else:
             self.refs.update(refname, oid, expected=parent, who=commit.author, message=summary)
+        self._index_sync()
         short = refname[len(HEADS):] if refname and refname.startswith(HEADS) else refname
         return CommitResult(
             oid, short, commit.parents, stats.files, stats.tensors, stats.logical_bytes, stats.new_objects
@@ -240,6 +241,7 @@ class Registry:
             HEADS + name, oid, expected=ANY if force else None,
             who=prov.default_author(), message=f"branch: created from {start}",
         )
+        self._index_sync()
         return RefInfo(name, oid, name == self.current_branch())
 
     def delete_branch(self, name: str) -> RefInfo:
@@ -250,6 +252,7 @@ class Registry:
         if oid is None:
             raise UnknownRevision(f"branch {name!r} not found")
         self.refs.delete(HEADS + name, expected=oid, who=prov.default_author(), message="branch: deleted")
+        self._index_sync()
         return RefInfo(name, oid)
 
     def switch(self, name: str, *, create: bool = False, start: str = "HEAD") -> RefInfo:
@@ -263,6 +266,7 @@ class Registry:
                 raise UnknownRevision(f"branch {name!r} not found (use -c to create it)")
             info = RefInfo(name, oid)
         self.refs.set_head_symbolic(HEADS + name)
+        self._index_sync()
         return RefInfo(info.name, info.commit, True)
 
     def tags(self) -> list[RefInfo]:
@@ -282,6 +286,7 @@ class Registry:
             tag = Tag(commit, COMMIT, name, author, prov.now(), message)
             target = self.store.put(TAG, tag.serialize())
         self.refs.update(TAGS + name, target, expected=ANY if force else None, who=author, message=f"tag: {rev}")
+        self._index_sync()
         return RefInfo(name, commit, False, target)
 
     def delete_tag(self, name: str) -> RefInfo:
@@ -290,6 +295,7 @@ class Registry:
         if oid is None:
             raise UnknownRevision(f"tag {name!r} not found")
         self.refs.delete(TAGS + name, expected=oid, who=prov.default_author(), message="tag: deleted")
+        self._index_sync()
         return RefInfo(name, oid)
 
     # --- evals (adapterhub.evals) -------------------------------------------------------

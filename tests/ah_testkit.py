@@ -54,3 +54,29 @@ def ah(reg_root: Path, *args: str, check: bool = True, env: dict | None = None) 
     if check and proc.returncode != 0:
         raise AssertionError(f"ah {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+def index_rows(reg) -> dict[str, list]:
+    """Every data table of the registry's index, rows sorted: for exact comparisons."""
+    import duckdb
+
+    from adapterhub.index.schema import DATA_TABLES
+
+    con = duckdb.connect(str(reg.ah_dir / "index.duckdb"), read_only=True)
+    try:
+        return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in DATA_TABLES}
+    finally:
+        con.close()
+
+
+def rebuilt_rows(reg, tmp_path: Path) -> dict[str, list]:
+    """Rows of a from-scratch rebuild of a copy of `reg` (the original index is untouched)."""
+    import shutil
+
+    from adapterhub.index.build import rebuild
+
+    copy = Path(tmp_path) / f"copy-{os.urandom(4).hex()}"
+    shutil.copytree(reg.root, copy, ignore=shutil.ignore_patterns("index.duckdb*"))
+    other = Registry(copy)
+    rebuild(other)
+    return index_rows(other)

@@ -72,3 +72,85 @@ def eval_list(ctx, rev, fmt):
 
 
 COMMANDS = [eval_group]
+
+
+def _json_value(v):
+    """DuckDB values (lists, dates, decimals) as JSON-friendly values."""
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    return str(v)
+
+
+def table_text(columns: list[str], rows: list[tuple]) -> str:
+    cells = [[("NULL" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    out = [line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)
+
+
+@click.command()
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text", show_default=True)
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Stop the query after this many seconds.")
+@click.pass_context
+def query(ctx, sql, fmt, timeout_s):
+    """Run one read-only SELECT over the index (tables: docs/index.md)."""
+    from ..index.sql import run_query
+
+    result = run_query(_open(ctx), sql, timeout_s=timeout_s)
+    if fmt == "json":
+        render.emit_json([dict(zip(result.columns, map(_json_value, row))) for row in result.rows])
+    elif fmt == "csv":
+        import csv
+        import sys
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(result.columns)
+        for row in result.rows:
+            writer.writerow(["" if v is None else (v if not isinstance(v, (list, dict)) else str(_json_value(v))) for v in row])
+    else:
+        click.echo(table_text(result.columns, result.rows))
+
+
+@click.command()
+@click.argument("metric")
+@click.option("-b", "--branch", "rev", help="Only ancestors of this branch (or any revision).")
+@click.option("--min", "minimize", is_flag=True, help="Lower is better (loss, perplexity).")
+@click.option("--suite", help="Only records of this suite.")
+@click.option("-n", "count", type=int, default=1, show_default=True, help="How many commits to list.")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.pass_context
+def best(ctx, metric, rev, minimize, suite, count, fmt):
+    """The commit(s) with the best value of METRIC, best first."""
+    from ..index.queries import best as best_query
+
+    results = best_query(_open(ctx), metric, rev=rev, minimize=minimize, suite=suite, n=count)
+    if fmt == "json":
+        render.emit_json([r.to_json() for r in results])
+        return
+    for r in results:
+        e = r.eval.record
+        suite_txt = f"  suite={e.suite}" if e.suite else ""
+        click.echo(f"{r.info.id[:12]}  {e.metric}={e.value:g}{suite_txt}  {r.info.message.splitlines()[0] if r.info.message else ''}")
+
+
+@click.command()
+@click.pass_context
+def reindex(ctx):
+    """Rebuild .ah/index.duckdb from objects and refs."""
+    from ..index.build import rebuild
+
+    stats = rebuild(_open(ctx))
+    click.echo(
+        f"Reindexed {stats.commits} commits, {stats.snapshots} snapshots ({stats.tensors} tensors), "
+        f"{stats.evals} evals, {stats.refs} refs in {stats.seconds:.2f} s"
+    )
+
+
+COMMANDS.extend([query, best, reindex])

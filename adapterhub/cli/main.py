@@ -142,13 +142,20 @@ def commit(ctx, folder, message, branch, base_model, base_model_revision, datase
 @click.option("-n", "--max-count", "n", type=int, help="Show at most N commits.")
 @click.option("--oneline", is_flag=True, help="One line per commit.")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.option("--where", "where", multiple=True, metavar="FILTER",
+              help="Keep commits matching FILTER (base_model=X, author~alice, metric:acc>=0.9; docs/index.md); repeatable.")
 @click.pass_context
-def log(ctx, rev, n, oneline, fmt):
+def log(ctx, rev, n, oneline, fmt, where):
     """Show the history of REV (default HEAD), newest first."""
     reg = _open(ctx)
-    infos = reg.log(rev, n)
+    if where:  # only filtered logs use the DuckDB index
+        from ..index.queries import log_where, parse_where
+
+        infos = log_where(reg, rev, [parse_where(w) for w in where], n)
+    else:
+        infos = reg.log(rev, n)
     if fmt == "json":
-        render.emit_json([i.to_json() for i in infos])
+        render.emit_json([dict(i.to_json(), evals=[e.to_json() for e in reg.evals(i.id)]) for i in infos])
         return
     deco = _decorations(reg)
     if oneline:

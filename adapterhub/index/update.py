@@ -1,0 +1,184 @@
+"""Incremental update: catch the index up with objects and refs since its watermark.
+
+The watermark (table `meta`) is the digest of all refs and HEAD plus the byte offset read
+so far in the eval journal (docs/format/evals.md). When both match, the index is fresh
+and nothing is read. Otherwise, in one DuckDB transaction:
+
+1. refs: the `refs` table is replaced; commits reachable from a new tip but not indexed
+   are found by walking parents until indexed commits, and added parents first (a batch
+   larger than BULK_LIMIT is cheaper as a full rebuild);
+2. if a tip was dropped (branch deleted, forced move), commits no longer reachable from
+   any ref are removed, with their rows in every table;
+3. evals: the lists of the commits named in the journal after the offset are re-read.
+
+A missing, unreadable or other-version index is rebuilt; a write lock held by another
+process raises IndexBusy, which writers ignore (the next command catches up).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import AhError
+from ..evals import EvalLists
+from .build import rebuild
+from .chains import REACH_CTE, label_new, merge_after_prune, topo_order
+from .db import IndexBusy, IndexCorrupt, connect, index_path, is_lock_error, read_meta, remove_index, write_meta
+from .extract import add_eval_rows, add_parent_rows, add_provenance_row, add_snapshot_rows, refs_rows, refs_state
+from .schema import empty_rows, insert_arrow, to_arrow
+
+BULK_LIMIT = 20_000
+
+FRESH, UPDATED, REBUILT = "fresh", "updated", "rebuilt"
+
+
+class _NeedRebuild(Exception):
+    pass
+
+
+def _indexed(con, oids: list[str]) -> set[str]:
+    if not oids:
+        return set()
+    rows = con.execute("SELECT id FROM commits WHERE id IN (SELECT unnest(?::VARCHAR[]))", [oids]).fetchall()
+    return {r[0] for r in rows}
+
+
+def _new_commits(con, reg, tips) -> dict:
+    """Commits reachable from `tips` that the index lacks: {id: Commit}."""
+    found: dict = {}
+    frontier = sorted(set(tips) - _indexed(con, sorted(tips)))
+    while frontier:
+        nxt = set()
+        for oid in frontier:
+            if oid in found:
+                continue
+            c = reg.store.get_commit(oid)
+            found[oid] = c
+            nxt.update(p for p in c.parents if p not in found)
+            if len(found) > BULK_LIMIT:
+                raise _NeedRebuild()
+        nxt = sorted(nxt)
+        frontier = sorted(set(nxt) - _indexed(con, nxt))
+    return found
+
+
+def _add_commit(con, reg, oid, c) -> None:
+    chain, pos, links = label_new(con, oid, c.parents)
+    con.execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [oid, c.snapshot, c.author, c.timestamp, c.message, len(c.parents), chain, pos])
+    if links:
+        con.executemany("INSERT INTO links VALUES (?, ?, ?, ?)", [list(x) for x in links])
+    rows = {t: empty_rows(t) for t in ("parents", "provenance", "snapshots", "tensors", "evals")}
+    add_parent_rows(rows["parents"], oid, c.parents)
+    add_provenance_row(rows["provenance"], oid, c.provenance)
+    if con.execute("SELECT 1 FROM snapshots WHERE id = ?", [c.snapshot]).fetchone() is None:
+        add_snapshot_rows(rows["snapshots"], rows["tensors"], c.snapshot, reg.store.get_snapshot(c.snapshot))
+    add_eval_rows(rows["evals"], reg, oid)
+    for table, r in rows.items():
+        insert_arrow(con, table, to_arrow(table, r))
+
+
+def _prune(con) -> None:
+    """Remove commits no ref reaches any more, and every row that hangs off them."""
+    tips = [r[0] for r in con.execute("SELECT DISTINCT commit FROM refs WHERE commit IS NOT NULL").fetchall()]
+    con.execute("CREATE OR REPLACE TEMP TABLE _keep AS " + REACH_CTE +
+                "SELECT c.id FROM commits c JOIN reach ON c.chain = reach.chain AND c.pos <= reach.pos", [tips])
+    con.execute("CREATE OR REPLACE TEMP TABLE _gone AS SELECT id FROM commits WHERE id NOT IN (SELECT id FROM _keep)")
+    if con.execute("SELECT count(*) FROM _gone").fetchone()[0] == 0:
+        return
+    first_parents = [r[0] for r in con.execute(
+        "SELECT DISTINCT parent FROM parents WHERE position = 0 AND commit IN (SELECT id FROM _gone) "
+        "AND parent NOT IN (SELECT id FROM _gone)").fetchall()]
+    con.execute("DELETE FROM commits WHERE id IN (SELECT id FROM _gone)")
+    for table in ("parents", "provenance", "evals"):
+        con.execute(f"DELETE FROM {table} WHERE commit IN (SELECT id FROM _gone)")
+    con.execute("DELETE FROM links WHERE NOT EXISTS "
+                "(SELECT 1 FROM commits c WHERE c.chain = links.chain AND c.pos = links.pos)")
+    con.execute("DELETE FROM snapshots WHERE id NOT IN (SELECT snapshot FROM commits)")
+    con.execute("DELETE FROM tensors WHERE snapshot NOT IN (SELECT id FROM snapshots)")
+    merge_after_prune(con, sorted(first_parents))
+
+
+def _apply_refs(con, reg, state) -> None:
+    old_tips = {r[0] for r in con.execute("SELECT DISTINCT commit FROM refs WHERE commit IS NOT NULL").fetchall()}
+    con.execute("DELETE FROM refs")
+    insert_arrow(con, "refs", to_arrow("refs", refs_rows(state)))
+    new = _new_commits(con, reg, state.tips)
+    for oid in topo_order({k: v.parents for k, v in new.items()}):
+        _add_commit(con, reg, oid, new[oid])
+    if old_tips - state.tips:
+        _prune(con)
+
+
+def _reload_evals(con, reg, commits) -> None:
+    for oid in sorted(_indexed(con, sorted(commits))):
+        con.execute("DELETE FROM evals WHERE commit = ?", [oid])
+        rows = empty_rows("evals")
+        add_eval_rows(rows, reg, oid)
+        insert_arrow(con, "evals", to_arrow("evals", rows))
+
+
+def sync(reg) -> str:
+    """Make the index match objects and refs: FRESH, UPDATED or REBUILT. May raise IndexBusy."""
+    import duckdb
+
+    path = index_path(reg)
+    if not path.exists():
+        rebuild(reg)
+        return REBUILT
+    try:
+        con = connect(path)
+    except IndexCorrupt:
+        remove_index(path)
+        rebuild(reg)
+        return REBUILT
+    try:
+        meta = read_meta(con)
+        lists = EvalLists(reg.ah_dir)
+        journal_size = lists.journal_size()
+        offset = int(meta.get("journal_offset", "x"))
+        if journal_size < offset:
+            raise _NeedRebuild()
+        state = refs_state(reg)
+        if state.digest == meta.get("refs_digest") and journal_size == offset:
+            return FRESH
+        con.execute("BEGIN TRANSACTION")
+        try:
+            if state.digest != meta.get("refs_digest"):
+                _apply_refs(con, reg, state)
+            changed, end = lists.journal_since(offset)
+            _reload_evals(con, reg, changed)
+            write_meta(con, state.digest, end)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return UPDATED
+    except (_NeedRebuild, IndexCorrupt, ValueError):
+        pass
+    except duckdb.Error as exc:
+        if is_lock_error(exc):
+            raise IndexBusy(str(exc)) from None
+        # Anything else from DuckDB means the file cannot be trusted: rebuild below.
+    finally:
+        con.close()
+    remove_index(path)
+    rebuild(reg)
+    return REBUILT
+
+
+def sync_after_write(reg) -> None:
+    """After a write command: catch the index up, but never fail the command for it.
+
+    Skipped when `$AH_INDEX` is "off" (bulk scripts) or the index is busy; the next
+    command that needs the index catches it up. Object or ref damage found on the way is
+    left to the command that reads it (and to `ah fsck`).
+    """
+    if os.environ.get("AH_INDEX", "").lower() == "off":
+        return
+    import duckdb
+
+    try:
+        sync(reg)
+    except (IndexBusy, AhError, OSError, duckdb.Error):
+        pass
