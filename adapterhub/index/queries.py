@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import AhError, UsageError
 from .chains import REACH_CTE
-from .db import IndexBusy, connect_waiting, index_path
-from .update import sync
+from .update import open_fresh
 
 
 class BadFilter(UsageError):
@@ -113,19 +112,6 @@ def _condition(f: Filter, bind: _Params) -> str:
     if kind == "text" and f.op == "!=":
         return f"{column} IS DISTINCT FROM {bind(f.value)}"
     return f"{column} {(TEXT_OPS if kind == 'text' else NUM_OPS)[f.op]} {bind(f.value)}"
-
-
-def open_fresh(reg):
-    """A read-only connection to an index caught up with objects and refs.
-
-    If another process holds the write lock, that process is the one catching up; wait
-    for it rather than fail.
-    """
-    try:
-        sync(reg)
-    except IndexBusy:
-        pass
-    return connect_waiting(index_path(reg), read_only=True)
 
 
 def _reach_or_all(rev_tip: str | None, bind: _Params) -> tuple[str, str]:

@@ -19,8 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from ..errors import AhError, UsageError
-from .db import IndexBusy, connect_waiting, index_path
-from .update import sync
+from .update import open_fresh
 
 SANDBOX_CONFIG = {
     "enable_external_access": False,
@@ -74,11 +73,7 @@ def run_query(reg, sql: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> QueryRe
     import duckdb
 
     check_statement(sql)
-    try:
-        sync(reg)
-    except IndexBusy:
-        pass
-    con = connect_waiting(index_path(reg), read_only=True, config=dict(SANDBOX_CONFIG))
+    con = open_fresh(reg, config=dict(SANDBOX_CONFIG))
     timer = threading.Timer(timeout_s, con.interrupt)
     timer.start()
     try:

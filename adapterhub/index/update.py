@@ -23,7 +23,17 @@ from ..errors import AhError
 from ..evals import EvalLists
 from .build import rebuild
 from .chains import REACH_CTE, label_new, merge_after_prune, topo_order
-from .db import IndexBusy, IndexCorrupt, connect, index_path, is_lock_error, read_meta, remove_index, write_meta
+from .db import (
+    IndexBusy,
+    IndexCorrupt,
+    connect,
+    connect_waiting,
+    index_path,
+    is_lock_error,
+    read_meta,
+    remove_index,
+    write_meta,
+)
 from .extract import add_eval_rows, add_parent_rows, add_provenance_row, add_snapshot_rows, refs_rows, refs_state
 from .schema import empty_rows, insert_arrow, to_arrow
 
@@ -106,7 +116,10 @@ def _apply_refs(con, reg, state) -> None:
     new = _new_commits(con, reg, state.tips)
     for oid in topo_order({k: v.parents for k, v in new.items()}):
         _add_commit(con, reg, oid, new[oid])
-    if old_tips - state.tips:
+    # A dropped tip that is a parent of a new commit is still reachable (a fast-forward):
+    # only a tip that vanished otherwise can leave commits unreachable.
+    new_parents = {p for c in new.values() for p in c.parents}
+    if old_tips - state.tips - new_parents:
         _prune(con)
 
 
@@ -165,6 +178,42 @@ def sync(reg) -> str:
     remove_index(path)
     rebuild(reg)
     return REBUILT
+
+
+def _is_fresh(con, reg) -> bool:
+    meta = read_meta(con)
+    return (meta.get("refs_digest") == refs_state(reg).digest
+            and meta.get("journal_offset") == str(EvalLists(reg.ah_dir).journal_size()))
+
+
+def open_fresh(reg, config: dict | None = None):
+    """A read-only connection to an index that matches objects and refs.
+
+    The common case (nothing changed since the last write) costs one read-only open and
+    the watermark check. Otherwise catch up first; if another process holds the write
+    lock, it is the one catching up: wait for it rather than fail.
+    """
+    path = index_path(reg)
+    if path.exists():
+        try:
+            con = connect_waiting(path, read_only=True, config=config)
+        except IndexCorrupt:
+            con = None
+        if con is not None:
+            try:
+                if _is_fresh(con, reg):
+                    return con
+            except IndexCorrupt:
+                pass
+            con.close()
+    try:
+        sync(reg)
+    except IndexBusy:
+        pass
+    try:
+        return connect_waiting(path, read_only=True, config=config)
+    except IndexCorrupt as exc:  # rebuilt a moment ago and already unreadable: give up clearly
+        raise AhError(f"the index {path} cannot be opened: {exc}") from None
 
 
 def sync_after_write(reg) -> None:
