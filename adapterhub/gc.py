@@ -169,9 +169,16 @@ def _clean_temp_files(store: PackedObjectStore, now: float) -> None:
 
 
 def collect_garbage(
-    ah_dir: Path, store: PackedObjectStore, refs: RefStore, *, grace_s: float = DEFAULT_GRACE_S, now: float | None = None
+    ah_dir: Path,
+    store: PackedObjectStore,
+    refs: RefStore,
+    *,
+    grace_s: float = DEFAULT_GRACE_S,
+    now: float | None = None,
+    pack_refs: bool = True,
 ) -> GcResult:
-    """Repack reachable objects into one pack and prune unreachable ones older than `grace_s`."""
+    """Repack reachable objects into one pack, prune unreachable ones older than `grace_s`,
+    and (with `pack_refs`) fold loose refs into packed-refs."""
     if grace_s < 0:
         raise AhError("the grace period cannot be negative")
     with gc_lock(ah_dir):
@@ -258,6 +265,8 @@ def collect_garbage(
             packs_removed += 1
         store.add_pack_written()
         _clean_temp_files(store, start)
+        if pack_refs:
+            refs.pack_refs()
         return GcResult(
             reachable=len(reach.ids),
             packed=len(to_pack),

@@ -20,6 +20,7 @@ from typing import Iterator
 from .errors import BadRefName, CorruptObject, RefConflict, RefExists, RefLocked, UnknownRevision
 from .fsutil import fsync_dir
 from .objects import ObjectId, is_oid
+from .packed_refs import FILE_NAME as PACKED_REFS, PackedRefs, render as render_packed
 
 HEADS = "refs/heads/"
 TAGS = "refs/tags/"
@@ -80,6 +81,8 @@ class RefStore:
 
     def __init__(self, ah_dir: Path):
         self.ah_dir = Path(ah_dir)
+        # Refs folded into one sorted file (packed_refs.py); a loose ref shadows its packed entry.
+        self.packed = PackedRefs(self.ah_dir / PACKED_REFS)
 
     # --- HEAD -----------------------------------------------------------------------
     def read_head(self) -> tuple[str | None, ObjectId | None]:
@@ -107,7 +110,7 @@ class RefStore:
         try:
             text = path.read_text().strip()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
+            return self.packed.get(refname) if refname.startswith("refs/") else None
         if not is_oid(text):
             raise CorruptObject(refname, f"ref {refname} does not hold an object id")
         return ObjectId(text)
@@ -128,7 +131,11 @@ class RefStore:
                 raise UnknownRevision(f"{refname} does not exist")
             if expected is not ANY and current != expected:
                 raise RefConflict(f"{refname} moved to {current[:12]} while it was being deleted")
-            path.unlink()
+            if self.packed.get(refname) is not None:
+                # Packed entry first: were we killed before the loose file goes, the ref
+                # still reads as it was (never resurrected from a stale packed entry).
+                self._rewrite_packed(remove={refname})
+            path.unlink(missing_ok=True)
         finally:
             lock.unlink(missing_ok=True)
         self._prune_empty_dirs(path.parent)
@@ -140,10 +147,19 @@ class RefStore:
         self._prune_empty_dirs(log.parent)
 
     def list(self, prefix: str) -> Iterator[tuple[str, ObjectId]]:
-        """(refname, id) for every ref under `prefix` (e.g. "refs/heads/"), sorted."""
+        """(refname, id) for every ref under `prefix` (e.g. "refs/heads/"), sorted.
+
+        Loose refs and packed refs merged; a loose ref shadows the packed entry of its name.
+        """
+        loose = dict(self._list_loose(prefix))
+        packed = dict(self.packed.iter_prefix(prefix))
+        packed.update(loose)
+        yield from sorted(packed.items())
+
+    def _list_loose(self, prefix: str) -> list[tuple[str, ObjectId]]:
         root = self._path(prefix)
         if not root.is_dir():
-            return
+            return []
         found = []
         for dirpath, _dirnames, filenames in os.walk(root):
             for fn in filenames:
@@ -154,7 +170,94 @@ class RefStore:
                 oid = self.read(refname)
                 if oid is not None:
                     found.append((refname, oid))
-        yield from sorted(found)
+        return sorted(found)
+
+    # --- packed refs ------------------------------------------------------------------
+    def pack_refs(self) -> int:
+        """Fold every loose ref into packed-refs and remove the loose files; the count packed.
+
+        Each loose file is removed under its own ref lock and only if it still holds the
+        id that was packed, so a ref moved meanwhile keeps its newer loose value.
+        """
+        lock = self._take_lock(self.ah_dir / PACKED_REFS, PACKED_REFS)
+        try:
+            loose = self._list_loose("refs/")
+            merged = dict(self.packed.iter_prefix("refs/"))
+            merged.update(loose)
+            self._commit_packed(lock, merged)
+        finally:
+            lock.unlink(missing_ok=True)
+        for refname, oid in loose:
+            path = self._path(refname)
+            try:
+                ref_lock = self._take_lock(path, refname)
+            except RefLocked:
+                continue  # being updated right now: it stays loose, and shadows the packed entry
+            try:
+                if self.read(refname) == oid:
+                    path.unlink(missing_ok=True)
+            finally:
+                ref_lock.unlink(missing_ok=True)
+            self._prune_empty_dirs(path.parent)
+        return len(loose)
+
+    def create_packed(self, refs: dict[str, ObjectId], *, who: str = "", message: str = "") -> None:
+        """Create many new refs at once, straight into packed-refs (bulk import).
+
+        All or nothing: if any of them exists already (loose or packed) or clashes with an
+        existing name as a folder, nothing is written. Each ref gets no reflog file of
+        its own (that would be a file per ref again); one line per ref goes to the
+        shared log `logs/packed-refs` instead.
+        """
+        lock = self._take_lock(self.ah_dir / PACKED_REFS, PACKED_REFS)
+        try:
+            merged = dict(self.packed.iter_prefix("refs/"))
+            for refname, oid in refs.items():
+                if not is_oid(oid):
+                    raise ValueError(f"not an object id: {oid!r}")
+                if refname in merged or self._path(refname).exists():
+                    raise RefExists(f"{refname} already exists")
+                self._check_packed_conflicts(refname)
+            merged.update(refs)
+            self._commit_packed(lock, merged)
+        finally:
+            lock.unlink(missing_ok=True)
+        clean = " ".join(message.split())
+        who = " ".join(who.split()) or "unknown"
+        now = int(time.time())
+        lines = "".join(f"{ZERO_ID} {oid} {now} {who}\t{clean} {name}\n" for name, oid in sorted(refs.items()))
+        log = self.ah_dir / "logs" / PACKED_REFS
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(lines)
+
+    def _rewrite_packed(self, *, remove: set[str]) -> None:
+        lock = self._take_lock(self.ah_dir / PACKED_REFS, PACKED_REFS)
+        try:
+            entries = {n: o for n, o in self.packed.iter_prefix("refs/") if n not in remove}
+            self._commit_packed(lock, entries)
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _commit_packed(self, lock: Path, entries: dict[str, ObjectId]) -> None:
+        """Write the new packed-refs into its (held) lock file and rename it into place."""
+        with open(lock, "wb") as fh:
+            fh.write(render_packed(entries.items()))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(lock, self.ah_dir / PACKED_REFS)
+        fsync_dir(self.ah_dir)
+
+    def _check_packed_conflicts(self, refname: str) -> None:
+        """A packed `a/b` forbids creating `a`, and a packed `a` forbids `a/b` (as on disk)."""
+        below = self.packed.has_under(refname)
+        if below:
+            raise RefExists(f"cannot create {refname}: refs exist below it (e.g. {below})")
+        parts = refname.split("/")
+        for i in range(2, len(parts)):
+            parent = "/".join(parts[:i])
+            if self.packed.get(parent) is not None:
+                raise RefExists(f"cannot create {refname}: a ref named like one of its parent folders exists")
 
     def reflog(self, refname: str) -> list[ReflogEntry]:
         path = self.ah_dir / "logs" / refname
@@ -191,6 +294,8 @@ class RefStore:
         lock = self._take_lock(path, refname)
         try:
             old = self.read(refname) if refname != "HEAD" else None
+            if old is None and refname != "HEAD":
+                self._check_packed_conflicts(refname)
             if expected is not ANY and old != expected:
                 if expected is None:
                     raise RefExists(f"{refname} already exists (at {old[:12]})")

@@ -104,4 +104,12 @@ def stats_command(ctx, fmt: str):
         click.echo(stats_text(s))
 
 
-COMMANDS = [gc_command, stats_command]
+@click.command("pack-refs")
+@click.pass_context
+def pack_refs_command(ctx):
+    """Fold loose branches and tags into the sorted packed-refs file."""
+    reg = _open(ctx)
+    click.echo(f"packed {reg.refs.pack_refs()} refs")
+
+
+COMMANDS = [gc_command, stats_command, pack_refs_command]
