@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import BadAdapter, CheckoutError, CorruptObject, PickleRefused
+from .errors import BadAdapter, CheckoutError, CorruptObject, MalformedSafetensors, PickleRefused
 from .fsutil import atomic_write
 from .objects import BLOB, SNAPSHOT, TENSOR, FileEntry, ObjectId, Snapshot, TensorEntry
 from .paths import check_relpath, ensure_real_dir
@@ -46,6 +46,21 @@ def _refuse_pickle(rel: str, why: str) -> None:
     )
 
 
+def _parse_safetensors(data, rel: str):
+    """parse_layout; a file that fails it and opens like a pickle is reported as a pickle.
+
+    The pickle sniff must not run first on a `.safetensors` file: a valid one whose 8-byte
+    header length begins 0x80 0x02..0x05 (a 640, 896, 1152 or 1408-byte header) opens
+    exactly like a pickle stream.
+    """
+    try:
+        return parse_layout(data, rel)
+    except MalformedSafetensors:
+        if looks_like_pickle(bytes(data[:4096])):
+            _refuse_pickle(rel, "file content is a pickle or torch.save archive")
+        raise
+
+
 def check_file(rel: str, full: Path) -> None:
     """Refuse pickle weights and malformed safetensors, reading only headers.
 
@@ -57,13 +72,13 @@ def check_file(rel: str, full: Path) -> None:
     if lower.endswith(PICKLE_SUFFIXES):
         _refuse_pickle(rel, "pickle-based weights file")
     with open(full, "rb") as fh:
-        if looks_like_pickle(fh.read(4096)):
-            _refuse_pickle(rel, "file content is a pickle or torch.save archive")
         if lower.endswith(SAFETENSORS_SUFFIX):
             if os.fstat(fh.fileno()).st_size == 0:
                 parse_layout(b"", rel)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                parse_layout(view, rel)
+                _parse_safetensors(view, rel)
+        elif looks_like_pickle(fh.read(4096)):
+            _refuse_pickle(rel, "file content is a pickle or torch.save archive")
 
 
 def list_adapter_files(folder: Path) -> list[tuple[str, Path]]:
@@ -152,10 +167,10 @@ def store_folder(
                 _refuse_pickle(rel, "pickle-based weights file")
             data = full.read_bytes()
             logical += len(data)
-            if looks_like_pickle(data[:4096]):
+            if not lower.endswith(SAFETENSORS_SUFFIX) and looks_like_pickle(data[:4096]):
                 _refuse_pickle(rel, "file content is a pickle or torch.save archive")
             if lower.endswith(SAFETENSORS_SUFFIX):
-                layout = parse_layout(data, rel)
+                layout = _parse_safetensors(data, rel)
                 view = memoryview(data)
                 futures = [
                     pool.submit(put, TENSOR, view[s.start : s.end], s.dtype, bases.get((rel, s.name)))

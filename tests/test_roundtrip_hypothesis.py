@@ -160,3 +160,21 @@ def test_revision_history_roundtrip(revisions):
             out = tmp / f"out{i}"
             reg.checkout(f"HEAD~{len(ids) - 1 - i}", out)
             assert tree_bytes(out) == trees[i]
+
+
+@pytest.mark.parametrize("header_len", [640, 896, 1152, 1408])
+def test_header_length_that_opens_like_a_pickle(tmp_path, header_len):
+    """A header length of 0x0280/0x0380/0x0480/0x0580 makes a safetensors file start with
+    0x80 0x02..0x05, the opening of a pickle stream: still a valid adapter (regression)."""
+    tensors = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.ones(4, 8)}
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    path.parent.mkdir()
+    for pad in range(header_len):
+        save_torch(tensors, str(path), metadata={"format": "pt", "pad": "x" * pad})
+        if int.from_bytes(path.read_bytes()[:8], "little") == header_len:
+            break
+    data = path.read_bytes()
+    assert data[0] == 0x80 and 2 <= data[1] <= 5
+    reg = Registry.init(tmp_path / "reg")
+    reg.checkout(reg.commit(path.parent, "odd header length").id, tmp_path / "out")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(path.parent)
