@@ -183,8 +183,14 @@ def collect(
     train_config: Path | None = None,
     params: dict | None = None,
     cwd: Path | None = None,
+    shared: dict | None = None,
 ) -> dict:
-    """The provenance record for a commit of `folder`."""
+    """The provenance record for a commit of `folder`.
+
+    `shared` (from `shared_context`) supplies the code version and environment, the same
+    for every adapter of a bulk import (`ah import`), where a git call per adapter would
+    cost more than storing the adapter.
+    """
     cfg = read_adapter_config(folder)
     prov: dict = {"version": PROVENANCE_VERSION}
     prov["base_model"] = base_model_record(cfg, base_model, base_model_revision)
@@ -198,8 +204,13 @@ def collect(
         prov["train_config"] = load_train_config(train_config)
     if params:
         prov["params"] = params
-    code = code_version(cwd)
+    code = shared.get("code") if shared is not None else code_version(cwd)
     if code:
         prov["code"] = code
-    prov["environment"] = environment()
+    prov["environment"] = shared["environment"] if shared is not None else environment()
     return prov
+
+
+def shared_context(cwd: Path | None = None) -> dict:
+    """The parts of a provenance record that do not depend on the adapter (for `collect`)."""
+    return {"code": code_version(cwd), "environment": environment()}

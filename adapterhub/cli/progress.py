@@ -16,3 +16,15 @@ def byte_progress(total: int, desc: str):
 
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
         yield bar.update
+
+
+@contextlib.contextmanager
+def count_progress(total: int, desc: str, unit: str = "adapter"):
+    """Yield a callback taking an item count; a tqdm bar on a TTY when there are many items."""
+    if not sys.stderr.isatty() or total < 100:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, leave=False) as bar:
+        yield bar.update

@@ -6,6 +6,8 @@ Registered on the main group by cli/main.py. Each parses options, makes one libr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from . import render
@@ -112,4 +114,32 @@ def pack_refs_command(ctx):
     click.echo(f"packed {reg.refs.pack_refs()} refs")
 
 
-COMMANDS = [gc_command, stats_command, pack_refs_command]
+@click.command("import")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--prefix", default="", help="Branch name prefix, e.g. users/ (branch = prefix + folder name).")
+@click.option("-m", "--message", help="Commit message (default: import <folder name>).")
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), help="Worker processes (default: one per core).")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.pass_context
+def import_command(ctx, folders, prefix: str, message: str | None, jobs: int | None, fmt: str):
+    """Import many adapter folders at once, each as a commit on a branch named after it."""
+    from ..importer import import_folders
+    from .progress import count_progress
+
+    reg = _open(ctx)
+    with count_progress(len(folders), "import") as progress:
+        result = import_folders(
+            reg.ah_dir, _packed_store(reg), reg.refs, folders, prefix=prefix, message=message, workers=jobs,
+            progress=progress,
+        )
+    if fmt == "json":
+        render.emit_json(dict(result.__dict__, rate=round(result.rate, 1)))
+        return
+    click.echo(
+        f"imported {result.adapters} adapters ({result.created} new branches, {result.updated} updated) "
+        f"in {result.seconds:.1f}s, {result.rate:.0f} adapters/s; {result.objects_written} objects into "
+        f"{result.packs} pack(s), {render.human_bytes(result.logical_bytes)} read"
+    )
+
+
+COMMANDS = [gc_command, stats_command, pack_refs_command, import_command]

@@ -1,0 +1,234 @@
+"""`ah import DIR...`: many adapter folders in one run, straight into packs.
+
+Each folder becomes one commit on the branch named after the folder (with an optional
+prefix), on top of that branch's tip when it exists. The expensive part (reading,
+validating, hashing and encoding every file) runs in worker processes, one per core;
+each worker skips objects the registry or the worker itself already has, so tensors
+shared by many adapters are encoded once per worker. The parent only appends the
+records it has not seen to a pack (rolled every `PACK_ROLL_OBJECTS`), never writing a
+loose file. Refs move last, in one step: new branches go straight into packed-refs (all
+or nothing), existing ones by compare-and-swap from the tip read at the start. An import
+that fails or is killed before that step leaves only unreachable packs, which gc prunes
+after its grace period; it never leaves a branch pointing at a missing object.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import codec
+from . import provenance as prov
+from .errors import AhError, UsageError
+from .objects import COMMIT, Commit, ObjectId, hash_object, header
+from .packstore import PackedObjectStore
+from .refs import HEADS, check_ref_name
+from .snapshot import store_folder
+from .store import ObjectStore
+
+# A pack is closed and a new one started after this many objects: bounds the writer's
+# in-memory index, and a very long import becomes visible to gc in pieces.
+PACK_ROLL_OBJECTS = 1_000_000
+CHUNK = 16
+
+
+class ImportFailed(AhError):
+    """One folder of an import failed; names the folder, keeps the cause's exit code.
+
+    (Both travel in `args`, so the error survives the trip back from a worker process.)
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message, exit_code)
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import did.
+
+    Attributes:
+        adapters: folders imported (one commit each).
+        created: branches created.
+        updated: existing branches moved forward.
+        objects_written: objects added to packs (shared ones once).
+        logical_bytes: total size of the imported files.
+        packs: packs written.
+        seconds: wall time.
+    """
+
+    adapters: int
+    created: int
+    updated: int
+    objects_written: int
+    logical_bytes: int
+    packs: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.adapters / self.seconds if self.seconds else 0.0
+
+
+class _CollectingStore(ObjectStore):
+    """Records new objects in memory instead of writing them (a worker's side of import)."""
+
+    def __init__(self, backing: ObjectStore):
+        self.backing = backing
+        self.sent: set[str] = set()
+        self.out: list[tuple[str, bytes, int]] = []
+
+    def has(self, oid: str) -> bool:
+        return oid in self.sent or self.backing.has(oid)
+
+    def _read_record(self, oid: str) -> bytes:
+        return self.backing._read_record(oid)
+
+    def _write_record(self, oid: ObjectId, record: bytes) -> None:
+        self.sent.add(oid)
+        self.out.append((oid, record, codec.raw_length(oid, record)))
+
+    def take(self) -> list[tuple[str, bytes, int]]:
+        out, self.out = self.out, []
+        return out
+
+
+@dataclass(frozen=True)
+class _Task:
+    folder: str
+    parent: str | None
+    author: str
+    timestamp: int
+    message: str
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    folder: str
+    commit: str
+    logical_bytes: int
+    records: list
+
+
+_worker: dict = {}
+
+
+def _init_worker(objects_dir: str, shared: dict) -> None:
+    _worker["store"] = _CollectingStore(PackedObjectStore(Path(objects_dir)))
+    _worker["shared"] = shared
+
+
+def _encode(task: _Task) -> _Encoded:
+    """Validate, hash and encode one folder and its commit (in a worker process)."""
+    store: _CollectingStore = _worker["store"]
+    try:
+        snap_id, stats = store_folder(store, Path(task.folder))
+        record = prov.collect(Path(task.folder), shared=_worker["shared"])
+        commit = Commit(snap_id, (ObjectId(task.parent),) if task.parent else (), task.author, task.timestamp,
+                        task.message, record)
+        cid = store.put(COMMIT, commit.serialize())
+    except AhError as exc:
+        store.take()
+        raise ImportFailed(f"{task.folder}: {exc}", exc.exit_code) from None
+    return _Encoded(task.folder, cid, stats.logical_bytes, store.take())
+
+
+def branch_names(folders: Sequence[Path], prefix: str = "") -> list[str]:
+    """Branch name per folder (prefix + folder name), checked and unique."""
+    names = []
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        name = prefix + Path(folder).resolve().name
+        check_ref_name(name)
+        if name in seen:
+            raise UsageError(f"{seen[name]} and {folder} would both import into branch {name!r}")
+        seen[name] = Path(folder)
+        names.append(name)
+    return names
+
+
+def import_folders(
+    ah_dir: Path,
+    store: PackedObjectStore,
+    refs,
+    folders: Sequence[Path | str],
+    *,
+    prefix: str = "",
+    message: str | None = None,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Import each folder as a commit on branch `prefix + <folder name>`."""
+    start = time.perf_counter()
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise UsageError("nothing to import: give one or more adapter folders")
+    for f in folders:
+        if not f.is_dir():
+            raise UsageError(f"{f} is not a folder")
+    names = branch_names(folders, prefix)
+    tips = {n: refs.read(HEADS + n) for n in names}
+    author = prov.default_author()
+    stamp = prov.now()
+    tasks = [
+        _Task(str(f), tips[n], author, stamp, message or f"import {f.name}") for f, n in zip(folders, names)
+    ]
+    commit_of: dict[str, str] = {}
+    logical = written = packs = 0
+    seen: set[bytes] = set()
+    writer = store.writer()
+    workers = workers or os.cpu_count() or 1
+    shared = prov.shared_context()
+    try:
+        if workers > 1 and len(tasks) > CHUNK:
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(store.root), shared))
+            results = pool.imap_unordered(_encode, tasks, chunksize=CHUNK)
+        else:
+            pool = None
+            _init_worker(str(store.root), shared)
+            results = map(_encode, tasks)
+        try:
+            for enc in results:
+                for oid, record, raw_len in enc.records:
+                    key = bytes.fromhex(oid)
+                    if key in seen or store.has(oid):
+                        continue
+                    seen.add(key)
+                    writer.add(oid, record, raw_len)
+                    written += 1
+                if len(writer) >= PACK_ROLL_OBJECTS:
+                    writer.finish()
+                    packs += 1
+                    writer = store.writer()
+                commit_of[enc.folder] = enc.commit
+                logical += enc.logical_bytes
+                if progress:
+                    progress(1)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        if writer.finish() is not None:
+            packs += 1
+    except BaseException:
+        writer.abort()
+        raise
+    store.add_pack_written()
+    # Refs last: every object they point at is in a finished pack by now.
+    new = {HEADS + n: ObjectId(commit_of[str(f)]) for f, n in zip(folders, names) if tips[n] is None}
+    if new:
+        refs.create_packed(new, who=author, message="import")
+    updated = 0
+    for f, n in zip(folders, names):
+        if tips[n] is not None:
+            refs.update(HEADS + n, ObjectId(commit_of[str(f)]), expected=tips[n], who=author,
+                        message=f"import: {f.name}")
+            updated += 1
+    return ImportResult(len(tasks), len(new), updated, written, logical, packs, time.perf_counter() - start)
