@@ -353,3 +353,25 @@ def test_dangling_revision_is_a_clear_error(tmp_path):
     reg.delete_branch("tmp")
     with pytest.raises(Exception, match="not reachable"):
         log_where(reg, dangling, [])
+
+
+def test_stat_signature_fast_path_still_sees_ref_moves(tmp_path, monkeypatch):
+    from adapterhub.index import extract
+    from adapterhub.refs import HEADS
+
+    monkeypatch.setattr(extract, "RACY_NS", 0)  # trust every signature, to exercise the fast path
+    reg, ids = make_registry(tmp_path, 2)
+    assert sync(reg) == FRESH
+    time.sleep(0.05)
+    # Move refs behind the registry's back (no sync), as another tool or a crash would.
+    reg.refs.update(HEADS + "side", ids[0], expected=None, who="t", message="raw")
+    assert sync(reg) == UPDATED
+    assert "refs/heads/side" in {r[0] for r in index_rows(reg)["refs"]}
+    time.sleep(0.05)
+    reg.refs.set_head_detached(ids[0])
+    assert sync(reg) == UPDATED
+    time.sleep(0.05)
+    reg.refs.delete(HEADS + "side", expected=ids[0])
+    assert [i.id for i in log_where(reg, "main")] == ids[::-1]
+    assert "refs/heads/side" not in {r[0] for r in index_rows(reg)["refs"]}
+    assert index_rows(reg) == rebuilt_rows(reg, tmp_path)

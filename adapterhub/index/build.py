@@ -15,7 +15,15 @@ from ..evals import EvalLists
 from ..fsutil import fsync_dir
 from .chains import label_all
 from .db import index_path, remove_index, write_meta
-from .extract import add_eval_rows, add_parent_rows, add_provenance_row, add_snapshot_rows, refs_rows, refs_state
+from .extract import (
+    add_eval_rows,
+    add_parent_rows,
+    add_provenance_row,
+    add_snapshot_rows,
+    refs_rows,
+    refs_signature,
+    refs_state,
+)
 from .schema import TABLES, create_indexes, create_tables, empty_rows, insert_arrow, to_arrow
 
 
@@ -68,7 +76,7 @@ def collect_rows(reg, state) -> dict[str, dict[str, list]]:
     return rows
 
 
-def write_index(path, tables: dict, refs_digest: str, journal_offset: int) -> None:
+def write_index(path, tables: dict, refs_digest: str, journal_offset: int, signature: str | None = None) -> None:
     """Bulk-load `tables` (name -> Arrow table) into a new file and rename it over `path`."""
     from .db import connect
 
@@ -81,7 +89,7 @@ def write_index(path, tables: dict, refs_digest: str, journal_offset: int) -> No
             for name, data in tables.items():
                 insert_arrow(con, name, data)
             create_indexes(con)
-            write_meta(con, refs_digest, journal_offset)
+            write_meta(con, refs_digest, journal_offset, signature)
             con.execute("CHECKPOINT")
         finally:
             con.close()
@@ -98,9 +106,10 @@ def rebuild(reg) -> BuildStats:
     t0 = time.perf_counter()
     # Watermark first: anything that moves while we read is caught up by the next sync.
     journal_offset = EvalLists(reg.ah_dir).journal_size()
+    signature = refs_signature(reg)
     state = refs_state(reg)
     rows = collect_rows(reg, state)
-    write_index(index_path(reg), {t: to_arrow(t, r) for t, r in rows.items()}, state.digest, journal_offset)
+    write_index(index_path(reg), {t: to_arrow(t, r) for t, r in rows.items()}, state.digest, journal_offset, signature)
     return BuildStats(
         len(rows["commits"]["id"]), len(rows["snapshots"]["id"]), len(rows["tensors"]["name"]),
         len(rows["evals"]["id"]), len(rows["refs"]["name"]), time.perf_counter() - t0,

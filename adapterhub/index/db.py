@@ -75,11 +75,12 @@ def read_meta(con) -> dict[str, str]:
     return meta
 
 
-def write_meta(con, refs_digest: str, journal_offset: int) -> None:
+def write_meta(con, refs_digest: str, journal_offset: int, refs_signature: str | None) -> None:
     con.execute("DELETE FROM meta")
     con.executemany(
         "INSERT INTO meta VALUES (?, ?)",
-        [["schema_version", str(SCHEMA_VERSION)], ["refs_digest", refs_digest], ["journal_offset", str(journal_offset)]],
+        [["schema_version", str(SCHEMA_VERSION)], ["refs_digest", refs_digest], ["journal_offset", str(journal_offset)],
+         ["refs_signature", refs_signature or ""]],
     )
 
 

@@ -7,7 +7,10 @@ caught-up one hold exactly the same rows.
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import blake3
 
@@ -136,3 +139,43 @@ def add_parent_rows(out: dict[str, list], oid: ObjectId, parents) -> None:
         out["commit"].append(oid)
         out["parent"].append(p)
         out["position"].append(i)
+
+
+# Coarse file-system clocks tick every few ms; a change within this window of taking a
+# signature could leave every stat unchanged, so such a signature is not trusted.
+RACY_NS = 100_000_000
+
+
+def refs_signature(reg) -> str | None:
+    """A cheap stand-in for `refs_state(reg).digest`: stats, not contents.
+
+    Every ref update renames a file into a refs folder (changing that folder's mtime),
+    or replaces HEAD or packed-refs by rename (a new inode). So if HEAD, packed-refs and
+    every folder under refs/ have the same (inode, size, mtime_ns) as when the digest was
+    recorded, no ref moved. Like git's racy-clean rule, a signature taken when some stat
+    was younger than RACY_NS is useless (None): the caller falls back to the digest.
+    """
+    now = time.time_ns()
+    parts = []
+    newest = 0
+    paths = [reg.ah_dir / "HEAD", reg.ah_dir / "packed-refs"]
+    stack = [reg.ah_dir / "refs"]
+    while stack:
+        d = stack.pop()
+        paths.append(d)
+        try:
+            with os.scandir(d) as it:
+                stack.extend(Path(e.path) for e in it if e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    for p in sorted(paths):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            parts.append(f"{p.name}:-")
+            continue
+        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+        parts.append(f"{p.relative_to(reg.ah_dir)}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+    if now - newest < RACY_NS:
+        return None
+    return blake3.blake3("\n".join(parts).encode()).hexdigest()

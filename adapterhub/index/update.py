@@ -34,7 +34,15 @@ from .db import (
     remove_index,
     write_meta,
 )
-from .extract import add_eval_rows, add_parent_rows, add_provenance_row, add_snapshot_rows, refs_rows, refs_state
+from .extract import (
+    add_eval_rows,
+    add_parent_rows,
+    add_provenance_row,
+    add_snapshot_rows,
+    refs_rows,
+    refs_signature,
+    refs_state,
+)
 from .schema import empty_rows, insert_arrow, to_arrow
 
 BULK_LIMIT = 20_000
@@ -152,8 +160,13 @@ def sync(reg) -> str:
         offset = int(meta.get("journal_offset", "x"))
         if journal_size < offset:
             raise _NeedRebuild()
+        signature = refs_signature(reg)  # before reading refs: a later move changes it
+        if signature and signature == meta.get("refs_signature") and journal_size == offset:
+            return FRESH
         state = refs_state(reg)
         if state.digest == meta.get("refs_digest") and journal_size == offset:
+            if signature:  # refs unchanged, stats moved or were too young: remember the new stats
+                con.execute("UPDATE meta SET value = ? WHERE key = 'refs_signature'", [signature])
             return FRESH
         con.execute("BEGIN TRANSACTION")
         try:
@@ -161,7 +174,7 @@ def sync(reg) -> str:
                 _apply_refs(con, reg, state)
             changed, end = lists.journal_since(offset)
             _reload_evals(con, reg, changed)
-            write_meta(con, state.digest, end)
+            write_meta(con, state.digest, end, signature)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -181,9 +194,16 @@ def sync(reg) -> str:
 
 
 def _is_fresh(con, reg) -> bool:
+    """True only when the recorded stats signature still holds (the cheap check).
+
+    Anything else (refs moved, or a signature that was missing or too young to trust)
+    goes through sync, which compares contents and records a fresh signature.
+    """
     meta = read_meta(con)
-    return (meta.get("refs_digest") == refs_state(reg).digest
-            and meta.get("journal_offset") == str(EvalLists(reg.ah_dir).journal_size()))
+    if meta.get("journal_offset") != str(EvalLists(reg.ah_dir).journal_size()):
+        return False
+    signature = refs_signature(reg)
+    return bool(signature) and signature == meta.get("refs_signature")
 
 
 def open_fresh(reg, config: dict | None = None):
