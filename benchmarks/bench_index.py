@@ -169,7 +169,7 @@ def arrow_phase(rows: int, branches: int, out: Path, repeat: int) -> list[list]:
 
     from adapterhub.index.build import write_index
     from adapterhub.index.chains import REACH_CTE
-    from adapterhub.index.schema import TABLES, to_arrow
+    from adapterhub.index.schema import TABLES, arrow_type, to_arrow
 
     rng = np.random.default_rng(1)
     k = np.arange(rows, dtype=np.int64)
@@ -198,6 +198,7 @@ def arrow_phase(rows: int, branches: int, out: Path, repeat: int) -> list[list]:
         t = tables.get(name)
         cols = {}
         for col, typ in TABLES[name].items():
+            typ = arrow_type(typ)
             cols[col] = t[col].cast(typ) if t is not None and col in t.column_names else pa.nulls(t.num_rows if t is not None else 0, typ)
         full[name] = pa.table(cols) if t is not None else to_arrow(name, {c: [] for c in TABLES[name]})
     path = out / f"arrow-{rows}.duckdb"

@@ -7,77 +7,67 @@ rebuilt, never read.
 
 from __future__ import annotations
 
-import pyarrow as pa
-
 SCHEMA_VERSION = 1
 INDEX_FILE = "index.duckdb"
 
-# Column name -> Arrow type, in table order. DuckDB types follow from the Arrow types.
-TABLES: dict[str, dict[str, pa.DataType]] = {
+# Column name -> DuckDB type, in table order; Arrow types follow (arrow_type). Plain strings,
+# so reading commands never import pyarrow.
+TABLES: dict[str, dict[str, str]] = {
     "commits": {
-        "id": pa.string(),
-        "snapshot": pa.string(),
-        "author": pa.string(),
-        "timestamp": pa.int64(),
-        "message": pa.string(),
-        "n_parents": pa.int32(),
+        "id": "VARCHAR",
+        "snapshot": "VARCHAR",
+        "author": "VARCHAR",
+        "timestamp": "BIGINT",
+        "message": "VARCHAR",
+        "n_parents": "INTEGER",
         # First-parent chain labels (see chains.py): ancestry queries without a walk.
-        "chain": pa.string(),
-        "pos": pa.int64(),
+        "chain": "VARCHAR",
+        "pos": "BIGINT",
     },
-    "parents": {"commit": pa.string(), "parent": pa.string(), "position": pa.int32()},
-    "links": {"chain": pa.string(), "pos": pa.int64(), "parent_chain": pa.string(), "parent_pos": pa.int64()},
-    "refs": {"name": pa.string(), "kind": pa.string(), "target": pa.string(), "commit": pa.string()},
-    "snapshots": {"id": pa.string(), "files": pa.int32(), "tensors": pa.int32(), "bytes": pa.int64()},
+    "parents": {"commit": "VARCHAR", "parent": "VARCHAR", "position": "INTEGER"},
+    "links": {"chain": "VARCHAR", "pos": "BIGINT", "parent_chain": "VARCHAR", "parent_pos": "BIGINT"},
+    "refs": {"name": "VARCHAR", "kind": "VARCHAR", "target": "VARCHAR", "commit": "VARCHAR"},
+    "snapshots": {"id": "VARCHAR", "files": "INTEGER", "tensors": "INTEGER", "bytes": "BIGINT"},
     "tensors": {
-        "snapshot": pa.string(),
-        "path": pa.string(),
-        "name": pa.string(),
-        "dtype": pa.string(),
-        "shape": pa.list_(pa.int64()),
-        "nbytes": pa.int64(),
-        "blob": pa.string(),
+        "snapshot": "VARCHAR",
+        "path": "VARCHAR",
+        "name": "VARCHAR",
+        "dtype": "VARCHAR",
+        "shape": "BIGINT[]",
+        "nbytes": "BIGINT",
+        "blob": "VARCHAR",
     },
     "provenance": {
-        "commit": pa.string(),
-        "base_model": pa.string(),
-        "base_model_revision": pa.string(),
-        "base_model_path": pa.string(),
-        "base_model_fingerprint": pa.string(),
-        "fingerprint_mode": pa.string(),
-        "dataset_uri": pa.string(),
-        "dataset_digest": pa.string(),
-        "peft_type": pa.string(),
-        "code_commit": pa.string(),
-        "code_dirty": pa.bool_(),
-        "python": pa.string(),
-        "torch": pa.string(),
-        "peft": pa.string(),
-        "transformers": pa.string(),
-        "json": pa.string(),
+        "commit": "VARCHAR",
+        "base_model": "VARCHAR",
+        "base_model_revision": "VARCHAR",
+        "base_model_path": "VARCHAR",
+        "base_model_fingerprint": "VARCHAR",
+        "fingerprint_mode": "VARCHAR",
+        "dataset_uri": "VARCHAR",
+        "dataset_digest": "VARCHAR",
+        "peft_type": "VARCHAR",
+        "code_commit": "VARCHAR",
+        "code_dirty": "BOOLEAN",
+        "python": "VARCHAR",
+        "torch": "VARCHAR",
+        "peft": "VARCHAR",
+        "transformers": "VARCHAR",
+        "json": "VARCHAR",
     },
     "evals": {
-        "id": pa.string(),
-        "commit": pa.string(),
-        "seq": pa.int32(),
-        "metric": pa.string(),
-        "value": pa.float64(),
-        "suite": pa.string(),
-        "dataset": pa.string(),
-        "evaluator": pa.string(),
-        "timestamp": pa.int64(),
-        "details": pa.string(),
+        "id": "VARCHAR",
+        "commit": "VARCHAR",
+        "seq": "INTEGER",
+        "metric": "VARCHAR",
+        "value": "DOUBLE",
+        "suite": "VARCHAR",
+        "dataset": "VARCHAR",
+        "evaluator": "VARCHAR",
+        "timestamp": "BIGINT",
+        "details": "VARCHAR",
     },
-    "meta": {"key": pa.string(), "value": pa.string()},
-}
-
-_DUCK = {
-    pa.string(): "VARCHAR",
-    pa.int64(): "BIGINT",
-    pa.int32(): "INTEGER",
-    pa.float64(): "DOUBLE",
-    pa.bool_(): "BOOLEAN",
-    pa.list_(pa.int64()): "BIGINT[]",
+    "meta": {"key": "VARCHAR", "value": "VARCHAR"},
 }
 
 # Point-lookup indexes, created after a bulk load (cheaper than maintaining them during it).
@@ -91,21 +81,34 @@ INDEXES = {
 }
 
 
-def arrow_schema(table: str) -> pa.Schema:
-    return pa.schema(list(TABLES[table].items()))
+def arrow_type(duck_type: str):
+    import pyarrow as pa
+
+    return {
+        "VARCHAR": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int32(), "DOUBLE": pa.float64(),
+        "BOOLEAN": pa.bool_(), "BIGINT[]": pa.list_(pa.int64()),
+    }[duck_type]
+
+
+def arrow_schema(table: str):
+    import pyarrow as pa
+
+    return pa.schema([(c, arrow_type(t)) for c, t in TABLES[table].items()])
 
 
 def empty_rows(table: str) -> dict[str, list]:
     return {col: [] for col in TABLES[table]}
 
 
-def to_arrow(table: str, rows: dict[str, list]) -> pa.Table:
+def to_arrow(table: str, rows: dict[str, list]):
+    import pyarrow as pa
+
     return pa.Table.from_pydict(rows, schema=arrow_schema(table))
 
 
 def create_tables(con) -> None:
     for name, cols in TABLES.items():
-        body = ", ".join(f'"{c}" {_DUCK[t]}' for c, t in cols.items())
+        body = ", ".join(f'"{c}" {t}' for c, t in cols.items())
         con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({body})")
 
 
@@ -114,7 +117,7 @@ def create_indexes(con) -> None:
         con.execute(f'CREATE INDEX IF NOT EXISTS {index} ON {table} ("{col}")')
 
 
-def insert_arrow(con, table: str, data: pa.Table) -> None:
+def insert_arrow(con, table: str, data) -> None:
     """Bulk insert through Arrow (zero-copy scan of the Arrow table by DuckDB)."""
     if data.num_rows == 0:
         return
