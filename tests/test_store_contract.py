@@ -147,6 +147,22 @@ class StoreContract:
         assert store.put_ex(BLOB, b"hello") == (oid, False)
         assert list(store.iter_ids()) == [oid]
 
+    def test_concurrent_puts_of_the_same_objects(self, store):
+        """Commits hash and store tensors on a thread pool; racing writers of one object
+        must leave exactly one readable copy and raise nothing."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        bodies = [b"shared %d " % i * 50 for i in range(30)]
+
+        def put_all(_):
+            return [store.put(BLOB, b) for b in bodies]
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(put_all, range(4)))
+        assert all(r == results[0] for r in results)
+        assert sorted(store.iter_ids()) == sorted(set(results[0]))
+        assert [store.read(oid) for oid in results[0]] == [(BLOB, b) for b in bodies]
+
     def test_missing_object(self, store):
         oid = hash_object(BLOB, b"never stored")
         assert not store.has(oid)
