@@ -113,15 +113,18 @@ def fixed_input():
 # Which modules each adapter kind can wrap. GPT-2's attention and MLP projections are
 # transformers' Conv1D: LoRA, DoRA, IA3 and AdaLoRA support it (fan_in_fan_out), LoHa and
 # LoKr only support nn.Linear/Conv1d/Conv2d, so on GPT-2 they wrap the (Linear) lm_head.
-TARGETS = {
-    ("llama", "default"): ["q_proj", "v_proj"],
-    ("gpt2", "default"): ["c_attn", "c_proj"],
-    ("llama", "lyco"): ["q_proj", "v_proj"],
-    ("gpt2", "lyco"): ["lm_head"],
-}
+CONV1D_UNSUPPORTED = ("loha", "lokr")
 
 
-# Every (family, kind, dtype) peft 0.21 can build here: with the targets above, all of them.
+def target_modules(family: str, kind: str) -> list[str]:
+    if family == "llama":
+        return ["q_proj", "v_proj"]
+    if kind in CONV1D_UNSUPPORTED:
+        return ["lm_head"]  # peft then also saves the tied lm_head's base weight
+    return ["c_attn", "c_proj"]
+
+
+# Every (family, kind, dtype) peft 0.21 can build here: with target_modules above, all of them.
 COMBOS = tuple((f, k, d) for f in FAMILIES for k in ADAPTER_KINDS for d in DTYPES)
 
 
@@ -131,7 +134,7 @@ def peft_config(family: str, kind: str, **overrides):
         AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, TaskType,
     )
 
-    targets = TARGETS[(family, "lyco" if kind in ("loha", "lokr") else "default")]
+    targets = target_modules(family, kind)
     if kind == "lora":
         cfg = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
         cls = LoraConfig
