@@ -57,6 +57,18 @@ def check_ref_name(name: str, what: str = "branch") -> str:
     return name
 
 
+def check_full_ref_name(refname: str) -> str:
+    """Validate a full ref name (`refs/<namespace>/<name>`) by the same rules, so that no
+    ref name, wherever it comes from (HEAD's file, a remote, a user), reaches outside
+    `.ah/refs/` and `.ah/logs/refs/` (`..`, empty components, absolute paths)."""
+    if not refname.startswith("refs/"):
+        raise BadRefName(f"invalid ref name {refname!r}: it does not start with 'refs/'")
+    namespace, _, name = refname[len("refs/"):].partition("/")  # "heads", "users/alice/main"
+    check_ref_name(namespace, "ref")
+    check_ref_name(name, "ref")
+    return refname
+
+
 @dataclass(frozen=True)
 class ReflogEntry:
     """One move of a ref.
@@ -90,12 +102,17 @@ class RefStore:
         text = (self.ah_dir / "HEAD").read_text().strip()
         if text.startswith("ref: "):
             target = text[5:]
+            try:
+                check_full_ref_name(target)
+            except BadRefName as exc:
+                raise CorruptObject("HEAD", f"HEAD points at a bad ref name: {exc}") from None
             return target, self.read(target)
         if is_oid(text):
             return None, ObjectId(text)
         raise CorruptObject("HEAD", f"HEAD holds neither a ref nor an id: {text[:80]!r}")
 
     def set_head_symbolic(self, refname: str) -> None:
+        check_full_ref_name(refname)
         self._write_locked(self.ah_dir / "HEAD", f"ref: {refname}\n", expected=ANY, refname="HEAD")
 
     def set_head_detached(self, oid: ObjectId) -> None:
@@ -106,6 +123,10 @@ class RefStore:
         return self.ah_dir / refname
 
     def read(self, refname: str) -> ObjectId | None:
+        try:
+            check_full_ref_name(refname)
+        except BadRefName:
+            return None  # no ref can have that name (and it may point outside refs/)
         path = self._path(refname)
         try:
             text = path.read_text().strip()
@@ -119,10 +140,12 @@ class RefStore:
         self, refname: str, new: ObjectId, expected=ANY, *, who: str = "", message: str = ""
     ) -> None:
         """Set `refname` to `new` if it currently holds `expected` (None: must not exist)."""
+        check_full_ref_name(refname)
         old = self._write_locked(self._path(refname), f"{new}\n", expected=expected, refname=refname)
         self._append_reflog(refname, old or ZERO_ID, new, who, message)
 
     def delete(self, refname: str, expected=ANY, *, who: str = "", message: str = "") -> None:
+        check_full_ref_name(refname)
         path = self._path(refname)
         lock = self._take_lock(path, refname)
         try:
@@ -213,6 +236,7 @@ class RefStore:
         try:
             merged = dict(self.packed.iter_prefix("refs/"))
             for refname, oid in refs.items():
+                check_full_ref_name(refname)
                 if not is_oid(oid):
                     raise ValueError(f"not an object id: {oid!r}")
                 if refname in merged or self._path(refname).exists():
@@ -260,6 +284,10 @@ class RefStore:
                 raise RefExists(f"cannot create {refname}: a ref named like one of its parent folders exists")
 
     def reflog(self, refname: str) -> list[ReflogEntry]:
+        try:
+            check_full_ref_name(refname)
+        except BadRefName:
+            return []
         path = self.ah_dir / "logs" / refname
         if not path.is_file():
             return []

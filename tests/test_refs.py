@@ -13,7 +13,7 @@ from ah_testkit import write_adapter
 from conftest import TEST_AUTHOR, run_ah
 
 from adapterhub import provenance
-from adapterhub.errors import BadRefName, RefConflict, RefExists, RefLocked, UnknownRevision, UsageError
+from adapterhub.errors import BadRefName, CorruptObject, RefConflict, RefExists, RefLocked, UnknownRevision, UsageError
 from adapterhub.refs import HEADS, TAGS, ZERO_ID, check_ref_name
 from adapterhub.registry import Registry
 
@@ -397,3 +397,41 @@ def test_concurrent_commits_never_lose_a_commit(reg, tmp_path):
     print(f"\nconcurrent commits: {len(ok)} won, {len(failed)} refused "
           f"({sum(r[2] == 'RefConflict' for r in failed)} RefConflict, {sum(r[2] == 'RefLocked' for r in failed)} RefLocked)")
 
+
+
+# --- ref names from files and remotes are checked too ---------------------------------------
+
+
+@pytest.mark.parametrize("target", ["refs/heads/../../../escape/main", "refs/heads/a/../../../../x", "/tmp/x", "refs/heads/"])
+def test_hostile_head_never_steers_a_write(reg, tmp_path, target):
+    """A HEAD file naming `refs/heads/../../..` (a copied or cloned registry) is refused as
+    corrupt; a commit never writes a ref or reflog outside `.ah/refs/`."""
+    (reg.ah_dir / "HEAD").write_text(f"ref: {target}\n")
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "objects" not in p.parts)
+    with pytest.raises(CorruptObject, match="HEAD points at a bad ref name"):
+        reg.commit(write_adapter(tmp_path / "a3", 3), "steered")
+    with pytest.raises(CorruptObject):
+        reg.resolve("HEAD")
+    after = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "objects" not in p.parts)
+    new = set(after) - set(before)
+    assert all(p.startswith("a3") for p in new), new  # only the adapter folder the test wrote
+    rc, _, err = run_ah("--registry", reg.root, "log")
+    assert rc == 1 and err.startswith("error: corrupt object HEAD")
+
+
+@pytest.mark.parametrize("refname", ["refs/heads/../../config.json", "refs/heads/../HEAD", "heads/main", "refs/heads/a//b"])
+def test_bad_full_ref_names(reg, refname):
+    first, _ = _ids(reg)
+    assert reg.refs.read(refname) is None  # never read through
+    assert reg.refs.reflog(refname) == []
+    with pytest.raises(BadRefName):
+        reg.refs.update(refname, first)
+    with pytest.raises(BadRefName):
+        reg.refs.delete(refname)
+    with pytest.raises(BadRefName):
+        reg.refs.create_packed({refname: first})
+    with pytest.raises(BadRefName):
+        reg.refs.set_head_symbolic(refname)
+    with pytest.raises(UnknownRevision):
+        reg.resolve(refname)
+    assert (reg.ah_dir / "config.json").read_text().startswith("{")
