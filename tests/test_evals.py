@@ -175,3 +175,15 @@ def test_cli_eval_add_and_list(tmp_path):
     bad = ah(root, "eval", "add", "nope", "--metric", "acc=1", check=False)
     assert bad.returncode == 2 and "unknown revision" in bad.stderr
     assert len(json.loads(ah(root, "eval", "list", "--format", "json").stdout)) == 2
+
+
+def test_show_and_log_json_carry_evals(tmp_path):
+    reg, ids = make_registry(tmp_path, 2)
+    reg.add_eval(ids[0], {"acc": 0.25}, suite="glue")
+    text = ah(reg.root, "show", ids[0]).stdout
+    assert "Evals:" in text and "acc=0.25" in text and "suite=glue" in text
+    assert "Evals:" not in ah(reg.root, "show", ids[1]).stdout
+    js = json.loads(ah(reg.root, "show", ids[0], "--format", "json").stdout)
+    assert [(e["metric"], e["value"], e["suite"]) for e in js["evals"]] == [("acc", 0.25, "glue")]
+    log = json.loads(ah(reg.root, "log", "--format", "json").stdout)
+    assert [len(c["evals"]) for c in log] == [0, 1] and log[1]["evals"][0]["commit"] == ids[0]

@@ -169,12 +169,16 @@ def log(ctx, rev, n, oneline, fmt, where):
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.pass_context
 def show(ctx, rev, fmt):
-    """Show one revision: metadata, provenance and files."""
-    result = _open(ctx).show(rev)
+    """Show one revision: metadata, provenance, files and eval records."""
+    from .index_commands import eval_text
+
+    reg = _open(ctx)
+    result = reg.show(rev)
+    evals = reg.evals(result.info.id)  # from the commit's eval list: no index needed
     if fmt == "json":
-        render.emit_json(result.to_json())
+        render.emit_json(dict(result.to_json(), evals=[e.to_json() for e in evals]))
     else:
-        click.echo(render.show_text(result))
+        click.echo(render.show_text(result) + (f"\nEvals:\n{eval_text(evals)}" if evals else ""))
 
 
 @cli.command()
