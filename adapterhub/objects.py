@@ -200,7 +200,7 @@ class Snapshot:
         return snap
 
     def check(self, oid: str = "<new>") -> None:
-        """Structural rules: safe unique paths in sorted order."""
+        """Structural rules: safe unique paths in sorted order, none both a file and a folder."""
         paths = [f.path for f in self.files]
         if paths != sorted(paths) or len(set(paths)) != len(paths):
             raise CorruptObject(oid, "snapshot paths are not unique and sorted")
@@ -209,6 +209,11 @@ class Snapshot:
                 check_relpath(p)
             except Exception as exc:  # UnsafePath: a stored snapshot must never carry one
                 raise CorruptObject(oid, str(exc)) from None
+        # No folder can hold both `a` and `a/b`: refuse it here, before checkout writes `a`.
+        folders = {p[:i] for p in paths for i, ch in enumerate(p) if ch == "/"}
+        clash = folders.intersection(paths)
+        if clash:
+            raise CorruptObject(oid, f"snapshot path {min(clash)!r} is both a file and a folder")
 
     def blob_ids(self) -> list[ObjectId]:
         out: list[ObjectId] = []

@@ -355,6 +355,18 @@ def test_checkout_refuses_unsafe_stored_names(reg, tmp_path, bad):
     assert not (tmp_path / "abs-escape.txt").exists()
 
 
+@pytest.mark.parametrize("paths", [["a", "a/b"], ["a", "a-x", "a/b/c"], ["x/y", "x/y/z"]])
+def test_checkout_refuses_file_and_folder_of_one_name(reg, tmp_path, paths):
+    # No real folder holds both `a` and `a/b`; a snapshot that does is refused before
+    # checkout writes `a` (else it would fail half way, leaving a partial folder).
+    snap_id = _plant_snapshot(reg, paths)
+    out = tmp_path / "out"
+    with pytest.raises(CorruptObject, match="is both a file and a folder") as exc:
+        reg.checkout("evil", out)
+    assert exc.value.oid == snap_id
+    assert not out.exists()
+
+
 def test_materialize_rechecks_each_path(reg, tmp_path):
     # Defence in depth: even past the snapshot check, check_relpath refuses the name.
     from adapterhub.paths import check_relpath
