@@ -231,6 +231,10 @@ def materialize(
     """
     snap = store.get_snapshot(snap_id)
     out = Path(out)
+    # An adapter may hold files named `HEAD` or `config.json`: written into a registry's
+    # own `.ah/` (a mistyped `-o` with --force), they would overwrite the registry.
+    if any(part.lower() == ".ah" for part in out.resolve().parts):
+        raise CheckoutError(f"refusing to check out into {out}: it is inside a registry's .ah/ folder")
     if os.path.lexists(out):
         if out.is_symlink():
             raise CheckoutError(f"refusing to check out into {out}: it is a symlink")

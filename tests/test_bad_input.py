@@ -425,6 +425,44 @@ def test_checkout_force_refuses_directory_symlink(nested, tmp_path):
     assert (out / "extra").is_symlink()
 
 
+def test_checkout_force_never_writes_through_a_hard_link(nested, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text("ORIGINAL")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(outside, out / "adapter_config.json")
+    nested.checkout("main", out, force=True)
+    assert outside.read_text() == "ORIGINAL"  # the rename replaced the link, not its content
+    assert (out / "adapter_config.json").read_bytes() == (tmp_path / "nested" / "adapter_config.json").read_bytes()
+
+
+@pytest.mark.parametrize("where", [".ah", ".ah/objects", ".ah/new/folder", "link-to-ah"])
+def test_checkout_refuses_registry_folder_as_target(reg, tmp_path, where):
+    # An adapter holding `HEAD` and `config.json`, checked out with --force into `.ah/`,
+    # would overwrite the registry itself.
+    folder = tmp_path / "looks-like-ah"
+    folder.mkdir()
+    (folder / "HEAD").write_text("ref: refs/heads/hijacked\n")
+    (folder / "config.json").write_text('{"format_version": 7}')
+    reg.commit(folder, "registry look-alike", branch="lookalike")
+    (reg.root / "link-to-ah").symlink_to(reg.ah_dir, target_is_directory=True)
+    before = _state(reg)
+    config = (reg.ah_dir / "config.json").read_bytes()
+    with pytest.raises(CheckoutError, match="inside a registry's .ah/ folder"):
+        reg.checkout("lookalike", reg.root / where, force=True)
+    assert _state(reg) == before and (reg.ah_dir / "config.json").read_bytes() == config
+    assert not (reg.ah_dir / "new").exists()
+    Registry.open(reg.root).log("main")
+
+
+def test_checkout_refuses_file_as_target(nested, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    with pytest.raises(CheckoutError, match="exists and is not a folder"):
+        nested.checkout("main", target, force=True)
+    assert target.read_text() == "not a folder"
+
+
 def test_checkout_refuses_symlinked_target_folder(nested, tmp_path):
     outside = tmp_path / "outside_dir"
     outside.mkdir()
