@@ -115,8 +115,10 @@ class RefStore:
         check_full_ref_name(refname)
         self._write_locked(self.ah_dir / "HEAD", f"ref: {refname}\n", expected=ANY, refname="HEAD")
 
-    def set_head_detached(self, oid: ObjectId) -> None:
-        self._write_locked(self.ah_dir / "HEAD", f"{oid}\n", expected=ANY, refname="HEAD")
+    def set_head_detached(self, oid: ObjectId, expected=ANY) -> None:
+        """Detach HEAD at `oid`; with `expected`, only if HEAD is still detached at that id
+        (so a commit on a detached HEAD never drops a concurrent commit or switch)."""
+        self._write_locked(self.ah_dir / "HEAD", f"{oid}\n", expected=expected, refname="HEAD")
 
     # --- refs -----------------------------------------------------------------------
     def _path(self, refname: str) -> Path:
@@ -321,7 +323,11 @@ class RefStore:
             raise RefExists(f"cannot create {refname}: refs exist below it (e.g. {refname}/...)")
         lock = self._take_lock(path, refname)
         try:
-            old = self.read(refname) if refname != "HEAD" else None
+            if refname != "HEAD":
+                old = self.read(refname)
+            else:  # HEAD compares as its id when detached, as None when symbolic
+                target, head_id = self.read_head() if expected is not ANY else ("", None)
+                old = head_id if target is None else None
             if old is None and refname != "HEAD":
                 self._check_packed_conflicts(refname)
             if expected is not ANY and old != expected:

@@ -173,7 +173,7 @@ class Registry:
         oid = self.store.put(COMMIT, commit.serialize())
         summary = f"commit{' (initial)' if not parent else ''}: {message.splitlines()[0]}"
         if refname is None:
-            self.refs.set_head_detached(oid)
+            self.refs.set_head_detached(oid, expected=parent)  # CAS too: a detached HEAD loses nothing
         else:
             self.refs.update(refname, oid, expected=parent, who=commit.author, message=summary)
         self._index_sync()

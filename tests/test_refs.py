@@ -341,6 +341,34 @@ def test_commit_detects_branch_moved_during_commit(reg, monkeypatch):
     assert reg.log("main")[1].id == second
 
 
+def test_commit_on_detached_head_detects_a_race(reg, monkeypatch):
+    """The same race with a detached HEAD: HEAD moves by compare-and-swap too, so neither a
+    concurrent commit nor a concurrent switch back to a branch is overwritten."""
+    first, second = _ids(reg)
+    reg.refs.set_head_detached(first)
+    real_collect = provenance.collect
+    rival: list[str] = []
+
+    def collect_and_race(*args, **kwargs):
+        if not rival:
+            rival.append("running")  # the rival's own collect() call must not race again
+            rival[0] = reg.commit(write_adapter(reg.root.parent / "rival", 77), "rival on detached").id
+        return real_collect(*args, **kwargs)
+
+    monkeypatch.setattr(provenance, "collect", collect_and_race)
+    with pytest.raises(RefConflict, match="HEAD"):
+        reg.commit(write_adapter(reg.root.parent / "loser", 78), "loser")
+    assert reg.refs.read_head() == (None, rival[0])
+    assert reg.store.get_commit(rival[0]).parents == (first,)
+
+    # A switch that lands meanwhile is not undone either.
+    rival.clear()
+    monkeypatch.setattr(provenance, "collect", lambda *a, **k: (rival.append(reg.switch("main")), real_collect(*a, **k))[1])
+    with pytest.raises(RefConflict, match="HEAD"):
+        reg.commit(write_adapter(reg.root.parent / "loser2", 79), "loser 2")
+    assert reg.refs.read_head() == (HEADS + "main", second)
+
+
 def _commit_worker(root: str, folder_base: str, worker: int, rounds: int, barrier, queue) -> None:
     """Commit `rounds` adapters to main; report ("ok", id) or (error type, message) for each."""
     try:
