@@ -375,3 +375,18 @@ def test_stat_signature_fast_path_still_sees_ref_moves(tmp_path, monkeypatch):
     assert [i.id for i in log_where(reg, "main")] == ids[::-1]
     assert "refs/heads/side" not in {r[0] for r in index_rows(reg)["refs"]}
     assert index_rows(reg) == rebuilt_rows(reg, tmp_path)
+
+
+def test_best_ranks_commits_not_records(tmp_path, monkeypatch):
+    tick = _clock(monkeypatch)
+    reg, ids = make_registry(tmp_path, 3)
+    for i in range(12):  # many high records on one commit must not crowd out the others
+        tick()
+        reg.add_eval(ids[0], {"acc": 0.9 + i / 1000})
+    reg.add_eval(ids[1], {"acc": 0.5})
+    reg.add_eval(ids[2], {"acc": 0.7})
+    got = best(reg, "acc", n=3)
+    assert [b.info.id for b in got] == [ids[0], ids[2], ids[1]]
+    assert got[0].eval.record.value == 0.911
+    assert [b.info.id for b in best(reg, "acc", n=3, minimize=True)] == [ids[1], ids[2], ids[0]]
+    assert [b.info.id for b in best(reg, "acc", rev=ids[1], n=5)] == [ids[0], ids[1]]
