@@ -20,7 +20,13 @@ def check_relpath(path: str) -> str:
     """Return `path` if it is a safe relative POSIX path, else raise UnsafePath."""
     if not path:
         raise UnsafePath("empty file name")
-    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+    try:
+        # A name whose bytes are not UTF-8 (os.listdir hands it over with lone surrogates)
+        # cannot go into a snapshot's canonical JSON, nor come back out the same.
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePath(f"file name is not valid UTF-8: {path!r}") from None
+    if len(encoded) > MAX_PATH_BYTES:
         raise UnsafePath(f"file name too long: {path[:60]!r}...")
     if "\0" in path:
         raise UnsafePath(f"file name contains a NUL byte: {path!r}")

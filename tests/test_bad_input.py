@@ -273,6 +273,19 @@ def test_commit_refuses_unsafe_names(reg, tmp_path, rel, error, fragment):
     _assert_refused_cleanly(reg, before)
 
 
+def test_commit_refuses_non_utf8_name(reg, tmp_path):
+    # Linux allows any bytes in a name; a snapshot path must be UTF-8 to be stored and
+    # written back identically. Refused up front: no traceback, no orphan objects.
+    folder = _bad_folder(tmp_path)
+    with open(os.fsencode(folder) + b"/\xff\xfe.txt", "wb") as fh:
+        fh.write(b"x")
+    before = _state(reg)
+    with pytest.raises(UnsafePath, match="not valid UTF-8"):
+        reg.commit(folder, "non-utf8")
+    _assert_refused_cleanly(reg, before)
+    _assert_cli_error(run_ah("--registry", reg.root, "commit", folder, "-m", "x"), 2, "not valid UTF-8")
+
+
 def test_commit_refuses_empty_ah_folder(reg, tmp_path):
     # Even an empty `.ah/` folder inside an adapter is a registry-looking name.
     folder = _bad_folder(tmp_path)
@@ -365,6 +378,19 @@ def test_checkout_refuses_file_and_folder_of_one_name(reg, tmp_path, paths):
         reg.checkout("evil", out)
     assert exc.value.oid == snap_id
     assert not out.exists()
+
+
+def test_checkout_refuses_lone_surrogate_in_stored_name(reg, tmp_path):
+    # Valid JSON (a backslash-u escape of a lone surrogate) that no UTF-8 file name can produce: corrupt, no crash.
+    blob = reg.store.put(BLOB, b"payload\n")
+    body = ('{"files":[{"blob":"%s","kind":"file","path":"x\\udcff","size":8}]}' % blob).encode()
+    snap_id = reg.store.put(SNAPSHOT, body)
+    cid = reg.store.put(COMMIT, Commit(snap_id, (), "M <m@example.com>", 0, "evil", {}).serialize())
+    reg.refs.update("refs/heads/evil", cid, expected=None)
+    with pytest.raises(CorruptObject) as exc:
+        reg.checkout("evil", tmp_path / "out")
+    assert exc.value.oid == snap_id
+    assert not (tmp_path / "out").exists()
 
 
 def test_materialize_rechecks_each_path(reg, tmp_path):
