@@ -312,6 +312,16 @@ def test_commit_refuses_symlinks(reg, tmp_path, kind):
     _assert_refused_cleanly(reg, before)
 
 
+def test_commit_refuses_fifo_without_blocking(reg, tmp_path):
+    # A named pipe would block a reader forever: refused from its lstat, never opened.
+    folder = _bad_folder(tmp_path)
+    os.mkfifo(folder / "pipe")
+    before = _state(reg)
+    with pytest.raises(BadAdapter, match="pipe is not a regular file"):
+        reg.commit(folder, "fifo")
+    _assert_refused_cleanly(reg, before)
+
+
 def test_cli_backslash_name(reg, tmp_path):
     folder = _bad_folder(tmp_path)
     (folder / "a\\b.txt").write_text("x")
