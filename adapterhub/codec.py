@@ -33,6 +33,9 @@ RECORD_HEADER = struct.Struct("<4sBQ")
 # The largest object we will ever inflate: far above any adapter tensor, far below
 # what would exhaust memory on a small machine from a hostile 100-byte frame.
 MAX_RAW_LEN = 8 << 30
+# Tensors below this size also try plain zstd (see encode_tensor).
+SMALL_TENSOR = 4096
+PLANES_WORTH_TRYING = 0.5
 
 
 def encode(canonical_parts: list[bytes | memoryview]) -> bytes:
@@ -57,14 +60,23 @@ def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, ba
     `dtype` (safetensors name) says how to cut elements into planes; without one, or for
     one-byte types, only plain zstd applies. `base` must be a tensor of the same length
     whose own depth is below MAX_CHAIN; the caller (the store) checks that.
+
+    Candidates are skipped when they cannot win, to keep commits fast: plain zstd is
+    tried only for small tensors (fixed plane overhead can matter there; on larger float
+    tensors planes always beat it), and planes only when there is no delta or the delta
+    kept more than half the bytes (a float tensor's planes never get far below that).
     """
     raw_len = len(header) + len(body)
-    candidates = [encode([header, body])]
     layout = layout_for(dtype)
-    if layout is not None and len(body) >= layout.width:
+    if layout is None or len(body) < layout.width:
+        return encode([header, body])
+    candidates = []
+    if len(body) < SMALL_TENSOR:
+        candidates.append(encode([header, body]))
+    if base is not None and base.depth < MAX_CHAIN and len(base.body) == len(body):
+        candidates.append(RECORD_HEADER.pack(MAGIC, ENC_DELTA, raw_len) + encode_delta(header, body, layout, base))
+    if len(candidates) == 0 or min(map(len, candidates)) > PLANES_WORTH_TRYING * raw_len:
         candidates.append(RECORD_HEADER.pack(MAGIC, ENC_PLANES, raw_len) + encode_planes(header, body, layout))
-        if base is not None and base.depth < MAX_CHAIN and len(base.body) == len(body):
-            candidates.append(RECORD_HEADER.pack(MAGIC, ENC_DELTA, raw_len) + encode_delta(header, body, layout, base))
     return min(candidates, key=len)
 
 

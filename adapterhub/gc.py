@@ -38,6 +38,9 @@ from .reach import Reachable, add_delta_bases, ref_roots, walk
 from .refs import RefStore
 
 DEFAULT_GRACE_S = 14 * 24 * 3600
+# Whatever --prune says, objects younger than this are kept: a writer that has just
+# written (or freshened) them has not moved its ref yet, and "--prune now" must not race it.
+MIN_AGE_S = 60
 # Temp files older than this belong to a dead writer (no write takes an hour).
 TMP_MAX_AGE_S = 3600
 LOCK_NAME = "gc.lock"
@@ -183,7 +186,7 @@ def collect_garbage(
         raise AhError("the grace period cannot be negative")
     with gc_lock(ah_dir):
         start = time.time() if now is None else now
-        cutoff_ns = int((start - grace_s) * 1e9)
+        cutoff_ns = int((start - max(grace_s, MIN_AGE_S)) * 1e9)
         before = stored_bytes(store)
         roots = ref_roots(refs)
         reach = walk(store, roots, ah_dir)

@@ -9,6 +9,8 @@ disk, in a pack or from a remote is an error naming the object, never silent dam
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
@@ -19,8 +21,52 @@ from .encoding.tensor import DeltaBase
 from .objects import COMMIT, SNAPSHOT, TAG, TENSOR, Commit, ObjectId, Snapshot, Tag, hash_object, header, parse_object, split_canonical
 
 
+class BaseCache:
+    """Bounded LRU of verified tensor bodies that deltas may need as their base.
+
+    Reading a tensor at chain depth d decodes d+1 records; a training loop that commits
+    checkpoint after checkpoint, or a checkout of consecutive revisions, would decode the
+    same bases again and again. Only bodies that were hashed against their id (on put or
+    on a verified read) enter, and only delta decoding and delta-base selection look
+    here: a caller's own `read` always goes to the backend and re-hashes.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, oid: str) -> tuple[bytes, int] | None:
+        with self._lock:
+            item = self._items.get(oid)
+            if item is not None:
+                self._items.move_to_end(oid)
+            return item
+
+    def add(self, oid: str, body: bytes, depth: int) -> None:
+        if len(body) > self.max_bytes // 4:
+            return
+        with self._lock:
+            if oid in self._items:
+                return
+            self._items[oid] = (body, depth)
+            self._bytes += len(body)
+            while self._bytes > self.max_bytes:
+                _, (old, _) = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+
 class ObjectStore:
     """Backend contract. Subclasses implement the four primitives below."""
+
+    @property
+    def base_cache(self) -> BaseCache:
+        # Created on first use so that subclasses need not call a base __init__.
+        cache = self.__dict__.get("_base_cache")
+        if cache is None:
+            cache = self.__dict__["_base_cache"] = BaseCache()
+        return cache
 
     # --- primitives ---------------------------------------------------------------
     def has(self, oid: str) -> bool:
@@ -65,7 +111,11 @@ class ObjectStore:
         oid = hash_object(obj_type, body)
         if self.has(oid) and self._freshen(oid):
             return oid, False
-        self._write_record(oid, self.encode_record(oid, obj_type, body, dtype=dtype, delta_base=delta_base))
+        record = self.encode_record(oid, obj_type, body, dtype=dtype, delta_base=delta_base)
+        self._write_record(oid, record)
+        if obj_type == TENSOR and dtype is not None:
+            ref = codec.delta_ref(oid, record)
+            self.base_cache.add(oid, bytes(body), ref.depth if ref else 0)
         return oid, True
 
     def encode_record(
@@ -82,8 +132,9 @@ class ObjectStore:
         """The base for a delta, or None when it is unusable (missing, other size, chain full)."""
         if base_id == oid:
             return None
+        cached = self.base_cache.get(base_id)
         try:
-            obj_type, body, depth = self._read_verified(base_id, codec.MAX_CHAIN)
+            obj_type, body, depth = (TENSOR, *cached) if cached else self._read_verified(base_id, codec.MAX_CHAIN)
         except ObjectNotFound:
             return None
         if obj_type != TENSOR or len(body) != length or depth >= codec.MAX_CHAIN:
@@ -101,6 +152,9 @@ class ObjectStore:
         ref = codec.delta_ref(oid, record)
 
         def load_base(base_id: str, base_max_depth: int) -> bytes:
+            cached = self.base_cache.get(base_id)
+            if cached is not None and cached[1] <= base_max_depth:
+                return cached[0]
             try:
                 base_type, base_body, _ = self._read_verified(base_id, base_max_depth)
             except ObjectNotFound:
@@ -113,7 +167,11 @@ class ObjectStore:
         obj_type, body = split_canonical(oid, canonical)
         if hash_object(obj_type, body) != oid:
             raise CorruptObject(oid, "content does not hash to its id")
-        return obj_type, bytes(body), ref.depth if ref else 0
+        body = bytes(body)
+        depth = ref.depth if ref else 0
+        if obj_type == TENSOR:
+            self.base_cache.add(oid, body, depth)
+        return obj_type, body, depth
 
     def delta_base_of(self, oid: str) -> ObjectId | None:
         """The object a stored record depends on (its delta base), read from the record header."""

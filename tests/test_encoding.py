@@ -21,7 +21,8 @@ from adapterhub import codec
 from adapterhub.encoding import frames
 from adapterhub.encoding.delta import MAX_CHAIN
 from adapterhub.encoding.planes import PlaneLayout, layout_for
-from adapterhub.encoding.tensor import DeltaBase
+from adapterhub.encoding import delta as deltas
+from adapterhub.encoding.tensor import DeltaBase, encode_delta
 from adapterhub.errors import CorruptObject, UnsupportedFormat
 from adapterhub.objects import TENSOR, hash_object, header
 from adapterhub.registry import Registry
@@ -67,6 +68,32 @@ def test_delta_round_trips_against_any_same_length_base(body, flips, dtype):
     h = header(TENSOR, len(body))
     record = codec.encode_tensor(h, body, dtype, DeltaBase("ab" * 32, base, 0))
     assert codec.decode("x", record, lambda oid, depth: base) == h + body
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    body=st.binary(min_size=8, max_size=300),
+    base=st.binary(min_size=8, max_size=300),
+    dtype=st.sampled_from(["F32", "BF16", "F16", "F64", "I32", "U16"]),
+    kind=st.sampled_from(deltas.KINDS),
+)
+def test_both_delta_kinds_round_trip(body, base, dtype, kind):
+    n = min(len(body), len(base))
+    body, base = body[:n], base[:n]
+    h = header(TENSOR, n)
+    payload = encode_delta(h, body, layout_for(dtype), DeltaBase("ab" * 32, base, 0), kind)
+    record = codec.RECORD_HEADER.pack(codec.MAGIC, codec.ENC_DELTA, len(h) + n) + payload
+    assert codec.decode("x", record, lambda oid, depth: base) == h + body
+
+
+def test_ord_delta_is_small_for_small_steps_across_zero_and_carries():
+    x = np.array([0.5, -1e-8, 1e-8, 0.9999999, -3.0] * 200, np.float32)
+    y = np.nextafter(x, np.float32(np.inf))  # one ulp up: across zero, across a mantissa carry
+    h = header(TENSOR, y.nbytes)
+    base = DeltaBase("cd" * 32, x.tobytes(), 0)
+    ord_len = len(encode_delta(h, y.tobytes(), layout_for("F32"), base, deltas.ORD))
+    xor_len = len(encode_delta(h, y.tobytes(), layout_for("F32"), base, deltas.XOR))
+    assert ord_len < 0.5 * xor_len and ord_len < 0.05 * y.nbytes
 
 
 def test_planes_beat_plain_zstd_on_float_weights():
@@ -202,11 +229,16 @@ def _delta_store(tmp_path):
     return store, ida, idb
 
 
+def _reopen(store: LooseObjectStore) -> LooseObjectStore:
+    """The store as another process sees it (this one caches verified delta bases)."""
+    return LooseObjectStore(store.root)
+
+
 def test_delta_whose_base_is_missing(tmp_path):
     store, ida, idb = _delta_store(tmp_path)
     store.remove(ida)
     with pytest.raises(CorruptObject, match=f"{idb}.*delta base {ida} is missing"):
-        store.read(idb)
+        _reopen(store).read(idb)
 
 
 def test_delta_whose_base_is_corrupt(tmp_path):
@@ -214,7 +246,7 @@ def test_delta_whose_base_is_corrupt(tmp_path):
     path = tmp_path / "objects" / ida[:2] / ida[2:]
     path.write_bytes(codec.encode([header(TENSOR, 4), b"evil"]))
     with pytest.raises(CorruptObject, match=ida):
-        store.read(idb)
+        _reopen(store).read(idb)
 
 
 def test_delta_cycle_ends_at_the_chain_bound(tmp_path):
@@ -228,7 +260,7 @@ def test_delta_cycle_ends_at_the_chain_bound(tmp_path):
     (tmp_path / "objects" / ida[:2] / ida[2:]).write_bytes(forged)
     assert rec_b == store._read_record(idb)
     with pytest.raises(CorruptObject, match="delta chain is deeper"):
-        store.read(idb)
+        _reopen(store).read(idb)
 
 
 def test_zstd_plane_that_expands_past_its_size_is_refused():

@@ -166,27 +166,56 @@ def test_concurrent_commits_from_another_process(tmp_path):
         _assert_all_reachable_readable(reg, tmp_path)
 
 
+def _many_tensor_commit(reg: Registry, folder: Path, n: int, branch: str, seed: int) -> None:
+    """One commit with `n` small tensors: `n` loose objects in one step."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    save_file({f"t{i}": rng.standard_normal(16).astype(np.float32) for i in range(n)}, str(folder / "adapter_model.safetensors"))
+    reg.commit(folder, f"{n} tensors", branch=branch)
+
+
+def _pack_files(reg: Registry) -> list[str]:
+    folder = reg.ah_dir / "objects" / "pack"
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
 def test_gc_killed_midway_loses_nothing(tmp_path):
-    reg, _ = _history(tmp_path, 6)
-    for b in range(4):
-        _history(tmp_path, 3, branch=f"user{b}", reg=reg)
-    reg.delete_branch("user3")
+    """SIGKILL gc at each of its phases (found by watching the files it writes and removes)."""
+    reg, _ = _history(tmp_path, 4)
+    _many_tensor_commit(reg, tmp_path / "big", 1500, "big", 1)
+    _many_tensor_commit(reg, tmp_path / "doomed", 1500, "doomed", 2)
+    reg.delete_branch("doomed")
     _age_everything(reg)
     cmd = [sys.executable, "-m", "adapterhub.cli.main", "--registry", str(reg.root), "gc", "--prune", "now"]
-    killed = 0
-    for delay in (0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        if proc.wait() == -signal.SIGKILL:
-            killed += 1
-        _assert_all_reachable_readable(reg, tmp_path)
-        _history(tmp_path, 1, branch=f"after-kill-{delay}", reg=reg)  # and the registry stays writable
-    assert killed >= 3
+    phases = {
+        "writing the pack": lambda n0, p0: any(f.startswith(".tmp-") for f in _pack_files(reg)),
+        "pack complete": lambda n0, p0: len([f for f in _pack_files(reg) if f.endswith(".idx")]) > p0,
+        "removing loose objects": lambda n0, p0: _loose_count(reg) < n0 * 0.6,
+        "late removal": lambda n0, p0: _loose_count(reg) < n0 * 0.1,
+    }
+    killed = []
+    for round_no in range(1):
+        for name, reached in phases.items():
+            _many_tensor_commit(reg, tmp_path / f"more-{round_no}-{name}", 600, f"more/{round_no}/{len(killed)}", 3 + len(killed))
+            _age_everything(reg)
+            n0 = _loose_count(reg)
+            p0 = len([f for f in _pack_files(reg) if f.endswith(".idx")])
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and not reached(n0, p0) and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            proc.send_signal(signal.SIGKILL)
+            if proc.wait() == -signal.SIGKILL:
+                killed.append(name)
+            _assert_all_reachable_readable(reg, tmp_path)
+    assert len(killed) >= 3, killed  # most phases were really interrupted
     rc, out, err = run_ah("--registry", reg.root, "gc", "--prune", "now")
     assert rc == 0, err
     _assert_all_reachable_readable(reg, tmp_path)
-    assert _loose_count(Registry.open(reg.root)) == 0
+    assert _loose_count(Registry.open(reg.root)) == 0 and len(_pack_files(reg)) == 2
 
 
 def test_second_gc_is_refused_while_one_runs(tmp_path):

@@ -53,7 +53,7 @@ def _duration(text: str) -> float:
 @click.command("gc")
 @click.option(
     "--prune", "prune", default="14d", show_default=True, metavar="AGE",
-    help="Remove unreachable objects older than AGE (e.g. 14d, 12h, 30m, now).",
+    help="Remove unreachable objects older than AGE (e.g. 14d, 12h, 30m, now); never younger than 1 minute.",
 )
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.pass_context

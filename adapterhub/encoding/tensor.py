@@ -78,22 +78,20 @@ def encode_planes(header: bytes, body: bytes | memoryview, layout: PlaneLayout) 
     return bytes(out)
 
 
-def encode_delta(header: bytes, body: bytes | memoryview, layout: PlaneLayout, base: DeltaBase) -> bytes:
-    """Smallest delta payload (XOR or SUB) of `body` against `base.body` (same length)."""
+def encode_delta(
+    header: bytes, body: bytes | memoryview, layout: PlaneLayout, base: DeltaBase, kind: int = deltas.WRITE_KIND
+) -> bytes:
+    """Delta payload of `body` against `base.body` (same length), difference of `kind`."""
     if len(base.body) != len(body):
         raise ValueError("a delta base must have the tensor's length")
     words = as_words(body, layout)
     base_words = as_words(base.body, layout)
     tail = memoryview(body)[len(words) * layout.width :]
-    best: bytes | None = None
-    for kind in deltas.KINDS:
-        out = _head(header)
-        out += bytes.fromhex(base.oid)
-        out += bytes((base.depth + 1, kind))
-        _planes_body(out, deltas.diff(kind, words, base_words, layout), layout, tail)
-        if best is None or len(out) < len(best):
-            best = bytes(out)
-    return best
+    out = _head(header)
+    out += bytes.fromhex(base.oid)
+    out += bytes((base.depth + 1, kind))
+    _planes_body(out, deltas.diff(kind, words, base_words, layout), layout, tail)
+    return bytes(out)
 
 
 def _read_head(oid: str, payload: memoryview, raw_len: int) -> tuple[bytes, int, int]:
