@@ -390,3 +390,15 @@ def test_best_ranks_commits_not_records(tmp_path, monkeypatch):
     assert got[0].eval.record.value == 0.911
     assert [b.info.id for b in best(reg, "acc", n=3, minimize=True)] == [ids[1], ids[2], ids[0]]
     assert [b.info.id for b in best(reg, "acc", rev=ids[1], n=5)] == [ids[0], ids[1]]
+
+
+def test_torn_journal_tail_does_not_keep_the_index_stale(tmp_path):
+    reg, ids = make_registry(tmp_path, 1)
+    reg.add_eval("HEAD", {"acc": 0.5})
+    with open(reg.ah_dir / "evals" / "journal", "ab") as fh:
+        fh.write(b"\n" + ids[0][:20].encode())  # a crash mid-append
+    assert sync(reg) == UPDATED
+    assert sync(reg) == FRESH  # the partial line is remembered, not re-read forever
+    reg.add_eval("HEAD", {"f1": 0.25})  # the next append still lands on its own line
+    assert sorted(r[3] for r in index_rows(reg)["evals"]) == ["acc", "f1"]
+    assert index_rows(reg) == rebuilt_rows(reg, tmp_path)

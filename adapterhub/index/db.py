@@ -75,11 +75,16 @@ def read_meta(con) -> dict[str, str]:
     return meta
 
 
-def write_meta(con, refs_digest: str, journal_offset: int, refs_signature: str | None) -> None:
+def write_meta(con, refs_digest: str, journal_offset: int, refs_signature: str | None,
+               journal_size: int | None = None) -> None:
+    """The watermark. `journal_offset` is where the next read of the eval journal starts
+    (after the last whole line); `journal_size` the journal's size then (larger when a
+    torn line follows), so an unchanged journal is recognised by one stat."""
     con.execute("DELETE FROM meta")
     con.executemany(
         "INSERT INTO meta VALUES (?, ?)",
         [["schema_version", str(SCHEMA_VERSION)], ["refs_digest", refs_digest], ["journal_offset", str(journal_offset)],
+         ["journal_size", str(journal_offset if journal_size is None else journal_size)],
          ["refs_signature", refs_signature or ""]],
     )
 

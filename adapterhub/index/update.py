@@ -160,11 +160,12 @@ def sync(reg) -> str:
         offset = int(meta.get("journal_offset", "x"))
         if journal_size < offset:
             raise _NeedRebuild()
+        journal_same = str(journal_size) == meta.get("journal_size")
         signature = refs_signature(reg)  # before reading refs: a later move changes it
-        if signature and signature == meta.get("refs_signature") and journal_size == offset:
+        if signature and signature == meta.get("refs_signature") and journal_same:
             return FRESH
         state = refs_state(reg)
-        if state.digest == meta.get("refs_digest") and journal_size == offset:
+        if state.digest == meta.get("refs_digest") and journal_same:
             if signature:  # refs unchanged, stats moved or were too young: remember the new stats
                 con.execute("UPDATE meta SET value = ? WHERE key = 'refs_signature'", [signature])
             return FRESH
@@ -174,7 +175,7 @@ def sync(reg) -> str:
                 _apply_refs(con, reg, state)
             changed, end = lists.journal_since(offset)
             _reload_evals(con, reg, changed)
-            write_meta(con, state.digest, end, signature)
+            write_meta(con, state.digest, end, signature, max(journal_size, end))
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -200,7 +201,7 @@ def _is_fresh(con, reg) -> bool:
     goes through sync, which compares contents and records a fresh signature.
     """
     meta = read_meta(con)
-    if meta.get("journal_offset") != str(EvalLists(reg.ah_dir).journal_size()):
+    if meta.get("journal_size") != str(EvalLists(reg.ah_dir).journal_size()):
         return False
     signature = refs_signature(reg)
     return bool(signature) and signature == meta.get("refs_signature")
