@@ -28,6 +28,21 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Threads for hashing/compressing tensors: BLAKE3 and zstd release the GIL.
 WORKERS = min(4, os.cpu_count() or 1)
+PARALLEL_MIN_BYTES = 1 << 20
+
+
+class _Done:
+    """An already computed result with a Future's `result()`, for work run inline."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+def _run_now(fn, *args) -> _Done:
+    return _Done(fn(*args))
 
 Progress = Callable[[int], None]
 
@@ -172,8 +187,11 @@ def store_folder(
             if lower.endswith(SAFETENSORS_SUFFIX):
                 layout = _parse_safetensors(data, rel)
                 view = memoryview(data)
+                # Threads pay off on big files only: for a few-kB adapter (bulk import)
+                # starting them costs more than encoding every tensor inline.
+                submit = pool.submit if len(data) >= PARALLEL_MIN_BYTES else _run_now
                 futures = [
-                    pool.submit(put, TENSOR, view[s.start : s.end], s.dtype, bases.get((rel, s.name)))
+                    submit(put, TENSOR, view[s.start : s.end], s.dtype, bases.get((rel, s.name)))
                     for s in layout.tensors
                 ]
                 header_id = put(BLOB, layout.header)

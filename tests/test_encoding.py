@@ -127,6 +127,47 @@ def test_incompressible_bytes_fall_back_to_the_smallest_record():
     assert codec.decode("x", record) == h + body
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    zeros=st.integers(0, 4000),
+    rare=st.lists(st.integers(0, 255), max_size=300),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_skewed_sections_round_trip_through_code_mode(zeros, rare, seed):
+    data = np.zeros(zeros + len(rare), np.uint8)
+    data[np.random.default_rng(seed).permutation(len(data))[: len(rare)]] = rare
+    out = bytearray()
+    frames.encode_section(out, data.tobytes())
+    got, end = frames.decode_section("x", memoryview(bytes(out)), 0, len(data))
+    assert bytes(got) == data.tobytes() and end == len(out)
+
+
+def test_code_mode_beats_huffman_on_a_sparse_plane():
+    rng = np.random.default_rng(7)
+    data = np.where(rng.random(1 << 16) < 0.93, 0, rng.integers(1, 4, 1 << 16)).astype(np.uint8)
+    out = bytearray()
+    frames.encode_section(out, data.tobytes())
+    assert out[0] == frames.CODES
+    assert len(out) < 0.8 * len(frames.compressor().compress(data.tobytes()))
+
+
+def test_damaged_code_sections_are_refused():
+    rng = np.random.default_rng(8)
+    data = np.where(rng.random(4096) < 0.93, 0, rng.integers(1, 4, 4096)).astype(np.uint8)
+    data[rng.integers(0, 4096, 20)] = 200  # a few escapes
+    out = bytearray()
+    frames.encode_section(out, data.tobytes())
+    assert out[0] == frames.CODES
+    for bad, match in (((1, 5), "bad code table"), ((2, 9), "bad code table")):
+        damaged = bytearray(out)
+        damaged[bad[0]] = bad[1]
+        with pytest.raises(CorruptObject, match=match):
+            frames.decode_section("x", memoryview(bytes(damaged)), 0, len(data))
+    for cut in range(0, len(out) - 1, 5):
+        with pytest.raises(CorruptObject):
+            frames.decode_section("x", memoryview(bytes(out[:cut])), 0, len(data))
+
+
 def test_layouts():
     assert layout_for("BF16") == PlaneLayout(2, True)
     assert layout_for("F32") == PlaneLayout(4, True)

@@ -8,7 +8,8 @@ section's decoded length in advance, so each frame is inflated with that exact b
 a frame that would expand past it is refused (decompression-bomb guard).
 
 Section layout: `u8 mode` then, for mode 0 (raw) and 1 (zstd), a LEB128 length and that
-many bytes; for mode 2 (fill), one byte repeated. See docs/format/encodings.md.
+many bytes; for mode 2 (fill), one byte repeated; for mode 3 (codes), a small code table
+and two nested sections (packed codes, escaped bytes). See docs/format/encodings.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ..errors import CorruptObject
 RAW = 0
 ZSTD = 1
 FILL = 2
+CODES = 3
+CODE_BITS = (2, 4)
 ZSTD_LEVEL = 3
 
 _local = threading.local()
@@ -68,16 +71,16 @@ def get_varint(oid: str, data: memoryview, pos: int) -> tuple[int, int]:
     raise CorruptObject(oid, "stored record has an overlong length field")
 
 
-def encode_section(out: bytearray, section: bytes | memoryview) -> None:
-    """Append one section in its smallest form."""
+def _plain_section(section: bytes | memoryview) -> bytes:
+    """The section as raw, fill or zstd, whichever is smallest."""
     n = len(section)
-    if n:
+    if n > 2:
         arr = np.frombuffer(section, dtype=np.uint8)
         first = arr[0]
-        if n > 2 and not (arr != first).any():
-            out += bytes((FILL, int(first)))
-            return
+        if not (arr != first).any():
+            return bytes((FILL, int(first)))
     packed = compressor().compress(section) if n > 16 else None
+    out = bytearray()
     if packed is not None and len(packed) < n:
         out.append(ZSTD)
         put_varint(out, len(packed))
@@ -86,9 +89,57 @@ def encode_section(out: bytearray, section: bytes | memoryview) -> None:
         out.append(RAW)
         put_varint(out, n)
         out += section
+    return bytes(out)
 
 
-def decode_section(oid: str, data: memoryview, pos: int, expect: int) -> tuple[bytes | memoryview, int]:
+def _code_section(section: bytes | memoryview, bits: int) -> bytes:
+    """Mode 3: each byte as a `bits`-bit code (2 or 4), 8/bits codes per byte, plus the
+    bytes no code covers.
+
+    For very skewed planes (a delta's top byte: nine in ten are 0): zstd codes literals
+    with Huffman, which spends at least one bit per byte however likely the byte is;
+    packing 2 or 4 codes per byte divides that floor. Codes 0..k-1 stand for the k most
+    frequent values (the table, k < 2^bits), the all-ones code for "the next byte of the
+    escape section".
+    """
+    per = 8 // bits
+    escape = (1 << bits) - 1
+    arr = np.frombuffer(section, dtype=np.uint8)
+    counts = np.bincount(arr, minlength=256)
+    table = np.argsort(-counts, kind="stable")[:escape]
+    table = table[counts[table] > 0].astype(np.uint8)
+    lut = np.full(256, escape, dtype=np.uint8)
+    lut[table] = np.arange(len(table), dtype=np.uint8)
+    codes = lut[arr]
+    escapes = arr[codes == escape]
+    pad = -len(codes) % per
+    if pad:
+        codes = np.append(codes, np.zeros(pad, dtype=np.uint8))
+    grid = codes.reshape(-1, per)
+    packed = np.zeros(len(grid), dtype=np.uint8)
+    for j in range(per):
+        packed |= grid[:, j] << np.uint8(bits * (per - 1 - j))
+    out = bytearray((CODES, bits, len(table)))
+    out += table.tobytes()
+    out += _plain_section(packed.tobytes())
+    out += _plain_section(escapes.tobytes())
+    return bytes(out)
+
+
+def encode_section(out: bytearray, section: bytes | memoryview) -> None:
+    """Append one section in its smallest form."""
+    best = _plain_section(section)
+    n = len(section)
+    # Only a plane that zstd already shrank to under 2 bits a byte can gain from codes.
+    if n >= 64 and len(best) < n // 4:
+        for bits in CODE_BITS:
+            coded = _code_section(section, bits)
+            if len(coded) < len(best):
+                best = coded
+    out += best
+
+
+def decode_section(oid: str, data: memoryview, pos: int, expect: int, *, nested: bool = False) -> tuple[bytes | memoryview, int]:
     """(section bytes of exactly `expect` length, next position)."""
     if pos >= len(data):
         raise CorruptObject(oid, "stored record is truncated (missing a section)")
@@ -98,6 +149,8 @@ def decode_section(oid: str, data: memoryview, pos: int, expect: int) -> tuple[b
         if pos >= len(data):
             raise CorruptObject(oid, "stored record is truncated (in a fill section)")
         return bytes((data[pos],)) * expect, pos + 1
+    if mode == CODES and not nested:
+        return _decode_codes(oid, data, pos, expect)
     if mode not in (RAW, ZSTD):
         raise CorruptObject(oid, f"unknown section mode {mode}")
     length, pos = get_varint(oid, data, pos)
@@ -110,6 +163,32 @@ def decode_section(oid: str, data: memoryview, pos: int, expect: int) -> tuple[b
             raise CorruptObject(oid, f"raw section holds {length} bytes, {expect} expected")
         return chunk, end
     return zstd_exact(oid, chunk, expect), end
+
+
+def _decode_codes(oid: str, data: memoryview, pos: int, expect: int) -> tuple[bytes, int]:
+    if pos + 2 > len(data):
+        raise CorruptObject(oid, "stored record is truncated (in a code section)")
+    bits, k = data[pos], data[pos + 1]
+    if bits not in CODE_BITS or k >= (1 << bits) or pos + 2 + k > len(data):
+        raise CorruptObject(oid, "stored record has a bad code table")
+    per = 8 // bits
+    escape = (1 << bits) - 1
+    table = np.zeros(1 << bits, dtype=np.uint8)
+    table[:k] = np.frombuffer(data[pos + 2 : pos + 2 + k], dtype=np.uint8)
+    packed, pos = decode_section(oid, data, pos + 2 + k, -(-expect // per), nested=True)
+    packed = np.frombuffer(packed, dtype=np.uint8)
+    codes = np.empty((len(packed), per), dtype=np.uint8)
+    for j in range(per):
+        codes[:, j] = (packed >> np.uint8(bits * (per - 1 - j))) & np.uint8(escape)
+    codes = codes.reshape(-1)[:expect]
+    escaped = codes == escape
+    if ((codes >= k) & ~escaped).any():
+        raise CorruptObject(oid, "stored record has a code outside its code table")
+    n_escapes = int(escaped.sum())
+    escapes, pos = decode_section(oid, data, pos, n_escapes, nested=True)
+    out = table[codes]
+    out[escaped] = np.frombuffer(escapes, dtype=np.uint8, count=n_escapes)
+    return out.tobytes(), pos
 
 
 def zstd_exact(oid: str, frame: bytes | memoryview, expect: int) -> bytes:
