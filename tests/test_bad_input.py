@@ -610,6 +610,15 @@ def test_cli_checkout_reports_corrupt_tensor(reg, tmp_path):
     assert [p.name for p in out.iterdir()] in ([], ["adapter_config.json"])
 
 
+def test_cli_missing_object_named(reg, tmp_path):
+    oid = _every_kind(reg)["tensor"]
+    _object_path(reg, oid).unlink()
+    out = tmp_path / "out"
+    _assert_cli_error(run_ah("--registry", reg.root, "checkout", "main", "-o", out), 1, f"object {oid} not found")
+    assert not (out / "adapter_model.safetensors").exists()
+    _assert_cli_error(run_ah("--registry", reg.root, "cat-file", "-p", oid), 2, f"unknown revision '{oid}'")
+
+
 def test_truncated_object_detected(reg):
     oid = _every_kind(reg)["snapshot"]
     path = _object_path(reg, oid)
