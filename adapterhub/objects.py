@@ -88,6 +88,8 @@ def _parse_json(oid: str, body: bytes | memoryview) -> dict:
         raise CorruptObject(oid, "body is not a JSON object")
     try:
         again = canonical_json(value)
+    except UnicodeEncodeError:  # a \udXXX escape: a lone surrogate, not encodable as UTF-8
+        raise CorruptObject(oid, "body holds a string that is not valid Unicode") from None
     except ValueError:  # NaN/Infinity parse but are not JSON: never canonical
         raise CorruptObject(oid, "body holds a non-finite number") from None
     if again != raw:

@@ -397,7 +397,7 @@ def test_checkout_refuses_lone_surrogate_in_stored_name(reg, tmp_path):
     snap_id = reg.store.put(SNAPSHOT, body)
     cid = reg.store.put(COMMIT, Commit(snap_id, (), "M <m@example.com>", 0, "evil", {}).serialize())
     reg.refs.update("refs/heads/evil", cid, expected=None)
-    with pytest.raises(CorruptObject) as exc:
+    with pytest.raises(CorruptObject, match="not valid Unicode") as exc:
         reg.checkout("evil", tmp_path / "out")
     assert exc.value.oid == snap_id
     assert not (tmp_path / "out").exists()
