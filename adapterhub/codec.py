@@ -35,7 +35,9 @@ RECORD_HEADER = struct.Struct("<4sBQ")
 MAX_RAW_LEN = 8 << 30
 # Tensors below this size also try plain zstd (see encode_tensor).
 SMALL_TENSOR = 4096
-PLANES_WORTH_TRYING = 0.5
+# Planes of float weights rarely get below these fractions of the raw size (bf16/fp16
+# ~0.65-0.7, fp32 ~0.83-0.85): a delta already smaller is kept without computing them.
+PLANES_WORTH_TRYING = {2: 0.6, 4: 0.8, 8: 0.85}
 
 
 def encode(canonical_parts: list[bytes | memoryview]) -> bytes:
@@ -64,7 +66,7 @@ def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, ba
     Candidates are skipped when they cannot win, to keep commits fast: plain zstd is
     tried only for small tensors (fixed plane overhead can matter there; on larger float
     tensors planes always beat it), and planes only when there is no delta or the delta
-    kept more than half the bytes (a float tensor's planes never get far below that).
+    kept more than planes of that width usually keep (PLANES_WORTH_TRYING).
     """
     raw_len = len(header) + len(body)
     layout = layout_for(dtype)
@@ -75,7 +77,7 @@ def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, ba
         candidates.append(encode([header, body]))
     if base is not None and base.depth < MAX_CHAIN and len(base.body) == len(body):
         candidates.append(RECORD_HEADER.pack(MAGIC, ENC_DELTA, raw_len) + encode_delta(header, body, layout, base))
-    if len(candidates) == 0 or min(map(len, candidates)) > PLANES_WORTH_TRYING * raw_len:
+    if len(candidates) == 0 or min(map(len, candidates)) > PLANES_WORTH_TRYING[layout.width] * raw_len:
         candidates.append(RECORD_HEADER.pack(MAGIC, ENC_PLANES, raw_len) + encode_planes(header, body, layout))
     return min(candidates, key=len)
 
