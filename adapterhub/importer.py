@@ -145,7 +145,8 @@ def branch_names(folders: Sequence[Path], prefix: str = "") -> list[str]:
     names = []
     seen: dict[str, Path] = {}
     for folder in folders:
-        name = prefix + Path(folder).resolve().name
+        base = Path(folder).name
+        name = prefix + (base if base not in ("", ".", "..") else Path(folder).resolve().name)
         check_ref_name(name)
         if name in seen:
             raise UsageError(f"{seen[name]} and {folder} would both import into branch {name!r}")
@@ -197,8 +198,10 @@ def import_folders(
         try:
             for enc in results:
                 for oid, record, raw_len in enc.records:
+                    # Workers already skipped what the registry held when they looked;
+                    # `seen` catches what two workers both encoded during this import.
                     key = bytes.fromhex(oid)
-                    if key in seen or store.has(oid):
+                    if key in seen:
                         continue
                     seen.add(key)
                     writer.add(oid, record, raw_len)
