@@ -39,11 +39,10 @@ def _big_adapter(folder: Path, seed: int) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 64, "seed": seed}))
-    save_file(
-        {f"base_model.model.layers.{i}.lora_A.weight": rng.standard_normal((1024, TENSOR_ELEMS // 1024), dtype=np.float32)
-         for i in range(TENSORS)},
-        str(folder / "adapter_model.safetensors"),
-    )
+    shape = (1024, TENSOR_ELEMS // 1024)
+    tensors = {f"base_model.model.layers.{i}.lora_A.weight": rng.standard_normal(shape, dtype=np.float32)
+               for i in range(TENSORS)}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
 
 
@@ -156,7 +155,8 @@ def test_killed_commit_leaves_no_torn_object_or_ref(registry, tmp_path):
     out = tmp_path / "check"
     reg.checkout("main", out)
     assert {p.name: _sha(p) for p in out.iterdir()} == {p.name: _sha(p) for p in final.iterdir()}
-    print(f"\ncommit kill points (s, outcome, temp files left, new objects): {outcomes}; uninterrupted commit took {full:.2f}s")
+    print(f"\ncommit kill points (s, outcome, temp files left, new objects): {outcomes}; "
+          f"uninterrupted commit took {full:.2f}s")
     assert any(o[1] == "killed" for o in outcomes)
 
 

@@ -362,8 +362,11 @@ def test_commit_on_detached_head_detects_a_race(reg, monkeypatch):
     assert reg.store.get_commit(rival[0]).parents == (first,)
 
     # A switch that lands meanwhile is not undone either.
-    rival.clear()
-    monkeypatch.setattr(provenance, "collect", lambda *a, **k: (rival.append(reg.switch("main")), real_collect(*a, **k))[1])
+    def collect_and_switch(*args, **kwargs):
+        reg.switch("main")
+        return real_collect(*args, **kwargs)
+
+    monkeypatch.setattr(provenance, "collect", collect_and_switch)
     with pytest.raises(RefConflict, match="HEAD"):
         reg.commit(write_adapter(reg.root.parent / "loser2", 79), "loser 2")
     assert reg.refs.read_head() == (HEADS + "main", second)
@@ -422,15 +425,18 @@ def test_concurrent_commits_never_lose_a_commit(reg, tmp_path):
     moves = reg.refs.reflog(HEADS + "main")
     assert [e.new for e in moves][2:] == list(reversed(ids[:-2]))
     assert _locks(reg) == []
+    kinds = [r[2] for r in failed]
     print(f"\nconcurrent commits: {len(ok)} won, {len(failed)} refused "
-          f"({sum(r[2] == 'RefConflict' for r in failed)} RefConflict, {sum(r[2] == 'RefLocked' for r in failed)} RefLocked)")
+          f"({kinds.count('RefConflict')} RefConflict, {kinds.count('RefLocked')} RefLocked)")
 
 
 
 # --- ref names from files and remotes are checked too ---------------------------------------
 
 
-@pytest.mark.parametrize("target", ["refs/heads/../../../escape/main", "refs/heads/a/../../../../x", "/tmp/x", "refs/heads/"])
+@pytest.mark.parametrize(
+    "target", ["refs/heads/../../../escape/main", "refs/heads/a/../../../../x", "/tmp/x", "refs/heads/"]
+)
 def test_hostile_head_never_steers_a_write(reg, tmp_path, target):
     """A HEAD file naming `refs/heads/../../..` (a copied or cloned registry) is refused as
     corrupt; a commit never writes a ref or reflog outside `.ah/refs/`."""
@@ -447,7 +453,9 @@ def test_hostile_head_never_steers_a_write(reg, tmp_path, target):
     assert rc == 1 and err.startswith("error: corrupt object HEAD")
 
 
-@pytest.mark.parametrize("refname", ["refs/heads/../../config.json", "refs/heads/../HEAD", "heads/main", "refs/heads/a//b"])
+@pytest.mark.parametrize(
+    "refname", ["refs/heads/../../config.json", "refs/heads/../HEAD", "heads/main", "refs/heads/a//b"]
+)
 def test_bad_full_ref_names(reg, refname):
     first, _ = _ids(reg)
     assert reg.refs.read(refname) is None  # never read through
