@@ -187,18 +187,37 @@ def _decode_codes(oid: str, data: memoryview, pos: int, expect: int) -> tuple[by
     table[:k] = np.frombuffer(data[pos + 2 : pos + 2 + k], dtype=np.uint8)
     packed, pos = decode_section(oid, data, pos + 2 + k, -(-expect // per), nested=True)
     packed = np.frombuffer(packed, dtype=np.uint8)
-    codes = np.empty((len(packed), per), dtype=np.uint8)
-    for j in range(per):
-        codes[:, j] = (packed >> np.uint8(bits * (per - 1 - j))) & np.uint8(escape)
-    codes = codes.reshape(-1)[:expect]
-    escaped = codes == escape
-    if ((codes >= k) & ~escaped).any():
+    # Unpack through a 256-entry table of each byte's codes: one gather, no shift loop.
+    unpack = _UNPACK[bits]
+    # Per byte value: its decoded bytes, how many escape codes and how many invalid codes
+    # (k..escape-1 name no table entry) it holds; then every check is one gather away.
+    decoded = table[unpack]
+    escapes_in = (unpack == escape).sum(axis=1)
+    invalid_in = ((unpack >= k) & (unpack != escape)).sum(axis=1)
+    if expect % per:  # the padding codes of the last byte are zeros: never escapes or invalid
+        last = int(packed[-1]) if len(packed) else 0
+        tail = unpack[last, expect % per :]
+        if tail.any():
+            raise CorruptObject(oid, "stored record has non-zero padding after its last code")
+    if invalid_in[packed].any():
         raise CorruptObject(oid, "stored record has a code outside its code table")
-    n_escapes = int(escaped.sum())
+    n_escapes = int(escapes_in[packed].sum())
     escapes, pos = decode_section(oid, data, pos, n_escapes, nested=True)
-    out = table[codes]
-    out[escaped] = np.frombuffer(escapes, dtype=np.uint8, count=n_escapes)
+    out = decoded[packed].reshape(-1)[:expect]
+    if n_escapes:
+        out[unpack[packed].reshape(-1)[:expect] == escape] = np.frombuffer(escapes, dtype=np.uint8, count=n_escapes)
     return out.tobytes(), pos
+
+
+def _unpack_table(bits: int) -> np.ndarray:
+    """(256, 8/bits) codes of every byte value, first code in the high bits."""
+    per = 8 // bits
+    values = np.arange(256, dtype=np.uint8)[:, None]
+    shifts = np.array([bits * (per - 1 - j) for j in range(per)], dtype=np.uint8)[None, :]
+    return (values >> shifts) & np.uint8((1 << bits) - 1)
+
+
+_UNPACK = {bits: _unpack_table(bits) for bits in CODE_BITS}
 
 
 def zstd_exact(oid: str, frame: bytes | memoryview, expect: int) -> bytes:
