@@ -168,7 +168,7 @@ def arrow_phase(rows: int, branches: int, out: Path, repeat: int) -> list[list]:
     import pyarrow as pa
 
     from adapterhub.index.build import write_index
-    from adapterhub.index.chains import REACH_CTE
+    from adapterhub.index.queries import best_sql, log_sql, parse_where
     from adapterhub.index.schema import TABLES, arrow_type, to_arrow
 
     rng = np.random.default_rng(1)
@@ -189,7 +189,8 @@ def arrow_phase(rows: int, branches: int, out: Path, repeat: int) -> list[list]:
         "evals": pa.table({"id": np.concatenate([np.char.add("e", ids), np.char.add("f", ids)]), "commit": np.concatenate([ids, ids]),
                            "seq": np.concatenate([np.zeros(rows, np.int32), np.ones(rows, np.int32)]),
                            "metric": np.array(["acc"] * rows + ["loss"] * rows), "value": rng.random(2 * rows),
-                           "suite": np.array(["bench"] * (2 * rows)), "timestamp": np.concatenate([T0 + k, T0 + k])}),
+                           "suite": np.array(["bench"] * (2 * rows)), "timestamp": np.concatenate([T0 + k, T0 + k]),
+                           "chain": np.concatenate([chain, chain]), "pos": np.concatenate([pos, pos])}),
     }
     full = {}
     for name in TABLES:
@@ -205,24 +206,17 @@ def arrow_phase(rows: int, branches: int, out: Path, repeat: int) -> list[list]:
     with stopwatch() as load:
         write_index(path, full, "bench", 0)
     con = duckdb.connect(str(path), read_only=True)
-    tip = ids[rows - 1]
-    # The statements adapterhub.index.queries runs: ancestors first, then the filter.
-    q_anc = REACH_CTE + "SELECT c.id FROM commits c JOIN reach ON c.chain = reach.chain AND c.pos <= reach.pos"
-    q_best = "SELECT commit, id FROM evals e WHERE metric = $1 ORDER BY value DESC, timestamp DESC, id LIMIT 4"
-    q_log = ("SELECT c.id FROM commits c WHERE c.id IN (SELECT unnest($1::VARCHAR[])) AND EXISTS (SELECT 1 FROM evals e "
-             "WHERE e.commit = c.id AND e.metric = $2 AND e.value >= $3) ORDER BY c.timestamp DESC, c.id LIMIT 20")
-    q_best_branch = ("SELECT e.commit, e.id FROM evals e WHERE e.metric = $1 AND e.commit IN (SELECT unnest($2::VARCHAR[])) "
-                     "ORDER BY e.value DESC, e.timestamp DESC, e.id LIMIT 4")
-
-    def two_step(sql, params):
-        anc = [r[0] for r in con.execute(q_anc, [[str(tip)]]).fetchall()]
-        return con.execute(sql, [anc if p is None else p for p in params]).fetchall()
-
+    tip = str(ids[rows - 1])
+    # The very statements adapterhub.index.queries runs.
     rows_out = [[f"arrow bulk load, {rows:,} commits + {2 * rows:,} evals", load.seconds * 1000, None, None]]
-    for label, fn in (("  SQL best acc (all)", lambda: con.execute(q_best, ["acc"]).fetchall()),
-                      ("  SQL log BRANCH -n 20 --where metric:acc>=0.5", lambda: two_step(q_log, [None, "acc", 0.5])),
-                      ("  SQL best acc --branch", lambda: two_step(q_best_branch, ["acc", None]))):
-        f, m, _ = timed(fn, repeat)
+    for label, (sql, params) in (
+        ("  SQL best acc (all)", best_sql("acc")),
+        ("  SQL log BRANCH -n 20", log_sql(tip, [], 20)),
+        ("  SQL log BRANCH -n 20 --where metric:acc>=0.5", log_sql(tip, [parse_where("metric:acc>=0.5")], 20)),
+        ("  SQL log BRANCH -n 20 --where base_model=org/base-3", log_sql(tip, [parse_where("base_model=org/base-3")], 20)),
+        ("  SQL best acc --branch", best_sql("acc", tip=tip)),
+    ):
+        f, m, _ = timed(lambda: con.execute(sql, params).fetchall(), repeat)
         rows_out.append([label, f, m, None])
     con.close()
     return rows_out

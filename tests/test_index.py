@@ -372,7 +372,7 @@ def test_stat_signature_fast_path_still_sees_ref_moves(tmp_path, monkeypatch):
     assert sync(reg) == UPDATED
     time.sleep(0.05)
     reg.refs.delete(HEADS + "side", expected=ids[0])
-    assert [i.id for i in log_where(reg, "main")] == ids[::-1]
+    assert sorted(i.id for i in log_where(reg, "main")) == sorted(ids)
     assert "refs/heads/side" not in {r[0] for r in index_rows(reg)["refs"]}
     assert index_rows(reg) == rebuilt_rows(reg, tmp_path)
 
@@ -402,3 +402,16 @@ def test_torn_journal_tail_does_not_keep_the_index_stale(tmp_path):
     reg.add_eval("HEAD", {"f1": 0.25})  # the next append still lands on its own line
     assert sorted(r[3] for r in index_rows(reg)["evals"]) == ["acc", "f1"]
     assert index_rows(reg) == rebuilt_rows(reg, tmp_path)
+
+
+def test_same_snapshot_committed_twice_and_evals_caught_up(tmp_path, monkeypatch):
+    reg, ids = make_registry(tmp_path, 1)
+    monkeypatch.setenv("AH_INDEX", "off")
+    again = reg.commit(tmp_path / "ad0", "same folder again").id  # reuses an indexed snapshot
+    reg.add_eval(ids[0], {"acc": 0.1})
+    reg.add_eval(again, {"acc": 0.2})
+    monkeypatch.delenv("AH_INDEX")
+    assert sync(reg) == UPDATED
+    rows = index_rows(reg)
+    assert len(rows["snapshots"]) == 1 and len(rows["evals"]) == 2
+    assert rows == rebuilt_rows(reg, tmp_path)

@@ -72,7 +72,7 @@ def collect_rows(reg, state) -> dict[str, dict[str, list]]:
         if c.snapshot not in seen_snaps:
             seen_snaps.add(c.snapshot)
             add_snapshot_rows(rows["snapshots"], rows["tensors"], c.snapshot, reg.store.get_snapshot(c.snapshot))
-        add_eval_rows(rows["evals"], reg, oid)
+        add_eval_rows(rows["evals"], reg, oid, chain, pos)
     return rows
 
 

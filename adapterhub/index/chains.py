@@ -85,8 +85,9 @@ def label_all(parents_of: dict[ObjectId, tuple]) -> tuple[dict, dict[str, list]]
 
 def _shift(con, old_chain: str, after: int, new_chain: str, delta: int) -> None:
     """Relabel commits of `old_chain` with pos > `after` to `new_chain`, pos + delta."""
-    con.execute("UPDATE commits SET chain = $3, pos = pos + $4 WHERE chain = $1 AND pos > $2",
-                [old_chain, after, new_chain, delta])
+    for table in ("commits", "evals"):  # evals carry a copy of their commit's label
+        con.execute(f"UPDATE {table} SET chain = $3, pos = pos + $4 WHERE chain = $1 AND pos > $2",
+                    [old_chain, after, new_chain, delta])
     con.execute("UPDATE links SET chain = $3, pos = pos + $4 WHERE chain = $1 AND pos > $2",
                 [old_chain, after, new_chain, delta])
     con.execute(
@@ -96,10 +97,11 @@ def _shift(con, old_chain: str, after: int, new_chain: str, delta: int) -> None:
 
 
 def locate(con, oid: str) -> tuple[str, int]:
-    row = con.execute("SELECT chain, pos FROM commits WHERE id = ?", [oid]).fetchone()
-    if row is None:
+    # fetchall, not fetchone: a half-read result blocks the next Arrow registration.
+    rows = con.execute("SELECT chain, pos FROM commits WHERE id = ?", [oid]).fetchall()
+    if not rows:
         raise KeyError(oid)
-    return row[0], row[1]
+    return rows[0][0], rows[0][1]
 
 
 def label_new(con, oid: ObjectId, parents: tuple) -> tuple[str, int, list[tuple]]:

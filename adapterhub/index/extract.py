@@ -119,7 +119,7 @@ def add_snapshot_rows(snaps: dict[str, list], tensors: dict[str, list], sid: Obj
     snaps["bytes"].append(total)
 
 
-def add_eval_rows(out: dict[str, list], reg, commit: ObjectId) -> None:
+def add_eval_rows(out: dict[str, list], reg, commit: ObjectId, chain: str, pos: int) -> None:
     for seq, info in enumerate(load_evals(reg.store, EvalLists(reg.ah_dir), commit)):
         r = info.record
         out["id"].append(info.id)
@@ -132,6 +132,8 @@ def add_eval_rows(out: dict[str, list], reg, commit: ObjectId) -> None:
         out["evaluator"].append(r.evaluator)
         out["timestamp"].append(r.timestamp)
         out["details"].append(canonical_json(r.details).decode())
+        out["chain"].append(chain)
+        out["pos"].append(pos)
 
 
 def add_parent_rows(out: dict[str, list], oid: ObjectId, parents) -> None:

@@ -7,7 +7,7 @@ rebuilt, never read.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 INDEX_FILE = "index.duckdb"
 
 # Column name -> DuckDB type, in table order; Arrow types follow (arrow_type). Plain strings,
@@ -66,6 +66,10 @@ TABLES: dict[str, dict[str, str]] = {
         "evaluator": "VARCHAR",
         "timestamp": "BIGINT",
         "details": "VARCHAR",
+        # The commit's chain label, copied: "best --branch" filters evals by ancestry
+        # without joining the (large) commits table.
+        "chain": "VARCHAR",
+        "pos": "BIGINT",
     },
     "meta": {"key": "VARCHAR", "value": "VARCHAR"},
 }

@@ -22,7 +22,7 @@ import os
 from ..errors import AhError
 from ..evals import EvalLists
 from .build import rebuild
-from .chains import REACH_CTE, label_new, merge_after_prune, topo_order
+from .chains import REACH_CTE, label_new, locate, merge_after_prune, topo_order
 from .db import (
     IndexBusy,
     IndexCorrupt,
@@ -89,9 +89,9 @@ def _add_commit(con, reg, oid, c) -> None:
     rows = {t: empty_rows(t) for t in ("parents", "provenance", "snapshots", "tensors", "evals")}
     add_parent_rows(rows["parents"], oid, c.parents)
     add_provenance_row(rows["provenance"], oid, c.provenance)
-    if con.execute("SELECT 1 FROM snapshots WHERE id = ?", [c.snapshot]).fetchone() is None:
+    if not con.execute("SELECT 1 FROM snapshots WHERE id = ?", [c.snapshot]).fetchall():
         add_snapshot_rows(rows["snapshots"], rows["tensors"], c.snapshot, reg.store.get_snapshot(c.snapshot))
-    add_eval_rows(rows["evals"], reg, oid)
+    add_eval_rows(rows["evals"], reg, oid, chain, pos)
     for table, r in rows.items():
         insert_arrow(con, table, to_arrow(table, r))
 
@@ -102,7 +102,7 @@ def _prune(con) -> None:
     con.execute("CREATE OR REPLACE TEMP TABLE _keep AS " + REACH_CTE +
                 "SELECT c.id FROM commits c JOIN reach ON c.chain = reach.chain AND c.pos <= reach.pos", [tips])
     con.execute("CREATE OR REPLACE TEMP TABLE _gone AS SELECT id FROM commits WHERE id NOT IN (SELECT id FROM _keep)")
-    if con.execute("SELECT count(*) FROM _gone").fetchone()[0] == 0:
+    if con.execute("SELECT count(*) FROM _gone").fetchall()[0][0] == 0:
         return
     first_parents = [r[0] for r in con.execute(
         "SELECT DISTINCT parent FROM parents WHERE position = 0 AND commit IN (SELECT id FROM _gone) "
@@ -135,7 +135,7 @@ def _reload_evals(con, reg, commits) -> None:
     for oid in sorted(_indexed(con, sorted(commits))):
         con.execute("DELETE FROM evals WHERE commit = ?", [oid])
         rows = empty_rows("evals")
-        add_eval_rows(rows, reg, oid)
+        add_eval_rows(rows, reg, oid, *locate(con, oid))
         insert_arrow(con, "evals", to_arrow("evals", rows))
 
 
