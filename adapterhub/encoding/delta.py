@@ -55,7 +55,7 @@ def _zigzag(d: np.ndarray, layout: PlaneLayout) -> np.ndarray:
 
 def _unzigzag(z: np.ndarray, layout: PlaneLayout) -> np.ndarray:
     one = z.dtype.type(1)
-    return ((z >> one) ^ (np.zeros_like(z) - (z & one))).view(_SIGNED[layout.width])
+    return ((z >> one) ^ np.negative(z & one)).view(_SIGNED[layout.width])
 
 
 def diff(kind: int, words: np.ndarray, base: np.ndarray, layout: PlaneLayout) -> np.ndarray:

@@ -189,24 +189,25 @@ def _decode_codes(oid: str, data: memoryview, pos: int, expect: int) -> tuple[by
     packed = np.frombuffer(packed, dtype=np.uint8)
     # Unpack through a 256-entry table of each byte's codes: one gather, no shift loop.
     unpack = _UNPACK[bits]
-    # Per byte value: its decoded bytes, how many escape codes and how many invalid codes
-    # (k..escape-1 name no table entry) it holds; then every check is one gather away.
+    # Per byte value: its decoded bytes, and (one gather for both checks) how many escape
+    # codes and how many invalid codes (k..escape-1 name no table entry) it holds.
     decoded = table[unpack]
-    escapes_in = (unpack == escape).sum(axis=1)
-    invalid_in = ((unpack >= k) & (unpack != escape)).sum(axis=1)
-    if expect % per:  # the padding codes of the last byte are zeros: never escapes or invalid
-        last = int(packed[-1]) if len(packed) else 0
-        tail = unpack[last, expect % per :]
-        if tail.any():
-            raise CorruptObject(oid, "stored record has non-zero padding after its last code")
-    if invalid_in[packed].any():
+    info = (unpack == escape).sum(axis=1).astype(np.int32)
+    info += ((unpack >= k) & (unpack != escape)).sum(axis=1).astype(np.int32) << 8
+    if expect % per and len(packed) and unpack[int(packed[-1]), expect % per :].any():
+        raise CorruptObject(oid, "stored record has non-zero padding after its last code")
+    per_byte = info[packed]
+    if (per_byte >> 8).any():
         raise CorruptObject(oid, "stored record has a code outside its code table")
-    n_escapes = int(escapes_in[packed].sum())
+    n_escapes = int((per_byte & 0xFF).sum())
     escapes, pos = decode_section(oid, data, pos, n_escapes, nested=True)
-    out = decoded[packed].reshape(-1)[:expect]
+    out = decoded[packed].reshape(-1)
     if n_escapes:
-        out[unpack[packed].reshape(-1)[:expect] == escape] = np.frombuffer(escapes, dtype=np.uint8, count=n_escapes)
-    return out.tobytes(), pos
+        # Expand codes only for the few bytes that hold an escape, in order.
+        rows = np.flatnonzero(per_byte)
+        r, c = np.nonzero(unpack[packed[rows]] == escape)
+        out[rows[r] * per + c] = np.frombuffer(escapes, dtype=np.uint8, count=n_escapes)
+    return out[:expect].tobytes(), pos
 
 
 def _unpack_table(bits: int) -> np.ndarray:
