@@ -16,7 +16,10 @@ bytes are stored, never the object id, which is always the hash of the canonical
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Callable
+
+import zstandard
 
 from .encoding.delta import MAX_CHAIN
 from .encoding.frames import ZSTD_LEVEL, compressor, zstd_exact
@@ -28,11 +31,14 @@ MAGIC = b"AHO1"
 ENC_ZSTD = 0
 ENC_PLANES = 1
 ENC_DELTA = 2
-ENCODINGS = (ENC_ZSTD, ENC_PLANES, ENC_DELTA)
+ENC_DICT = 3
+ENCODINGS = (ENC_ZSTD, ENC_PLANES, ENC_DELTA, ENC_DICT)
+DICT_ID_BYTES = 32
 RECORD_HEADER = struct.Struct("<4sBQ")
 # The largest object we will ever inflate: far above any adapter tensor, far below
 # what would exhaust memory on a small machine from a hostile 100-byte frame.
 MAX_RAW_LEN = 8 << 30
+_local = threading.local()
 # Tensors below this size also try plain zstd (see encode_tensor).
 SMALL_TENSOR = 4096
 # Planes of float weights rarely get below these fractions of the raw size (bf16/fp16
@@ -49,6 +55,34 @@ def encode(canonical_parts: list[bytes | memoryview]) -> bytes:
         out.append(cobj.compress(part))
     out.append(cobj.flush())
     return b"".join(out)
+
+
+def _dict_compressor(dict_id: str, dict_data: bytes) -> zstandard.ZstdCompressor:
+    # One per thread and dictionary: loading a dictionary costs more than a small frame.
+    cache = _local.__dict__.setdefault("dict_cctx", {})
+    cctx = cache.get(dict_id)
+    if cctx is None:
+        zdict = zstandard.ZstdCompressionDict(dict_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        cctx = cache[dict_id] = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=zdict, write_content_size=True)
+    return cctx
+
+
+def _dict_decompressor(dict_id: str, dict_data: bytes) -> zstandard.ZstdDecompressor:
+    cache = _local.__dict__.setdefault("dict_dctx", {})
+    dctx = cache.get(dict_id)
+    if dctx is None:
+        zdict = zstandard.ZstdCompressionDict(dict_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        dctx = cache[dict_id] = zstandard.ZstdDecompressor(dict_data=zdict)
+    return dctx
+
+
+def encode_with_dict(canonical_parts: list[bytes | memoryview], dict_id: str, dict_data: bytes) -> bytes:
+    """Encoding 3: a zstd frame primed with a dictionary (a `blob` object) that holds
+    bytes like these: for many small, alike JSON objects (one commit and one snapshot per
+    imported adapter) the keys, tensor names and versions they share cost nearly nothing."""
+    data = b"".join(bytes(p) for p in canonical_parts)
+    frame = _dict_compressor(dict_id, dict_data).compress(data)
+    return RECORD_HEADER.pack(MAGIC, ENC_DICT, len(data)) + bytes.fromhex(dict_id) + frame
 
 
 def zstd_decompress_bounded(oid: str, payload: bytes | memoryview, raw_len: int) -> bytes:
@@ -101,6 +135,22 @@ def raw_length(oid: str, record: bytes | memoryview) -> int:
     return _split_record(oid, record)[1]
 
 
+def dependency(oid: str, record: bytes | memoryview) -> str | None:
+    """The object a record cannot be decoded without: a delta's base or a dictionary."""
+    enc, raw_len, payload = _split_record(oid, record)
+    if enc == ENC_DELTA:
+        return read_delta_ref(oid, payload, raw_len).base
+    if enc == ENC_DICT:
+        return _dict_id(oid, payload)
+    return None
+
+
+def _dict_id(oid: str, payload: memoryview) -> str:
+    if len(payload) < DICT_ID_BYTES:
+        raise CorruptObject(oid, "stored record is truncated (no dictionary id)")
+    return bytes(payload[:DICT_ID_BYTES]).hex()
+
+
 def delta_ref(oid: str, record: bytes | memoryview) -> DeltaRef | None:
     """The base a delta record depends on, or None for a self-contained record."""
     enc, raw_len, payload = _split_record(oid, record)
@@ -112,16 +162,24 @@ def decode(
     record: bytes | memoryview,
     load_base: Callable[[str, int], bytes] | None = None,
     max_depth: int = MAX_CHAIN,
+    load_dict: Callable[[str], bytes] | None = None,
 ) -> bytes:
     """Canonical bytes of a stored record (not yet hash-checked: the store does that).
 
     A delta record needs `load_base(base_id, max_depth)`, which returns the base's
     verified body; `max_depth` bounds how deep this record's own chain may be, so even a
-    hand-made cycle of deltas ends after MAX_CHAIN reads.
+    hand-made cycle of deltas ends after MAX_CHAIN reads. A dictionary record needs
+    `load_dict(dict_id)`, which returns the dictionary blob's verified body.
     """
     enc, raw_len, payload = _split_record(oid, record)
     if enc == ENC_ZSTD:
         return zstd_exact(oid, payload, raw_len)
+    if enc == ENC_DICT:
+        dict_id = _dict_id(oid, payload)
+        if load_dict is None:
+            raise CorruptObject(oid, f"record needs its compression dictionary {dict_id}, which cannot be read here")
+        dctx = _dict_decompressor(dict_id, load_dict(dict_id))
+        return zstd_exact(oid, payload[DICT_ID_BYTES:], raw_len, dctx)
     if enc == ENC_PLANES:
         data = decode_planes(oid, payload, raw_len)
     else:

@@ -14,6 +14,7 @@ after its grace period; it never leaves a branch pointing at a missing object.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import time
@@ -24,7 +25,7 @@ from typing import Callable, Sequence
 from . import codec
 from . import provenance as prov
 from .errors import AhError, UsageError
-from .objects import COMMIT, Commit, ObjectId, hash_object, header
+from .objects import BLOB, COMMIT, SNAPSHOT, Commit, ObjectId, hash_object, header, split_canonical
 from .packstore import PackedObjectStore
 from .refs import HEADS, check_ref_name
 from .snapshot import store_folder
@@ -120,9 +121,27 @@ class _Encoded:
 _worker: dict = {}
 
 
-def _init_worker(objects_dir: str, shared: dict) -> None:
+def _init_worker(objects_dir: str, shared: dict, zdict: tuple[str, bytes] | None = None) -> None:
     _worker["store"] = _CollectingStore(PackedObjectStore(Path(objects_dir)))
+    _worker["store"].structured_dict = zdict
     _worker["shared"] = shared
+
+
+def structured_dictionary(first: _Encoded) -> tuple[str, bytes, bytes]:
+    """(id, body, record) of a dictionary blob for an import's snapshots and commits.
+
+    The first adapter's own snapshot and commit bodies: every later one repeats their keys,
+    tensor names, dtypes, shapes, config blob id, provenance and environment, so primed
+    with them zstd stores little more than each object's own ids and numbers.
+    """
+    parts = []
+    for oid, record, _raw in first.records:
+        obj_type, body = split_canonical(oid, codec.decode(oid, record))
+        if obj_type in (SNAPSHOT, COMMIT):
+            parts.append(bytes(body))
+    data = b"".join(parts)
+    dict_id = hash_object(BLOB, data)
+    return dict_id, data, codec.encode([header(BLOB, len(data)), data])
 
 
 def _encode(task: _Task) -> _Encoded:
@@ -188,13 +207,24 @@ def import_folders(
     workers = workers or os.cpu_count() or 1
     shared = prov.shared_context()
     try:
-        if workers > 1 and len(tasks) > CHUNK:
-            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(store.root), shared))
-            results = pool.imap_unordered(_encode, tasks, chunksize=CHUNK)
+        # The first folder in process: its snapshot and commit become the dictionary the
+        # workers compress every other snapshot and commit with (kept only where smaller).
+        _init_worker(str(store.root), shared)
+        first = _encode(tasks[0])
+        zdict_id, zdict_data, zdict_record = structured_dictionary(first)
+        if not store.has(zdict_id):
+            writer.add(zdict_id, zdict_record, codec.raw_length(zdict_id, zdict_record))
+            written += 1
+        seen.add(bytes.fromhex(zdict_id))
+        zdict = (zdict_id, zdict_data)
+        rest = tasks[1:]
+        if workers > 1 and len(rest) > CHUNK:
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(store.root), shared, zdict))
+            results = itertools.chain([first], pool.imap_unordered(_encode, rest, chunksize=CHUNK))
         else:
             pool = None
-            _init_worker(str(store.root), shared)
-            results = map(_encode, tasks)
+            _worker["store"].structured_dict = zdict
+            results = itertools.chain([first], map(_encode, rest))
         try:
             for enc in results:
                 for oid, record, raw_len in enc.records:

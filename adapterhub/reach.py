@@ -70,6 +70,11 @@ def walk(store: ObjectStore, roots: Iterable[str], ah_dir: Path | None = None, i
         oid = stack.pop()
         try:
             obj_type, body = store.read(oid)
+            if obj_type in (COMMIT, SNAPSHOT):
+                dep = store.dependency_of(oid)  # a compression dictionary (bulk import)
+                if dep is not None and dep not in out.ids:
+                    out.ids.add(dep)
+                    leaves.append(dep)
             if obj_type == COMMIT:
                 commit = parse_object(oid, obj_type, body)
                 out.commits.add(oid)
@@ -98,11 +103,11 @@ def walk(store: ObjectStore, roots: Iterable[str], ah_dir: Path | None = None, i
 
 
 def add_delta_bases(store: ObjectStore, ids: Iterable[str], out: Reachable) -> None:
-    """Add the delta base chain of each of `ids` to `out.ids`."""
+    """Add the dependency chain (delta bases, dictionaries) of each of `ids` to `out.ids`."""
     for oid in ids:
         for _ in range(64):  # chains are at most 8 deep; a forged loop must still end
             try:
-                base = store.delta_base_of(oid)
+                base = store.dependency_of(oid)
             except ObjectNotFound:
                 out.missing.add(oid)
                 break

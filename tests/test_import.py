@@ -44,8 +44,9 @@ def test_import_creates_a_branch_per_folder_in_packs(tmp_path, workers):
     result = _import(reg, folders, prefix="users/", workers=workers)
     assert (result.adapters, result.created, result.updated, result.packs) == (40, 40, 0, 1)
     assert not list(reg.store.loose.iter_ids())  # nothing loose: all in the pack
-    # Per adapter: commit, snapshot, its own lora_B; shared: 3 lora_A, 1 header layout, 1 config.
-    assert result.objects_written == 40 * 3 + 3 + 1 + 1
+    # Per adapter: commit, snapshot, its own lora_B; shared: 3 lora_A, 1 header layout, 1
+    # config, and the dictionary the snapshots and commits are compressed with.
+    assert result.objects_written == 40 * 3 + 3 + 1 + 1 + 1
     fresh = Registry.open(reg.root)
     assert len(fresh.branches()) == 40
     for f in folders[::13]:
@@ -102,3 +103,56 @@ def test_cli_import(tmp_path):
     assert doc["adapters"] == 25 and doc["created"] == 25 and doc["rate"] > 0
     rc, out, err = run_ah("--registry", reg.root, "log", "--format", "json", "u/user024")
     assert rc == 0 and json.loads(out)[0]["message"] == "import user024"
+
+
+def test_snapshots_and_commits_are_compressed_with_a_dictionary_gc_keeps(tmp_path):
+    import os
+    import time
+
+    from adapterhub import codec
+    from adapterhub.gc import collect_garbage
+
+    reg = Registry.init(tmp_path / "reg")
+    folders = _adapters(tmp_path / "in", 30)
+    _import(reg, folders, workers=2)
+    fresh = Registry.open(reg.root)
+    tip = fresh.resolve("user029")
+    snap = fresh.store.get_commit(tip).snapshot
+    for oid in (tip, snap):
+        assert fresh.store._read_record(oid)[4] == codec.ENC_DICT
+    dict_id = fresh.store.dependency_of(tip)
+    assert fresh.store.object_type(dict_id) == "blob" and fresh.store.dependency_of(snap) == dict_id
+    # No ref names the dictionary: gc must keep it because the commits need it.
+    old = time.time() - 30 * 86400
+    for dirpath, _dirs, files in os.walk(reg.ah_dir / "objects"):
+        for f in files:
+            os.utime(os.path.join(dirpath, f), (old, old))
+    result = collect_garbage(reg.ah_dir, fresh.store, fresh.refs, grace_s=0)
+    assert result.pruned == 0
+    again = Registry.open(reg.root)
+    assert again.store.has(dict_id)
+    out = tmp_path / "out"
+    again.checkout("user029", out)
+    assert sha256_tree(out) == sha256_tree(folders[29])
+
+
+def test_record_whose_dictionary_is_missing(tmp_path):
+    from adapterhub import codec
+    from adapterhub.errors import CorruptObject
+    from adapterhub.objects import BLOB, COMMIT, hash_object, header
+    from adapterhub.store import LooseObjectStore
+
+    (tmp_path / "objects").mkdir()
+    store = LooseObjectStore(tmp_path / "objects")
+    zdict = b'{"author":"A <a@example.com>","message":"import x","parents":[]}'
+    dict_id = store.put(BLOB, zdict)
+    body = b'{"author":"A <a@example.com>","message":"import y","parents":[]}'
+    oid = hash_object(COMMIT, body)
+    store._write_record(oid, codec.encode_with_dict([header(COMMIT, len(body)), body], dict_id, zdict))
+    assert store.read(oid) == (COMMIT, body) and store.dependency_of(oid) == dict_id
+    store.remove(dict_id)
+    with pytest.raises(CorruptObject, match=f"{oid}.*compression dictionary {dict_id} is missing"):
+        LooseObjectStore(tmp_path / "objects").read(oid)
+    store._write_record(dict_id, codec.encode([header(BLOB, 5), b"wrong"]))  # damaged dictionary
+    with pytest.raises(CorruptObject, match=dict_id):
+        LooseObjectStore(tmp_path / "objects").read(oid)

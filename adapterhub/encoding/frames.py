@@ -221,7 +221,7 @@ def _unpack_table(bits: int) -> np.ndarray:
 _UNPACK = {bits: _unpack_table(bits) for bits in CODE_BITS}
 
 
-def zstd_exact(oid: str, frame: bytes | memoryview, expect: int) -> bytes:
+def zstd_exact(oid: str, frame: bytes | memoryview, expect: int, dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
     """Inflate one zstd frame that must be exactly `expect` bytes; never more."""
     try:
         declared = zstandard.frame_content_size(frame)
@@ -232,7 +232,7 @@ def zstd_exact(oid: str, frame: bytes | memoryview, expect: int) -> bytes:
     try:
         # With a declared size zstandard allocates exactly that; without one,
         # max_output_size caps what it will produce.
-        data = decompressor().decompress(frame, max_output_size=max(expect, 1))
+        data = (dctx or decompressor()).decompress(frame, max_output_size=max(expect, 1))
     except zstandard.ZstdError as exc:
         raise CorruptObject(oid, f"zstd frame does not decompress: {exc}") from None
     if len(data) != expect:
