@@ -38,6 +38,7 @@ from common import (  # noqa: E402  (the path line above makes the sibling modul
     MB,
     RESULTS_DIR,
     BenchmarkError,
+    code_version,
     ToolRun,
     dir_size,
     format_table,
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{len(train_dirs)} checkpoints x {human_bytes(dir_size(train_dirs[0]))}, "
                          f"{args.steps_per_revision} AdamW steps apart"),
         }
-        results = {"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        results = {"machine": info, "code": code_version(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "scenarios": {}}
         for name, (folders, spec, label) in scenarios.items():
             with stopwatch() as t:

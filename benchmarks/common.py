@@ -116,6 +116,16 @@ def machine_info() -> dict:
     return info
 
 
+def code_version() -> dict:
+    """The adapterhub commit measured (its storage code changes what the numbers mean)."""
+    try:
+        head = run_cmd(["git", "rev-parse", "HEAD"], REPO_ROOT).strip()
+        dirty = bool(run_cmd(["git", "status", "--porcelain", "--untracked-files=no", "adapterhub"], REPO_ROOT).strip())
+    except (OSError, BenchmarkError):
+        return {"commit": None, "adapterhub_modified": None}
+    return {"commit": head, "adapterhub_modified": dirty}
+
+
 # --- reporting ----------------------------------------------------------------------------
 def human_bytes(n: float) -> str:
     """Decimal units (MB = 10^6 bytes), matching how adapter sizes are usually quoted."""
