@@ -107,22 +107,9 @@ class _Inventory:
         return self.pack_mtimes[self.packed[oid].path]
 
 
-def _loose_files(root: Path):
-    """(id, path) of every loose object file (temp files and the pack folder skipped)."""
-    if not root.is_dir():
-        return
-    for fan in os.listdir(root):
-        if len(fan) != 2:
-            continue
-        folder = root / fan
-        for name in os.listdir(folder):
-            if len(name) == 62 and not name.startswith(TMP_PREFIX):
-                yield fan + name, folder / name
-
-
 def _inventory(store: PackedObjectStore) -> _Inventory:
     inv = _Inventory()
-    for oid, path in _loose_files(store.root):
+    for oid, path in store.loose.iter_files():
         try:
             inv.loose[oid] = os.stat(path).st_mtime_ns
         except FileNotFoundError:
@@ -141,7 +128,7 @@ def _inventory(store: PackedObjectStore) -> _Inventory:
 def stored_bytes(store: PackedObjectStore) -> int:
     """Bytes the objects take on disk: loose files plus packs and their indexes."""
     total = 0
-    for _oid, path in _loose_files(store.root):
+    for _oid, path in store.loose.iter_files():
         with contextlib.suppress(FileNotFoundError):
             total += os.stat(path).st_size
     store.add_pack_written()

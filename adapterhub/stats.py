@@ -12,7 +12,6 @@ from pathlib import Path
 
 from . import codec
 from .errors import AhError
-from .gc import _loose_files
 from .objects import header
 from .packstore import PackedObjectStore
 from .reach import ref_roots, walk
@@ -62,7 +61,7 @@ def _raw_lengths(store: PackedObjectStore) -> tuple[dict[str, int], int, int, in
     raw: dict[str, int] = {}
     stored = 0
     loose = 0
-    for oid, path in _loose_files(store.root):
+    for oid, path in store.loose.iter_files():
         try:
             with open(path, "rb") as fh:
                 head = fh.read(codec.RECORD_HEADER.size)

@@ -275,6 +275,18 @@ class LooseObjectStore(ObjectStore):
                 if not rest.startswith(TMP_PREFIX) and len(rest) == 62:
                     yield ObjectId(fan + rest)
 
+    def iter_files(self) -> Iterator[tuple[ObjectId, Path]]:
+        """(id, path) of every object file, unsorted (gc and stats stat them; temp files skipped)."""
+        if not self.root.is_dir():
+            return
+        for fan in os.listdir(self.root):
+            if len(fan) != 2:
+                continue
+            folder = self.root / fan
+            for name in os.listdir(folder):
+                if len(name) == 62 and not name.startswith(TMP_PREFIX):
+                    yield ObjectId(fan + name), folder / name
+
     def find_prefix(self, prefix: str) -> list[ObjectId]:
         # Only the one fan-out folder can hold matches: no full scan.
         fan_dir = self.root / prefix[:2]
