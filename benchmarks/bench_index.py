@@ -167,7 +167,7 @@ def arrow_phase(rows: int, branches: int, out: Path, repeat: int) -> list[list]:
     import duckdb
     import pyarrow as pa
 
-    from adapterhub.index.build import write_index
+    from adapterhub.index.build import LOAD_ORDER, write_index
     from adapterhub.index.queries import best_sql, log_sql, parse_where
     from adapterhub.index.schema import TABLES, arrow_type, to_arrow
 
@@ -202,6 +202,8 @@ def arrow_phase(rows: int, branches: int, out: Path, repeat: int) -> list[list]:
             typ = arrow_type(typ)
             cols[col] = t[col].cast(typ) if t is not None and col in t.column_names else pa.nulls(t.num_rows if t is not None else 0, typ)
         full[name] = pa.table(cols) if t is not None else to_arrow(name, {c: [] for c in TABLES[name]})
+    for name, keys in LOAD_ORDER.items():  # the row order a real rebuild loads in
+        full[name] = full[name].sort_by([(key, "ascending") for key in keys])
     path = out / f"arrow-{rows}.duckdb"
     with stopwatch() as load:
         write_index(path, full, "bench", 0)
