@@ -362,3 +362,32 @@ def load_evals(store, lists: EvalLists, commit: ObjectId) -> list[EvalInfo]:
             raise AhError(f"eval {eid[:12]} is listed under commit {commit[:12]} but measures {rec.commit[:12]}")
         out.append(EvalInfo(eid, rec))
     return out
+
+
+def eval_ids_of(lists: EvalLists, commits: Iterable[str]) -> list[ObjectId]:
+    """Eval object ids to send along with `commits` (push, clone, bundle)."""
+    out: list[ObjectId] = []
+    for c in commits:
+        out.extend(lists.read(c))
+    return out
+
+
+def link_received(store, lists: EvalLists, eval_ids: Iterable[str]) -> int:
+    """After eval objects arrived from elsewhere: list each under the commit it names.
+
+    Each object is read (so re-verified) and its own `commit` field decides the list, so a
+    sender cannot attach a record to a commit it does not measure. Returns how many ids
+    were new to their lists.
+    """
+    by_commit: dict[str, list[ObjectId]] = {}
+    for eid in eval_ids:
+        rec = store.get(eid, EVAL)
+        by_commit.setdefault(rec.commit, []).append(ObjectId(eid))
+    added = 0
+    for commit, ids in sorted(by_commit.items()):
+        known = set(lists.read(commit))
+        new = [i for i in ids if i not in known]
+        if new:
+            lists.append(commit, new)
+            added += len(new)
+    return added

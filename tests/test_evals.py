@@ -187,3 +187,22 @@ def test_show_and_log_json_carry_evals(tmp_path):
     assert [(e["metric"], e["value"], e["suite"]) for e in js["evals"]] == [("acc", 0.25, "glue")]
     log = json.loads(ah(reg.root, "log", "--format", "json").stdout)
     assert [len(c["evals"]) for c in log] == [0, 1] and log[1]["evals"][0]["commit"] == ids[0]
+
+
+def test_evals_travel_with_their_objects(tmp_path):
+    """What a transport does: send the commit's eval objects, relink them on arrival."""
+    from adapterhub.evals import eval_ids_of, link_received
+    from adapterhub.registry import Registry
+
+    src, ids = make_registry(tmp_path, 1)
+    sent = src.add_eval("HEAD", {"acc": 0.9, "loss": 0.1}, suite="s")
+    dst = Registry.init(tmp_path / "dst")
+    wanted = eval_ids_of(EvalLists(src.ah_dir), ids)
+    assert wanted == [e.id for e in sent]
+    for oid in wanted:  # copy the objects as a transport would
+        obj_type, body = src.store.read(oid)
+        dst.store.put(obj_type, body)
+    lists = EvalLists(dst.ah_dir)
+    assert link_received(dst.store, lists, wanted) == 2
+    assert link_received(dst.store, lists, wanted) == 0  # idempotent
+    assert lists.read(ids[0]) == wanted
