@@ -143,10 +143,35 @@ def test_damaged_index_is_refused(packed):
     store, bodies, _ = packed
     idx, _ = _only_pack(store)
     data = bytearray(idx.read_bytes())
-    data[IDX_HEAD.size + FANOUT.size + 5] ^= 1  # one id byte
+    target = sorted(o for o in bodies if store.loose.has(o) is False)[0]
+    data[IDX_HEAD.size + FANOUT.size + 5] ^= 1  # one byte of the first (lowest) id
     idx.write_bytes(bytes(data))
+    fresh = _fresh(store)
+    (pack,) = fresh.packs()
     with pytest.raises(CorruptObject, match="index checksum does not match"):
-        _fresh(store).read(sorted(bodies)[0])
+        pack.verify()
+    # Reads do not hash the index on open, yet never return wrong data: the damaged id is
+    # simply not found, and every other object still reads and re-hashes.
+    with pytest.raises(ObjectNotFound):
+        fresh.read(target)
+    for oid in sorted(bodies)[1:50]:
+        assert fresh.read(oid) == (BLOB, bodies[oid])
+
+
+def test_damaged_index_offset_never_returns_wrong_data(packed):
+    import struct
+
+    store, bodies, loose = packed
+    idx, _ = _only_pack(store)
+    data = bytearray(idx.read_bytes())
+    count = struct.unpack_from("<Q", data, 8)[0]
+    off_at = IDX_HEAD.size + FANOUT.size + 32 * count
+    first, second = struct.unpack_from("<QQ", data, off_at)
+    struct.pack_into("<Q", data, off_at, second)  # entry 0 now points at entry 1's record
+    idx.write_bytes(bytes(data))
+    target = sorted(o for o in bodies if o != loose)[0]
+    with pytest.raises(CorruptObject, match=target):
+        _fresh(store).read(target)
 
 
 def test_truncated_pack_is_refused(packed):
