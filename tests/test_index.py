@@ -415,3 +415,44 @@ def test_same_snapshot_committed_twice_and_evals_caught_up(tmp_path, monkeypatch
     rows = index_rows(reg)
     assert len(rows["snapshots"]) == 1 and len(rows["evals"]) == 2
     assert rows == rebuilt_rows(reg, tmp_path)
+
+
+HOLD_READ = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)
+con.execute("SELECT count(*) FROM commits").fetchall()
+print("reading", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_long_reader_elsewhere_never_yields_a_stale_answer(tmp_path, monkeypatch):
+    """Another process reading the index blocks our catch-up: we wait, never serve stale rows."""
+    reg, ids = make_registry(tmp_path, 1)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_READ, str(reg.ah_dir / "index.duckdb"), "2"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "reading"
+        new = reg.commit(write_adapter(tmp_path / "n", seed=8), "while read").id  # its sync is skipped
+        reg.add_eval(new, {"acc": 0.4})
+        got = best(reg, "acc")  # waits for the reader to go, then catches up
+        assert [b.info.id for b in got] == [new]
+    finally:
+        holder.kill()
+        holder.wait()
+    from adapterhub.index import update
+
+    monkeypatch.setattr(update, "READ_WAIT_S", 0.3)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_READ, str(reg.ah_dir / "index.duckdb"), "30"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "reading"
+        reg.add_eval(new, {"acc": 0.9, "f1": 0.5})
+        from adapterhub.index.db import IndexBusy
+
+        with pytest.raises(IndexBusy, match="try again"):
+            best(reg, "f1")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [b.eval.record.value for b in best(reg, "acc")] == [0.9]

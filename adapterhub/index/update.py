@@ -18,6 +18,7 @@ process raises IndexBusy, which writers ignore (the next command catches up).
 from __future__ import annotations
 
 import os
+import time
 
 from ..errors import AhError
 from ..evals import EvalLists
@@ -27,6 +28,7 @@ from .db import (
     IndexBusy,
     IndexCorrupt,
     connect,
+    READ_WAIT_S,
     connect_waiting,
     index_path,
     is_lock_error,
@@ -194,47 +196,65 @@ def sync(reg) -> str:
     return REBUILT
 
 
-def _is_fresh(con, reg) -> bool:
-    """True only when the recorded stats signature still holds (the cheap check).
+def _freshness(con, reg) -> tuple[bool, bool]:
+    """(index matches refs and journal, its stats signature needs recording).
 
-    Anything else (refs moved, or a signature that was missing or too young to trust)
-    goes through sync, which compares contents and records a fresh signature.
+    The stats signature answers in one stat per refs folder; when it is missing, too young
+    or different, the refs digest decides (it reads every ref).
     """
     meta = read_meta(con)
     if meta.get("journal_size") != str(EvalLists(reg.ah_dir).journal_size()):
-        return False
+        return False, False
     signature = refs_signature(reg)
-    return bool(signature) and signature == meta.get("refs_signature")
+    if signature and signature == meta.get("refs_signature"):
+        return True, False
+    return refs_state(reg).digest == meta.get("refs_digest"), bool(signature)
 
 
 def open_fresh(reg, config: dict | None = None):
-    """A read-only connection to an index that matches objects and refs.
+    """A read-only connection to an index that matches objects and refs, or IndexBusy.
 
     The common case (nothing changed since the last write) costs one read-only open and
-    the watermark check. Otherwise catch up first; if another process holds the write
-    lock, it is the one catching up: wait for it rather than fail.
+    the stats check. Otherwise catch up first. If another process holds the lock (a
+    writer catching up, or a long reader), wait and check again: a stale index is never
+    returned; after READ_WAIT_S the caller gets IndexBusy ("try again").
     """
     path = index_path(reg)
-    if path.exists():
-        try:
-            con = connect_waiting(path, read_only=True, config=config)
-        except IndexCorrupt:
-            con = None
+    deadline = time.monotonic() + READ_WAIT_S
+    delay = 0.02
+    while True:
+        con = None
+        if path.exists():
+            try:
+                con = connect_waiting(path, read_only=True, config=config)
+            except IndexCorrupt:
+                con = None
         if con is not None:
             try:
-                if _is_fresh(con, reg):
-                    return con
+                fresh, record = _freshness(con, reg)
             except IndexCorrupt:
-                pass
+                fresh, record = False, False
+            if fresh and not record:
+                return con
             con.close()
-    try:
-        sync(reg)
-    except IndexBusy:
-        pass
-    try:
-        return connect_waiting(path, read_only=True, config=config)
-    except IndexCorrupt as exc:  # rebuilt a moment ago and already unreadable: give up clearly
-        raise AhError(f"the index {path} cannot be opened: {exc}") from None
+            if fresh:  # right, but remember the cheap signature for next time (best effort)
+                try:
+                    sync(reg)
+                except IndexBusy:
+                    pass
+                return connect_waiting(path, read_only=True, config=config)
+        try:
+            sync(reg)
+        except IndexBusy:
+            if time.monotonic() > deadline:
+                raise IndexBusy(f"the index {path} is behind and another process holds its lock; try again") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            continue
+        try:  # caught up just now: as of this moment the index is the truth
+            return connect_waiting(path, read_only=True, config=config)
+        except IndexCorrupt as exc:
+            raise AhError(f"the index {path} cannot be opened: {exc}") from None
 
 
 def sync_after_write(reg) -> None:
