@@ -188,7 +188,11 @@ def collect_garbage(
 
         to_pack = sorted(reach.ids & stored)
         new_idx = None
-        if to_pack:
+        # Already one pack holding exactly what is reachable (say, right after `ah import`):
+        # rewriting it would only copy every byte again.
+        if not inv.loose and len(inv.pack_mtimes) == 1 and not (stored - reach.ids):
+            new_idx = next(iter(inv.pack_mtimes)).with_suffix(".idx")
+        elif to_pack:
             with store.writer() as writer:
                 for oid in to_pack:
                     record = store._read_record(oid)

@@ -72,9 +72,13 @@ def test_gc_packs_reachable_objects_and_keeps_history(tmp_path):
     # Same records, plus the index (fan-out table and 56 bytes per object) and pack framing.
     assert result.stored_after <= result.stored_before + 1024 + 56 * result.packed + 128
     _assert_all_reachable_readable(reg, tmp_path)
-    # A second gc over a fully packed store changes nothing and loses nothing.
+    # A second gc over a fully packed store changes nothing (the pack is not even
+    # rewritten) and loses nothing.
+    (pack_before,) = reg.store.packs()
+    mtime = os.stat(pack_before.path).st_mtime_ns
     again = _gc(reg)
     assert again.packed == result.packed and again.pruned == 0 and len(reg.store.packs()) == 1
+    assert again.pack == result.pack and os.stat(pack_before.path).st_mtime_ns == mtime
     _assert_all_reachable_readable(reg, tmp_path)
 
 
