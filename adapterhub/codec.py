@@ -21,10 +21,16 @@ from typing import Callable
 
 import zstandard
 
-from .encoding.delta import MAX_CHAIN
-from .encoding.frames import ZSTD_LEVEL, compressor, zstd_exact
-from .encoding.planes import layout_for
-from .encoding.tensor import DeltaBase, DeltaRef, decode_delta, decode_planes, encode_delta, encode_planes, read_delta_ref
+from .encoding.chain import MAX_CHAIN, DeltaBase, DeltaRef
+from .encoding.zstd import ZSTD_LEVEL, compressor, zstd_exact
+
+# The plane and delta encodings need numpy; they are imported on first use so that
+# reading commits and snapshots (`ah log`, `ah show`) starts without it.
+def _tensor_codec():
+    from .encoding import tensor
+
+    return tensor
+
 from .errors import CorruptObject, UnsupportedFormat
 
 MAGIC = b"AHO1"
@@ -103,6 +109,9 @@ def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, ba
     kept more than planes of that width usually keep (PLANES_WORTH_TRYING).
     """
     raw_len = len(header) + len(body)
+    from .encoding.planes import layout_for
+
+    tc = _tensor_codec()
     layout = layout_for(dtype)
     if layout is None or len(body) < layout.width:
         return encode([header, body])
@@ -110,9 +119,9 @@ def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, ba
     if len(body) < SMALL_TENSOR:
         candidates.append(encode([header, body]))
     if base is not None and base.depth < MAX_CHAIN and len(base.body) == len(body):
-        candidates.append(RECORD_HEADER.pack(MAGIC, ENC_DELTA, raw_len) + encode_delta(header, body, layout, base))
+        candidates.append(RECORD_HEADER.pack(MAGIC, ENC_DELTA, raw_len) + tc.encode_delta(header, body, layout, base))
     if len(candidates) == 0 or min(map(len, candidates)) > PLANES_WORTH_TRYING[layout.width] * raw_len:
-        candidates.append(RECORD_HEADER.pack(MAGIC, ENC_PLANES, raw_len) + encode_planes(header, body, layout))
+        candidates.append(RECORD_HEADER.pack(MAGIC, ENC_PLANES, raw_len) + tc.encode_planes(header, body, layout))
     return min(candidates, key=len)
 
 
@@ -139,7 +148,7 @@ def dependency(oid: str, record: bytes | memoryview) -> str | None:
     """The object a record cannot be decoded without: a delta's base or a dictionary."""
     enc, raw_len, payload = _split_record(oid, record)
     if enc == ENC_DELTA:
-        return read_delta_ref(oid, payload, raw_len).base
+        return _tensor_codec().read_delta_ref(oid, payload, raw_len).base
     if enc == ENC_DICT:
         return _dict_id(oid, payload)
     return None
@@ -154,7 +163,7 @@ def _dict_id(oid: str, payload: memoryview) -> str:
 def delta_ref(oid: str, record: bytes | memoryview) -> DeltaRef | None:
     """The base a delta record depends on, or None for a self-contained record."""
     enc, raw_len, payload = _split_record(oid, record)
-    return read_delta_ref(oid, payload, raw_len) if enc == ENC_DELTA else None
+    return _tensor_codec().read_delta_ref(oid, payload, raw_len) if enc == ENC_DELTA else None
 
 
 def decode(
@@ -181,14 +190,14 @@ def decode(
         dctx = _dict_decompressor(dict_id, load_dict(dict_id))
         return zstd_exact(oid, payload[DICT_ID_BYTES:], raw_len, dctx)
     if enc == ENC_PLANES:
-        data = decode_planes(oid, payload, raw_len)
+        data = _tensor_codec().decode_planes(oid, payload, raw_len)
     else:
-        ref = read_delta_ref(oid, payload, raw_len)
+        ref = _tensor_codec().read_delta_ref(oid, payload, raw_len)
         if ref.depth > max_depth:
             raise CorruptObject(oid, f"delta chain is deeper than {MAX_CHAIN} (record declares depth {ref.depth})")
         if load_base is None:
             raise CorruptObject(oid, f"delta record needs its base {ref.base}, which cannot be read here")
-        data = decode_delta(oid, payload, raw_len, load_base)
+        data = _tensor_codec().decode_delta(oid, payload, raw_len, load_base)
     if len(data) != raw_len:
         raise CorruptObject(oid, f"decoded to {len(data)} bytes, record declares {raw_len}")
     return data

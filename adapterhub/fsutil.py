@@ -25,14 +25,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, chunks: bytes | Iterable[bytes], *, durable: bool = True) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(
+    path: Path, chunks: bytes | Iterable[bytes], *, durable: bool = True, user_file: bool = False
+) -> None:
     """Write `chunks` to `path` atomically (temp file + fsync + rename).
 
     The rename replaces whatever is at `path`, a symlink included, without following it.
+    mkstemp creates files 0600, right for registry internals; a `user_file` (a checked-out
+    adapter file) gets the usual 0666 & ~umask, as `cp` or `save_pretrained` would give it.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
+        if user_file:
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             if isinstance(chunks, (bytes, bytearray, memoryview)):
                 fh.write(chunks)

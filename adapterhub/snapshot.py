@@ -275,7 +275,7 @@ def materialize(
                 written += len(c)
                 yield c
 
-        atomic_write(target, counted(iter_file_bytes(store, entry, snap_id)), durable=False)
+        atomic_write(target, counted(iter_file_bytes(store, entry, snap_id)), durable=False, user_file=True)
         if written != entry.size:
             raise CorruptObject(snap_id, f"{entry.path} rebuilt to {written} bytes, snapshot says {entry.size}")
         if progress:

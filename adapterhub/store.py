@@ -17,7 +17,7 @@ from typing import Iterator
 from . import codec
 from .errors import AmbiguousRevision, CorruptObject, ObjectNotFound
 from .fsutil import TMP_PREFIX, atomic_write
-from .encoding.tensor import DeltaBase
+from .encoding.chain import DeltaBase
 from .objects import BLOB, COMMIT, SNAPSHOT, TAG, TENSOR, Commit, ObjectId, Snapshot, Tag, hash_object, header, parse_object, split_canonical
 
 

@@ -1,6 +1,6 @@
 """The `ah` CLI contract of DESIGN.md, run as a user runs it (a subprocess per command):
 outputs, JSON shapes, registry discovery, one-line errors with exit codes, and start-up
-that never imports torch, peft or transformers."""
+that never imports torch, peft, transformers, numpy or duckdb."""
 
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ try:
     main()
 except SystemExit as exc:
     code = exc.code
-heavy = sorted(m for m in ("torch", "peft", "transformers", "safetensors.torch") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "peft", "transformers", "safetensors.torch", "numpy", "duckdb") if m in sys.modules)
 with open(PROBE_OUT, "w") as fh:
     json.dump({"code": code, "heavy": heavy}, fh)
 """

@@ -33,7 +33,7 @@ KINDS = (XOR, ORD)
 WRITE_KIND = ORD
 # Longest chain of deltas before a tensor is stored whole again (a keyframe): reading a
 # tensor at depth d decodes d+1 records.
-MAX_CHAIN = 8
+from .chain import MAX_CHAIN  # noqa: E402,F401 (re-exported)
 _SIGNED = {2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
 
 

@@ -14,66 +14,20 @@ and two nested sections (packed codes, escaped bytes). See docs/format/encodings
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import zstandard
 
 from ..errors import CorruptObject
+from .zstd import ZSTD_LEVEL, compressor, decompressor, get_varint, put_varint, zstd_exact  # noqa: F401 (re-exported)
 
 RAW = 0
 ZSTD = 1
 FILL = 2
 CODES = 3
 CODE_BITS = (2, 4)
-ZSTD_LEVEL = 3
 # Planes are mostly literals, where zstd's level buys nothing: level 1 is as small
 # (smaller on exponent planes, whose block splitting suits them) and twice as fast.
 PLANE_LEVEL = 1
-
-_local = threading.local()
-
-
-def compressor(level: int = ZSTD_LEVEL) -> zstandard.ZstdCompressor:
-    # zstandard contexts are not thread-safe: one per thread and level.
-    cctxs = _local.__dict__.setdefault("cctxs", {})
-    cctx = cctxs.get(level)
-    if cctx is None:
-        cctx = cctxs[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    return cctx
-
-
-def decompressor() -> zstandard.ZstdDecompressor:
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    return dctx
-
-
-def put_varint(out: bytearray, value: int) -> None:
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return
-
-
-def get_varint(oid: str, data: memoryview, pos: int) -> tuple[int, int]:
-    """(value, next position); at most 10 bytes, never past the end."""
-    value = 0
-    for shift in range(0, 70, 7):
-        if pos >= len(data):
-            raise CorruptObject(oid, "stored record is truncated (in a length field)")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-    raise CorruptObject(oid, "stored record has an overlong length field")
-
 
 def _plain_section(section: bytes | memoryview) -> bytes:
     """The section as raw, fill or zstd, whichever is smallest."""
@@ -219,22 +173,3 @@ def _unpack_table(bits: int) -> np.ndarray:
 
 
 _UNPACK = {bits: _unpack_table(bits) for bits in CODE_BITS}
-
-
-def zstd_exact(oid: str, frame: bytes | memoryview, expect: int, dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
-    """Inflate one zstd frame that must be exactly `expect` bytes; never more."""
-    try:
-        declared = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError as exc:
-        raise CorruptObject(oid, f"bad zstd frame: {exc}") from None
-    if declared not in (-1, expect):
-        raise CorruptObject(oid, f"zstd frame declares {declared} bytes where {expect} are expected")
-    try:
-        # With a declared size zstandard allocates exactly that; without one,
-        # max_output_size caps what it will produce.
-        data = (dctx or decompressor()).decompress(frame, max_output_size=max(expect, 1))
-    except zstandard.ZstdError as exc:
-        raise CorruptObject(oid, f"zstd frame does not decompress: {exc}") from None
-    if len(data) != expect:
-        raise CorruptObject(oid, f"zstd frame inflated to {len(data)} bytes, {expect} expected")
-    return data

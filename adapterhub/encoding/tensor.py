@@ -14,46 +14,18 @@ kept so that any byte string round-trips). A delta's tail is stored as is, not d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from ..errors import CorruptObject
+from .chain import DeltaBase, DeltaRef  # noqa: F401 (re-exported)
 from . import delta as deltas
 from .frames import decode_section, encode_section
 from .planes import PlaneLayout, as_words, join, rotate, split, unrotate
 
 _MAX_HEADER = 32
 OID_BYTES = 32
-
-
-@dataclass(frozen=True)
-class DeltaBase:
-    """What a delta needs to know about its base.
-
-    Attributes:
-        oid: id of the base tensor object.
-        body: the base tensor's bytes (same length as the tensor being stored).
-        depth: the base's own chain depth (0 when stored whole).
-    """
-
-    oid: str
-    body: bytes | memoryview
-    depth: int
-
-
-@dataclass(frozen=True)
-class DeltaRef:
-    """The base a stored delta record names, read from its payload without decoding it.
-
-    Attributes:
-        base: id of the base object.
-        depth: this record's chain depth (1 for a delta against a whole record).
-    """
-
-    base: str
-    depth: int
 
 
 def _planes_body(out: bytearray, words: np.ndarray, layout: PlaneLayout, tail: bytes | memoryview) -> None:
