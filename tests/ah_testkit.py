@@ -80,3 +80,15 @@ def rebuilt_rows(reg, tmp_path: Path) -> dict[str, list]:
     other = Registry(copy)
     rebuild(other)
     return index_rows(other)
+
+
+def assert_cli_error(result: tuple[int, str, str], code: int, *fragments: str) -> str:
+    """`ah` failed as the contract says: exit `code`, one `error:` line, no traceback."""
+    rc, out, err = result
+    assert rc == code, (rc, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+    return lines[0]

@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from ah_testkit import write_adapter
+from ah_testkit import assert_cli_error, write_adapter
 from conftest import run_ah
 
 from adapterhub import codec
@@ -80,16 +80,6 @@ def _assert_refused_cleanly(reg: Registry, before: dict) -> None:
         reg.store.read(oid)
 
 
-def _assert_cli_error(result: tuple[int, str, str], code: int, *fragments: str) -> str:
-    """`ah` failed as the contract says: exit `code`, one `error:` line, no traceback."""
-    rc, out, err = result
-    assert rc == code, (rc, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for frag in fragments:
-        assert frag in lines[0], (frag, lines[0])
-    return lines[0]
 
 
 # --- pickle weights: refused, never unpickled -------------------------------------------
@@ -163,7 +153,7 @@ def test_cli_pickle_refused(reg, tmp_path):
     (folder / "adapter_model.bin").write_bytes(_evil_pickle(marker))
     before = _state(reg)
     proc = run_ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
-    _assert_cli_error(proc, 2, "adapter_model.bin", "safetensors")
+    assert_cli_error(proc, 2, "adapter_model.bin", "safetensors")
     assert not marker.exists()
     assert _state(reg) == before
 
@@ -246,7 +236,7 @@ def test_cli_malformed_safetensors(reg, tmp_path):
     (folder / "adapter_model.safetensors").write_bytes(MALFORMED["overlapping"][0])
     before = _state(reg)
     proc = run_ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
-    _assert_cli_error(proc, 2, "adapter_model.safetensors", "overlaps")
+    assert_cli_error(proc, 2, "adapter_model.safetensors", "overlaps")
     assert _state(reg) == before
 
 
@@ -283,7 +273,7 @@ def test_commit_refuses_non_utf8_name(reg, tmp_path):
     with pytest.raises(UnsafePath, match="not valid UTF-8"):
         reg.commit(folder, "non-utf8")
     _assert_refused_cleanly(reg, before)
-    _assert_cli_error(run_ah("--registry", reg.root, "commit", folder, "-m", "x"), 2, "not valid UTF-8")
+    assert_cli_error(run_ah("--registry", reg.root, "commit", folder, "-m", "x"), 2, "not valid UTF-8")
 
 
 def test_commit_refuses_empty_ah_folder(reg, tmp_path):
@@ -326,7 +316,7 @@ def test_cli_backslash_name(reg, tmp_path):
     folder = _bad_folder(tmp_path)
     (folder / "a\\b.txt").write_text("x")
     proc = run_ah("--registry", str(reg.root), "commit", str(folder), "-m", "x")
-    _assert_cli_error(proc, 2, "backslash")
+    assert_cli_error(proc, 2, "backslash")
 
 
 # --- unsafe names in a stored snapshot at checkout --------------------------------------
@@ -416,7 +406,7 @@ def test_cli_checkout_unsafe_stored_name(reg, tmp_path):
     snap_id = _plant_snapshot(reg, ["../escape.txt"])
     out = tmp_path / "out"
     proc = run_ah("--registry", str(reg.root), "checkout", "evil", "-o", str(out))
-    _assert_cli_error(proc, 1, f"corrupt object {snap_id}", "..")
+    assert_cli_error(proc, 1, f"corrupt object {snap_id}", "..")
     assert not out.exists()
     assert not (tmp_path / "escape.txt").exists()
 
@@ -518,7 +508,7 @@ def test_cli_checkout_force_symlinks(nested, tmp_path):
     (out / "adapter_config.json").symlink_to(outside_file)
     (out / "extra").symlink_to(outside_dir, target_is_directory=True)
     proc = run_ah("--registry", str(nested.root), "checkout", "main", "-o", str(out), "--force")
-    _assert_cli_error(proc, 1, "symlink", str(out / "extra"))
+    assert_cli_error(proc, 1, "symlink", str(out / "extra"))
     assert outside_file.read_text() == "ORIGINAL"
     assert os.listdir(outside_dir) == []
 
@@ -593,9 +583,9 @@ def test_cli_show_reports_corrupt_commit(reg):
     oid = _every_kind(reg)["commit"]
     _flip(_object_path(reg, oid), -1)
     proc = run_ah("--registry", str(reg.root), "show", "main")
-    _assert_cli_error(proc, 1, f"corrupt object {oid}")
+    assert_cli_error(proc, 1, f"corrupt object {oid}")
     proc = run_ah("--registry", str(reg.root), "log", "--format", "json")
-    _assert_cli_error(proc, 1, oid)
+    assert_cli_error(proc, 1, oid)
 
 
 def test_cli_checkout_reports_corrupt_tensor(reg, tmp_path):
@@ -604,7 +594,7 @@ def test_cli_checkout_reports_corrupt_tensor(reg, tmp_path):
     _flip(path, path.stat().st_size // 2)
     out = tmp_path / "out"
     proc = run_ah("--registry", str(reg.root), "checkout", "main", "-o", str(out))
-    _assert_cli_error(proc, 1, f"corrupt object {oid}")
+    assert_cli_error(proc, 1, f"corrupt object {oid}")
     # The damaged file never appears under its final name, and no temp file is left.
     assert not (out / "adapter_model.safetensors").exists()
     assert [p.name for p in out.iterdir()] in ([], ["adapter_config.json"])
@@ -614,9 +604,9 @@ def test_cli_missing_object_named(reg, tmp_path):
     oid = _every_kind(reg)["tensor"]
     _object_path(reg, oid).unlink()
     out = tmp_path / "out"
-    _assert_cli_error(run_ah("--registry", reg.root, "checkout", "main", "-o", out), 1, f"object {oid} not found")
+    assert_cli_error(run_ah("--registry", reg.root, "checkout", "main", "-o", out), 1, f"object {oid} not found")
     assert not (out / "adapter_model.safetensors").exists()
-    _assert_cli_error(run_ah("--registry", reg.root, "cat-file", "-p", oid), 2, f"unknown revision '{oid}'")
+    assert_cli_error(run_ah("--registry", reg.root, "cat-file", "-p", oid), 2, f"unknown revision '{oid}'")
 
 
 def test_truncated_object_detected(reg):
@@ -644,7 +634,7 @@ def test_unknown_format_version_refused(reg, config):
 def test_cli_unknown_format_version(reg):
     (reg.ah_dir / "config.json").write_text(json.dumps({"format_version": 99}))
     proc = run_ah("--registry", str(reg.root), "log")
-    _assert_cli_error(proc, 1, "format version 99", "upgrade")
+    assert_cli_error(proc, 1, "format version 99", "upgrade")
 
 
 def test_config_not_json_refused(reg):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ah_testkit import write_adapter
+from ah_testkit import assert_cli_error, write_adapter
 from conftest import TEST_AUTHOR, sha256_tree
 from test_revisions import _colliding_bodies
 
@@ -26,16 +26,6 @@ def ok(result: tuple[int, str, str]) -> str:
     return out
 
 
-def fails(result: tuple[int, str, str], code: int, *fragments: str) -> str:
-    """The command failed as the contract says: exit `code`, one `error:` line, no traceback."""
-    rc, out, err = result
-    assert rc == code, (rc, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for frag in fragments:
-        assert frag in lines[0], (frag, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
@@ -67,14 +57,14 @@ def test_init(ah, tmp_path):
     ah_dir = tmp_path / "r" / ".ah"
     assert json.loads((ah_dir / "config.json").read_text())["format_version"] == 1
     assert (ah_dir / "HEAD").read_text() == "ref: refs/heads/main\n"
-    fails(ah("init", tmp_path / "r"), 2, "already holds a registry")
+    assert_cli_error(ah("init", tmp_path / "r"), 2, "already holds a registry")
 
 
 def test_init_in_cwd_and_initial_branch(ah, tmp_path):
     (tmp_path / "here").mkdir()
     ok(ah("init", "-b", "users/alice/main", cwd=tmp_path / "here"))
     assert (tmp_path / "here/.ah/HEAD").read_text() == "ref: refs/heads/users/alice/main\n"
-    fails(ah("init", tmp_path / "x", "-b", "bad..name"), 2, "invalid branch name")
+    assert_cli_error(ah("init", tmp_path / "x", "-b", "bad..name"), 2, "invalid branch name")
     assert not (tmp_path / "x" / ".ah").exists()
 
 
@@ -99,9 +89,9 @@ def test_commit_on_branch_option(repo, tmp_path):
 
 
 def test_commit_needs_message(repo, tmp_path):
-    fails(repo("commit", write_adapter(tmp_path / "a")), 2, "-m")
-    fails(repo("commit", write_adapter(tmp_path / "a"), "-m", "  "), 2, "commit message is required")
-    fails(repo("commit", tmp_path / "missing", "-m", "x"), 2, "is not a folder")
+    assert_cli_error(repo("commit", write_adapter(tmp_path / "a")), 2, "-m")
+    assert_cli_error(repo("commit", write_adapter(tmp_path / "a"), "-m", "  "), 2, "commit message is required")
+    assert_cli_error(repo("commit", tmp_path / "missing", "-m", "x"), 2, "is not a folder")
 
 
 def test_log_json(repo, tmp_path):
@@ -166,7 +156,7 @@ def test_checkout_roundtrip(repo, tmp_path):
     ok(repo("checkout", "HEAD", "-o", tmp_path / "out2"))
     assert sha256_tree(tmp_path / "out2") == sha256_tree(b)
     # Not into a non-empty folder without --force; with it, files are replaced.
-    fails(repo("checkout", "main", "-o", tmp_path / "out1"), 1, "not empty")
+    assert_cli_error(repo("checkout", "main", "-o", tmp_path / "out1"), 1, "not empty")
     ok(repo("checkout", "main", "-o", tmp_path / "out1", "--force"))
     assert sha256_tree(tmp_path / "out1")["adapter_model.safetensors"] == sha256_tree(b)["adapter_model.safetensors"]
     assert "sub/tokenizer.json" in sha256_tree(tmp_path / "out1")  # other files stay
@@ -181,7 +171,7 @@ def test_branch_tag_switch(repo, tmp_path):
     assert ok(repo("branch")).splitlines() == [f"  dev  {c1[:12]}", f"* main  {c1[:12]}"]
     assert json.loads(ok(repo("branch", "--format", "json"))) == [
         {"name": "dev", "commit": c1, "current": False}, {"name": "main", "commit": c1, "current": True}]
-    fails(repo("branch", "dev"), 2, "already exists")
+    assert_cli_error(repo("branch", "dev"), 2, "already exists")
 
     assert "Switched to branch dev" in ok(repo("switch", "dev"))
     c2 = commit(repo, write_adapter(tmp_path / "b", seed=1), "on dev")
@@ -189,21 +179,21 @@ def test_branch_tag_switch(repo, tmp_path):
     assert json.loads(ok(repo("log", "--format", "json")))[0]["id"] == c2
     assert "a new branch" in ok(repo("switch", "-c", "users/bob/x", "main"))
     assert json.loads(ok(repo("log", "--format", "json")))[0]["id"] == c1
-    fails(repo("switch", "nope"), 2, "branch 'nope' not found")
+    assert_cli_error(repo("switch", "nope"), 2, "branch 'nope' not found")
 
     ok(repo("tag", "v1", "dev"))
     ok(repo("tag", "v0", "main", "-m", "annotated"))
     assert ok(repo("tag")).splitlines() == [f"v0  {c1[:12]}", f"v1  {c2[:12]}"]
     assert {t["name"]: t["commit"] for t in json.loads(ok(repo("tag", "--format", "json")))} == {"v0": c1, "v1": c2}
     assert json.loads(ok(repo("show", "v0", "--format", "json")))["id"] == c1
-    fails(repo("tag", "v1"), 2, "already exists")
+    assert_cli_error(repo("tag", "v1"), 2, "already exists")
     ok(repo("tag", "-d", "v1"))
-    fails(repo("show", "v1"), 2, "unknown revision 'v1'")
+    assert_cli_error(repo("show", "v1"), 2, "unknown revision 'v1'")
 
-    fails(repo("branch", "-d", "users/bob/x"), 2, "HEAD points at it")
+    assert_cli_error(repo("branch", "-d", "users/bob/x"), 2, "HEAD points at it")
     ok(repo("switch", "main"))
     assert ok(repo("branch", "-d", "users/bob/x")).startswith("Deleted branch users/bob/x")
-    fails(repo("branch", "-d", "users/bob/x"), 2, "not found")
+    assert_cli_error(repo("branch", "-d", "users/bob/x"), 2, "not found")
 
 
 def test_reflog(repo, tmp_path):
@@ -225,7 +215,7 @@ def test_cat_file(repo, tmp_path):
     assert ok(repo("cat-file", "-t", tensor)).strip() == "tensor"
     assert ok(repo("cat-file", "-s", tensor)).strip() == str(4 * 16 * 4)
     assert ok(repo("cat-file", tensor)).strip() == "<tensor: 256 bytes>"
-    fails(repo("cat-file", "abcdef0123"), 2, "unknown revision")
+    assert_cli_error(repo("cat-file", "abcdef0123"), 2, "unknown revision")
 
 
 # --- registry discovery ------------------------------------------------------------------
@@ -250,15 +240,15 @@ def test_discovery(ah, tmp_path):
     # The nearest wins when registries are nested.
     ok(ah("init", sub))
     (sub / "x").mkdir()
-    fails(ah("log", cwd=sub / "x"), 2, "has no commits yet")
+    assert_cli_error(ah("log", cwd=sub / "x"), 2, "has no commits yet")
     assert head(cwd=tmp_path / "r1" / "deep") == c1
 
 
 def test_no_registry(ah, tmp_path):
     (tmp_path / "empty").mkdir()
-    fails(ah("log", cwd=tmp_path / "empty"), 2, "not inside an adapterhub registry", "ah init")
-    fails(ah("--registry", tmp_path / "empty", "log"), 2, "is not an adapterhub registry")
-    fails(ah("log", cwd=tmp_path / "empty", env={"AH_REGISTRY": tmp_path / "nowhere"}), 2, "not an adapterhub registry")
+    assert_cli_error(ah("log", cwd=tmp_path / "empty"), 2, "not inside an adapterhub registry", "ah init")
+    assert_cli_error(ah("--registry", tmp_path / "empty", "log"), 2, "is not an adapterhub registry")
+    assert_cli_error(ah("log", cwd=tmp_path / "empty", env={"AH_REGISTRY": tmp_path / "nowhere"}), 2, "not an adapterhub registry")
 
 
 # --- error contract ------------------------------------------------------------------------
@@ -266,18 +256,18 @@ def test_no_registry(ah, tmp_path):
 
 def test_usage_errors(repo, tmp_path):
     cid = commit(repo, write_adapter(tmp_path / "a"), "first")
-    fails(repo("show", "nope"), 2, "unknown revision 'nope'")
-    fails(repo("log", "main~5"), 2, "has no parent")
-    fails(repo("checkout", "deadbeef00", "-o", tmp_path / "o"), 2, "unknown revision")
+    assert_cli_error(repo("show", "nope"), 2, "unknown revision 'nope'")
+    assert_cli_error(repo("log", "main~5"), 2, "has no parent")
+    assert_cli_error(repo("checkout", "deadbeef00", "-o", tmp_path / "o"), 2, "unknown revision")
     assert not (tmp_path / "o").exists()
-    fails(repo("show", cid[:5]), 2, "unknown revision")
-    fails(repo("branch", "bad..name"), 2, "invalid branch name 'bad..name'")
-    fails(repo("tag", "a b"), 2, "invalid tag name")
-    fails(repo("switch", "-c", "x.lock"), 2, "invalid branch name")
-    fails(repo("log", "-n", "-1"), 2, "-n")
-    fails(repo("nosuchcommand"), 2, "No such command")
-    fails(repo("log", "--format", "xml"), 2, "xml")
-    fails(repo("commit", tmp_path / "a", "-m", "x", "--param", "novalue"), 2, "KEY=VALUE")
+    assert_cli_error(repo("show", cid[:5]), 2, "unknown revision")
+    assert_cli_error(repo("branch", "bad..name"), 2, "invalid branch name 'bad..name'")
+    assert_cli_error(repo("tag", "a b"), 2, "invalid tag name")
+    assert_cli_error(repo("switch", "-c", "x.lock"), 2, "invalid branch name")
+    assert_cli_error(repo("log", "-n", "-1"), 2, "-n")
+    assert_cli_error(repo("nosuchcommand"), 2, "No such command")
+    assert_cli_error(repo("log", "--format", "xml"), 2, "xml")
+    assert_cli_error(repo("commit", tmp_path / "a", "-m", "x", "--param", "novalue"), 2, "KEY=VALUE")
 
 
 def test_ambiguous_short_id(repo, tmp_path):
@@ -287,10 +277,10 @@ def test_ambiguous_short_id(repo, tmp_path):
     store = Registry.open(repo.root).store
     a, b = _colliding_bodies(lambda i: b"cli %d" % i)
     ida, idb = store.put(BLOB, a), store.put(BLOB, b)
-    line = fails(repo("show", ida[:6]), 2, f"short id {ida[:6]} is ambiguous")
+    line = assert_cli_error(repo("show", ida[:6]), 2, f"short id {ida[:6]} is ambiguous")
     assert ida[:12] in line and idb[:12] in line
-    fails(repo("checkout", ida[:6], "-o", tmp_path / "o"), 2, "ambiguous")
-    fails(repo("cat-file", "-t", ida[:6]), 2, "ambiguous")
+    assert_cli_error(repo("checkout", ida[:6], "-o", tmp_path / "o"), 2, "ambiguous")
+    assert_cli_error(repo("cat-file", "-t", ida[:6]), 2, "ambiguous")
     assert ok(repo("cat-file", "-t", ida)).strip() == "blob"
 
 
