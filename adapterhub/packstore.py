@@ -1,7 +1,10 @@
 """The registry's object store: loose objects for fresh writes, packs for the bulk.
 
 Writes go to loose files (one atomic rename each, no coordination with other writers);
-`ah gc` and `ah import` move objects into packs (`adapterhub.pack`). A read looks in the
+`ah gc` and `ah import` move objects into packs (`adapterhub.pack`). A commit writes inside
+`batch()`: its new objects are held until the batch ends and then land in ONE new pack
+(one fsync for the pack, one for its index) when they are big enough to be worth it, since
+fsyncing one loose file per tensor cost more than encoding the tensors. A read looks in the
 loose folder first, then in every pack through its index. The set of packs is re-listed
 whenever a lookup misses, so an object that gc moved from a loose file into a new pack
 while this process was running is still found.
@@ -11,15 +14,21 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from . import codec
 from .errors import ObjectNotFound
 from .objects import ObjectId
 from .pack import Pack, PackWriter, pack_paths
 from .store import LooseObjectStore, ObjectStore
 
 PACK_DIR = "pack"
+# A batch whose records total less than this is written as loose files: a few small
+# objects cost little that way, and a pack per small commit would multiply the packs
+# every lookup walks until the next gc. Above it one pack replaces dozens of fsyncs.
+BATCH_PACK_MIN_BYTES = 1 << 20
 
 
 class PackedObjectStore(ObjectStore):
@@ -39,6 +48,8 @@ class PackedObjectStore(ObjectStore):
         self._packs: dict[str, Pack] = {}
         self._listing: tuple | None = None
         self._lock = threading.Lock()
+        # id -> record of objects written inside `batch()`, not yet on disk.
+        self._pending: dict[str, bytes] | None = None
 
     # --- packs ---------------------------------------------------------------------------
     def packs(self) -> list[Pack]:
@@ -89,11 +100,49 @@ class PackedObjectStore(ObjectStore):
         self._listing = None
         self.rescan()
 
+    @contextmanager
+    def batch(self):
+        """Hold the objects written inside the block; write them all when it ends.
+
+        They go into one new pack (complete and indexed before this returns, so a ref
+        moved afterwards never names an object a reader cannot find), or as loose files
+        when they total under BATCH_PACK_MIN_BYTES. Leaving the block with an exception
+        writes nothing: no orphan objects from a refused or failed commit. Writes from
+        any thread of this store join the batch (commits encode tensors on a pool);
+        nested batches join the outer one.
+        """
+        if self._pending is not None:
+            yield
+            return
+        self._pending = {}
+        try:
+            yield
+            self._flush(self._pending)
+        finally:
+            self._pending = None
+
+    def _flush(self, pending: dict[str, bytes]) -> None:
+        if sum(len(r) for r in pending.values()) < BATCH_PACK_MIN_BYTES:
+            for oid, record in pending.items():
+                self.loose._write_record(ObjectId(oid), record)
+            return
+        with self.writer() as writer:
+            for oid, record in pending.items():
+                writer.add(oid, record, codec.raw_length(oid, record))
+            writer.finish()
+        self.add_pack_written()
+
     # --- contract primitives -------------------------------------------------------------
     def has(self, oid: str) -> bool:
+        pending = self._pending
+        if pending is not None and oid in pending:
+            return True
         return self.loose.has(oid) or self._find_in_packs(oid) is not None
 
     def _read_record(self, oid: str) -> bytes:
+        pending = self._pending
+        if pending is not None and oid in pending:
+            return pending[oid]
         try:
             return self.loose._read_record(oid)
         except ObjectNotFound:
@@ -104,9 +153,16 @@ class PackedObjectStore(ObjectStore):
         return pack.read_record(oid)
 
     def _write_record(self, oid: ObjectId, record: bytes) -> None:
+        pending = self._pending
+        if pending is not None:
+            pending[oid] = record
+            return
         self.loose._write_record(oid, record)
 
     def _freshen(self, oid: ObjectId) -> bool:
+        pending = self._pending
+        if pending is not None and oid in pending:
+            return True
         if self.loose._freshen(oid):
             return True
         pack = self._find_in_packs(oid)

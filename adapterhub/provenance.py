@@ -7,6 +7,7 @@ imports torch, peft or transformers: versions come from package metadata.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
@@ -87,6 +88,14 @@ def code_version(cwd: Path | None = None) -> dict | None:
 
 
 def environment() -> dict:
+    """Python, platform and the versions of ENV_PACKAGES (a fresh dict each call)."""
+    return dict(_environment())
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> dict:
+    # Read once per process: package metadata parsing cost ~15 ms per commit, and the
+    # interpreter's installed packages do not change under a running process.
     env = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
     for pkg in ENV_PACKAGES:
         try:

@@ -152,25 +152,28 @@ class Registry:
         else:
             refname, parent = self.refs.read_head()
         parent_snap = self.store.get_commit(parent).snapshot if parent else None  # delta bases (issue 4)
-        snap_id, stats = store_folder(self.store, folder, progress, delta_from=parent_snap)
-        record = prov.collect(
-            folder,
-            base_model=base_model,
-            base_model_revision=base_model_revision,
-            dataset=dataset,
-            train_config=Path(train_config) if train_config else None,
-            params=params,
-        )
-        parents = ([parent] if parent else []) + [self.resolve(p) for p in extra_parents]
-        commit = Commit(
-            snapshot=snap_id,
-            parents=tuple(parents),
-            author=author or prov.default_author(),
-            timestamp=prov.now(),
-            message=message,
-            provenance=record,
-        )
-        oid = self.store.put(COMMIT, commit.serialize())
+        # One batch: the new objects land together (one pack for a big checkpoint) and are
+        # all on disk when the block ends, before the ref below moves.
+        with self.store.batch():
+            snap_id, stats = store_folder(self.store, folder, progress, delta_from=parent_snap)
+            record = prov.collect(
+                folder,
+                base_model=base_model,
+                base_model_revision=base_model_revision,
+                dataset=dataset,
+                train_config=Path(train_config) if train_config else None,
+                params=params,
+            )
+            parents = ([parent] if parent else []) + [self.resolve(p) for p in extra_parents]
+            commit = Commit(
+                snapshot=snap_id,
+                parents=tuple(parents),
+                author=author or prov.default_author(),
+                timestamp=prov.now(),
+                message=message,
+                provenance=record,
+            )
+            oid = self.store.put(COMMIT, commit.serialize())
         summary = f"commit{' (initial)' if not parent else ''}: {message.splitlines()[0]}"
         if refname is None:
             self.refs.set_head_detached(oid, expected=parent)  # CAS too: a detached HEAD loses nothing

@@ -8,6 +8,7 @@ disk, in a pack or from a remote is an error naming the object, never silent dam
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -95,6 +96,11 @@ class ObjectStore:
         False when the object vanished since `has` (gc pruned it): the caller writes it again.
         """
         return True
+
+    def batch(self):
+        """A block whose writes may be grouped (one pack per commit in the packed store);
+        every object is stored once the block ends. Here: written one by one at once."""
+        return contextlib.nullcontext()
 
     # --- shared behaviour -----------------------------------------------------------
     def put(

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 from adapterhub.errors import RefLocked
 from adapterhub.fsutil import TMP_PREFIX
+from adapterhub.pack import Pack
 from adapterhub.refs import HEADS
 from adapterhub.registry import Registry
 from adapterhub.snapshot import iter_file_bytes
@@ -87,7 +88,20 @@ def _assert_registry_consistent(reg: Registry, sources: dict[str, Path]) -> None
     for oid in store.iter_ids():
         obj_type, _ = store.read(oid)  # re-hashes: raises CorruptObject on a torn object
         store.get(oid)  # and the structured ones parse
+    pack_dir = reg.ah_dir / "objects" / "pack"
+    for name in os.listdir(pack_dir) if pack_dir.is_dir() else ():
+        # A commit's pack: visible only as a complete pack with its index, whole.
+        if name.startswith(TMP_PREFIX):
+            continue
+        assert name.startswith("pack-") and name.endswith((".pack", ".idx")), name
+        if name.endswith(".idx"):
+            assert (pack_dir / name).with_suffix(".pack").is_file(), name
+            pack = Pack(pack_dir / name)
+            pack.verify()
+            pack.close()
     for fan in (reg.ah_dir / "objects").iterdir():
+        if fan == pack_dir:
+            continue
         for name in os.listdir(fan):
             # Only whole objects and temp files: nothing else under objects/.
             assert len(name) == 62 or name.startswith(TMP_PREFIX), name

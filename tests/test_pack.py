@@ -242,3 +242,52 @@ def test_entry_pointing_past_the_pack_end(tmp_path):
     with pytest.raises(CorruptObject, match="points outside the pack"):
         _fresh(store).read(oid)
     assert os.path.exists(idx_path)
+
+
+def _adapter(folder, seed: int, elems: int):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    save_file({f"layer{i}.lora_A.weight": rng.standard_normal(elems).astype(np.float32) for i in range(8)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    return folder
+
+
+def test_a_big_commit_lands_in_one_pack_and_a_small_one_stays_loose(tmp_path):
+    from adapterhub.registry import Registry
+
+    reg = Registry.init(tmp_path / "reg")
+    small = reg.commit(_adapter(tmp_path / "small", 0, 64), "small")
+    assert reg.store.packs() == [] and reg.store.loose.has(small.id)
+    big = reg.commit(_adapter(tmp_path / "big", 1, 1 << 16), "big")  # 8 x 256 kB
+    packs = Registry.open(reg.root).store.packs()
+    assert len(packs) == 1
+    pack = packs[0]
+    snap = reg.store.get_snapshot(reg.store.get_commit(big.id).snapshot)
+    new = {big.id, reg.store.get_commit(big.id).snapshot} | set(snap.blob_ids())
+    # Every object the big commit wrote is in the pack (none loose), and the pack is whole.
+    assert set(pack.iter_ids()) == new - set(reg.store.loose.iter_ids())
+    assert big.id in set(pack.iter_ids()) and not reg.store.loose.has(big.id)
+    pack.verify()
+    out = tmp_path / "out"
+    Registry.open(reg.root).checkout(big.id, out)
+    assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / "big" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_failed_commit_writes_nothing(tmp_path, monkeypatch):
+    from adapterhub import registry as registry_mod
+    from adapterhub.registry import Registry
+
+    reg = Registry.init(tmp_path / "reg")
+    before = sorted(os.listdir(reg.ah_dir / "objects"))
+
+    def boom(*a, **k):
+        raise RuntimeError("provenance failed")
+
+    monkeypatch.setattr(registry_mod.prov, "collect", boom)
+    with pytest.raises(RuntimeError):
+        reg.commit(_adapter(tmp_path / "big", 1, 1 << 16), "big")
+    assert sorted(os.listdir(reg.ah_dir / "objects")) == before and list(reg.store.iter_ids()) == []
