@@ -12,6 +12,7 @@ import mmap
 import os
 import stat
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,14 +225,30 @@ def iter_file_bytes(store: ObjectStore, entry: FileEntry, snap_id: str = "") -> 
         return
     header = _read_blob(store, entry.blob, BLOB)
     yield rebuild_prefix(header)
-    for t in entry.tensors:
+
+    def tensor_bytes(t: TensorEntry) -> bytes:
         data = _read_blob(store, t.blob, TENSOR)
         expected = DTYPE_SIZES.get(t.dtype, 0)
         for d in t.shape:
             expected *= d
         if len(data) != expected:
             raise CorruptObject(t.blob, f"tensor {t.name!r} has {len(data)} bytes, its shape needs {expected}")
-        yield data
+        return data
+
+    # Same rule as store_folder: threads only for big files of big tensors; decoding runs
+    # at most 2 x WORKERS tensors ahead of the writer, so memory stays bounded.
+    if entry.size < PARALLEL_MIN_BYTES or entry.size < PARALLEL_MIN_TENSOR_BYTES * len(entry.tensors):
+        for t in entry.tensors:
+            yield tensor_bytes(t)
+        return
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        ahead: deque = deque()
+        for t in entry.tensors:
+            ahead.append(pool.submit(tensor_bytes, t))
+            if len(ahead) >= 2 * WORKERS:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _read_blob(store: ObjectStore, oid: str, obj_type: str) -> bytes:

@@ -75,7 +75,7 @@ def _code_section(section: bytes | memoryview, bits: int | None = None) -> bytes
     table = table[counts[table] > 0].astype(np.uint8)
     lut = np.full(256, escape, dtype=np.uint8)
     lut[table] = np.arange(len(table), dtype=np.uint8)
-    codes = lut[arr]
+    codes = np.take(lut, arr)
     escapes = arr[codes == escape]
     pad = -len(codes) % per
     if pad:
@@ -150,12 +150,13 @@ def _decode_codes(oid: str, data: memoryview, pos: int, expect: int) -> tuple[by
     info += ((unpack >= k) & (unpack != escape)).sum(axis=1).astype(np.int32) << 8
     if expect % per and len(packed) and unpack[int(packed[-1]), expect % per :].any():
         raise CorruptObject(oid, "stored record has non-zero padding after its last code")
-    per_byte = info[packed]
+    # np.take: a gather with uint8 indices, ~1.5x faster than fancy indexing here.
+    per_byte = np.take(info, packed)
     if (per_byte >> 8).any():
         raise CorruptObject(oid, "stored record has a code outside its code table")
     n_escapes = int((per_byte & 0xFF).sum())
     escapes, pos = decode_section(oid, data, pos, n_escapes, nested=True)
-    out = decoded[packed].reshape(-1)
+    out = np.take(decoded, packed, axis=0).reshape(-1)
     if n_escapes:
         # Expand codes only for the few bytes that hold an escape, in order.
         rows = np.flatnonzero(per_byte)
