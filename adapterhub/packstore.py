@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import codec
-from .errors import ObjectNotFound
+from .errors import CorruptObject, ObjectNotFound
 from .objects import ObjectId
 from .pack import Pack, PackWriter, pack_paths
 from .store import LooseObjectStore, ObjectStore
@@ -29,6 +29,23 @@ PACK_DIR = "pack"
 # objects cost little that way, and a pack per small commit would multiply the packs
 # every lookup walks until the next gc. Above it one pack replaces dozens of fsyncs.
 BATCH_PACK_MIN_BYTES = 1 << 20
+# Packs with at most this many objects (a commit's) have their ids kept in one in-memory
+# map, so a lookup costs one dict probe however many commit packs wait for the next gc,
+# instead of one index search per pack.
+SMALL_PACK_IDS = 4096
+
+
+def _open_listed(idx_path: Path) -> Pack:
+    """Open a pack just listed. A remover (gc) unlinks the index, then the pack: opening
+    between the two finds the index mapped and the pack gone. If the index is gone too,
+    the pack was removed (FileNotFoundError, skipped by the caller); if it is back, it
+    was rewritten: open it again. Only a pack missing under a present index is corrupt."""
+    try:
+        return Pack(idx_path)
+    except CorruptObject:
+        if not idx_path.exists():
+            raise FileNotFoundError(idx_path) from None
+        return Pack(idx_path)
 
 
 class PackedObjectStore(ObjectStore):
@@ -46,6 +63,8 @@ class PackedObjectStore(ObjectStore):
         self.pack_dir = self.root / PACK_DIR
         self.durable = durable
         self._packs: dict[str, Pack] = {}
+        self._small_ids: dict[str, Pack] = {}  # id -> small pack holding it
+        self._big_packs: list[Pack] = []
         self._listing: tuple | None = None
         self._lock = threading.Lock()
         # id -> record of objects written inside `batch()`, not yet on disk.
@@ -69,27 +88,48 @@ class PackedObjectStore(ObjectStore):
             if stamp == self._listing and self._listing is not None:
                 return False
             current = {p.name: p for p in pack_paths(self.pack_dir)}
-            for name in list(self._packs):
-                if name not in current:
-                    self._packs.pop(name).close()
+            removed = [name for name in self._packs if name not in current]
+            for name in removed:
+                self._packs.pop(name).close()
+            added = []
             for name, path in current.items():
                 if name not in self._packs:
                     try:
-                        self._packs[name] = Pack(path)
+                        self._packs[name] = _open_listed(path)
                     except FileNotFoundError:
                         continue  # removed by gc between listing and opening
+                    added.append(self._packs[name])
+            # Removals (gc) are rare: rebuild the id map then; additions extend it. New
+            # maps are swapped in whole, so lock-free readers see an old or a new one.
+            small = {} if removed else dict(self._small_ids)
+            for pack in self._packs.values() if removed else added:
+                if pack.count <= SMALL_PACK_IDS:
+                    for oid in pack.iter_ids():
+                        small.setdefault(oid, pack)
+            self._small_ids = small
+            self._big_packs = [p for p in self._packs.values() if p.count > SMALL_PACK_IDS]
             self._listing = stamp
             return True
 
-    def _find_in_packs(self, oid: str) -> Pack | None:
-        for pack in self.packs():
+    def _lookup(self, oid: str) -> Pack | None:
+        pack = self._small_ids.get(oid)
+        if pack is not None:
+            return pack
+        for pack in self._big_packs:
             if pack.find(oid) is not None:
                 return pack
-        if self.rescan():
-            for pack in self._packs.values():
-                if pack.find(oid) is not None:
-                    return pack
         return None
+
+    def _find_in_packs(self, oid: str) -> Pack | None:
+        if self._listing is None:
+            self.rescan()
+        found = self._lookup(oid)
+        if found is None:
+            # Look again even when this thread's rescan saw no change: another thread's
+            # rescan may have listed the pack a moment ago and published its ids since.
+            self.rescan()
+            found = self._lookup(oid)
+        return found
 
     def writer(self) -> PackWriter:
         """A writer for a new pack in this store (bulk import, gc)."""
