@@ -22,16 +22,9 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# Models are built locally from a config: never let a library reach the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# peft calls a transformers method that transformers marks deprecated: not ours to fix.
-warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 from common import (  # noqa: E402  (the path line above makes the sibling module importable)
     ALL_TOOLS,

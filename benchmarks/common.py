@@ -30,6 +30,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
+import warnings
+
+# Models are built locally from a config: never let a library reach the network. Set on
+# import, before any benchmark imports transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# peft calls a transformers method that transformers marks deprecated: not ours to fix.
+warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
