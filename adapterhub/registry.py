@@ -7,6 +7,7 @@ never exits; it returns dataclasses from `adapterhub.results` and raises
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import heapq
 import json
 import os
@@ -154,9 +155,11 @@ class Registry:
         parent_snap = self.store.get_commit(parent).snapshot if parent else None  # delta bases (issue 4)
         # One batch: the new objects land together (one pack for a big checkpoint) and are
         # all on disk when the block ends, before the ref below moves.
-        with self.store.batch():
-            snap_id, stats = store_folder(self.store, folder, progress, delta_from=parent_snap)
-            record = prov.collect(
+        # Provenance (git subprocesses, a base-model fingerprint) waits on other programs
+        # and on the disk; it runs on a thread while the tensors are hashed and encoded.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ah-provenance") as side:
+            record_f = side.submit(
+                prov.collect,
                 folder,
                 base_model=base_model,
                 base_model_revision=base_model_revision,
@@ -164,16 +167,22 @@ class Registry:
                 train_config=Path(train_config) if train_config else None,
                 params=params,
             )
-            parents = ([parent] if parent else []) + [self.resolve(p) for p in extra_parents]
-            commit = Commit(
-                snapshot=snap_id,
-                parents=tuple(parents),
-                author=author or prov.default_author(),
-                timestamp=prov.now(),
-                message=message,
-                provenance=record,
-            )
-            oid = self.store.put(COMMIT, commit.serialize())
+            author_f = side.submit(prov.default_author) if author is None else None
+            # One batch: the new objects land together (one pack for a big checkpoint) and
+            # are all on disk when the block ends, before the ref below moves.
+            with self.store.batch():
+                snap_id, stats = store_folder(self.store, folder, progress, delta_from=parent_snap)
+                record = record_f.result()
+                parents = ([parent] if parent else []) + [self.resolve(p) for p in extra_parents]
+                commit = Commit(
+                    snapshot=snap_id,
+                    parents=tuple(parents),
+                    author=author or author_f.result(),
+                    timestamp=prov.now(),
+                    message=message,
+                    provenance=record,
+                )
+                oid = self.store.put(COMMIT, commit.serialize())
         summary = f"commit{' (initial)' if not parent else ''}: {message.splitlines()[0]}"
         if refname is None:
             self.refs.set_head_detached(oid, expected=parent)  # CAS too: a detached HEAD loses nothing

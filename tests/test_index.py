@@ -25,7 +25,9 @@ from ah_testkit import ah, index_rows, make_registry, rebuilt_rows, write_adapte
 def _env(monkeypatch, tmp_path):
     monkeypatch.setenv("AH_AUTHOR", "Tester <t@example.com>")
     monkeypatch.setenv("AH_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("AH_INDEX", raising=False)
+    # Every write catches the index up, so that each step below tests an incremental sync
+    # (the default, lazy, leaves that to the next read: see test_lazy_writes_...).
+    monkeypatch.setenv("AH_INDEX", "eager")
 
 
 def _clock(monkeypatch):
@@ -189,7 +191,7 @@ def test_stale_index_is_caught_up(tmp_path, monkeypatch):
     new = reg.commit(write_adapter(tmp_path / "x", seed=5), "unindexed").id
     reg.add_eval(new, {"acc": 0.3})
     assert new not in {r[0] for r in index_rows(reg)["commits"]}
-    monkeypatch.delenv("AH_INDEX")
+    monkeypatch.setenv("AH_INDEX", "eager")
     assert [b.info.id for b in best(reg, "acc")] == [new]
     assert index_rows(reg) == rebuilt_rows(reg, tmp_path)
 
@@ -337,6 +339,24 @@ def test_log_without_where_does_not_touch_duckdb(tmp_path):
     assert h.stdout.strip() == "False"
 
 
+def test_lazy_writes_leave_the_index_to_the_next_read(tmp_path, monkeypatch):
+    """The default: commits, evals and branch moves never touch DuckDB; the first query
+    catches up everything written since, and gives what a rebuild gives."""
+    monkeypatch.delenv("AH_INDEX")
+    tick = _clock(monkeypatch)
+    reg, ids = make_registry(tmp_path, 2)
+    assert not (reg.ah_dir / "index.duckdb").exists()
+    assert [b.info.id for b in best(reg, "acc")] == []  # first read builds it
+    tick()
+    new = reg.commit(write_adapter(tmp_path / "lazy", seed=11), "lazy commit").id
+    reg.add_eval(new, {"acc": 0.7})
+    reg.create_branch("side", ids[0])
+    assert new not in {r[0] for r in index_rows(reg)["commits"]}  # the write left it behind
+    assert [b.info.id for b in best(reg, "acc")] == [new]
+    assert index_rows(reg) == rebuilt_rows(reg, tmp_path)
+    assert "refs/heads/side" in {r[0] for r in index_rows(reg)["refs"]}
+
+
 def test_index_off_switch(tmp_path, monkeypatch):
     monkeypatch.setenv("AH_INDEX", "off")
     reg, _ = make_registry(tmp_path, 2)
@@ -410,7 +430,7 @@ def test_same_snapshot_committed_twice_and_evals_caught_up(tmp_path, monkeypatch
     again = reg.commit(tmp_path / "ad0", "same folder again").id  # reuses an indexed snapshot
     reg.add_eval(ids[0], {"acc": 0.1})
     reg.add_eval(again, {"acc": 0.2})
-    monkeypatch.delenv("AH_INDEX")
+    monkeypatch.setenv("AH_INDEX", "eager")
     assert sync(reg) == UPDATED
     rows = index_rows(reg)
     assert len(rows["snapshots"]) == 1 and len(rows["evals"]) == 2

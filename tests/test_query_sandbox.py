@@ -10,6 +10,7 @@ import duckdb
 import pytest
 
 from adapterhub.index.db import connect, index_path
+from adapterhub.index.update import sync
 from adapterhub.index.sql import SANDBOX_CONFIG, QueryFailed, QueryRefused, run_query
 
 from ah_testkit import ah, index_rows, make_registry
@@ -25,6 +26,7 @@ def _env(monkeypatch, tmp_path):
 def reg(tmp_path):
     r, ids = make_registry(tmp_path, 2)
     r.add_eval(ids[0], {"acc": 0.5, "loss": 2.0}, suite="s")
+    sync(r)  # writes leave the index to the next read; build it so refused queries meet a real one
     return r
 
 

@@ -260,12 +260,10 @@ def open_fresh(reg, config: dict | None = None):
 def sync_after_write(reg) -> None:
     """After a write command: catch the index up, but never fail the command for it.
 
-    Skipped when `$AH_INDEX` is "off" (bulk scripts) or the index is busy; the next
-    command that needs the index catches it up. Object or ref damage found on the way is
+    Skipped when the index is busy; the next command that needs the index catches it
+    up. Only called when writes are eager (`adapterhub.index.eager`). Object or ref damage found on the way is
     left to the command that reads it (and to `ah fsck`).
     """
-    if os.environ.get("AH_INDEX", "").lower() == "off":
-        return
     import duckdb
 
     try:
