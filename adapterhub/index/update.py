@@ -17,7 +17,6 @@ process raises IndexBusy, which writers ignore (the next command catches up).
 
 from __future__ import annotations
 
-import os
 import time
 
 from ..errors import AhError
