@@ -14,10 +14,8 @@ and two nested sections (packed codes, escaped bytes). See docs/format/encodings
 
 from __future__ import annotations
 
-import numpy as np
-import zstandard
-
 from ..errors import CorruptObject
+from . import kernels
 from .zstd import ZSTD_LEVEL, compressor, decompressor, get_varint, put_varint, zstd_exact  # noqa: F401 (re-exported)
 
 RAW = 0
@@ -28,16 +26,24 @@ CODE_BITS = (2, 4)
 # Planes are mostly literals, where zstd's level buys nothing: level 1 is as small
 # (smaller on exponent planes, whose block splitting suits them) and twice as fast.
 PLANE_LEVEL = 1
+# A section whose bytes carry at least this many bits of order-0 entropy each is stored
+# raw without asking zstd. Planes have no repeats for LZ to find, so zstd can only code
+# them with Huffman, which cannot beat the order-0 entropy and adds its tables and frame:
+# on real fp32/bf16 checkpoints zstd never won above 7.76 bits a byte (it lost on every
+# section from 7.73 up), and the mantissa planes it skips here (~8.0 bits, half of all
+# sections) were most of its calls.
+RAW_ENTROPY_BITS = 7.8
+
 
 def _plain_section(section: bytes | memoryview) -> bytes:
     """The section as raw, fill or zstd, whichever is smallest."""
     n = len(section)
-    if n > 2:
-        arr = np.frombuffer(section, dtype=np.uint8)
-        first = arr[0]
-        if not (arr != first).any():
-            return bytes((FILL, int(first)))
-    packed = compressor(PLANE_LEVEL).compress(section) if n > 16 else None
+    fill, bits = kernels.survey(section)
+    if n > 2 and fill >= 0:
+        return bytes((FILL, fill))
+    packed = None
+    if n > 16 and bits < RAW_ENTROPY_BITS * n:
+        packed = compressor(PLANE_LEVEL).compress(section)
     out = bytearray()
     if packed is not None and len(packed) < n:
         out.append(ZSTD)
@@ -50,15 +56,9 @@ def _plain_section(section: bytes | memoryview) -> bytes:
     return bytes(out)
 
 
-def _code_bits(counts: np.ndarray, n: int) -> int:
-    """2-bit codes when the 3 most frequent values cover almost everything, else 4-bit."""
-    top3 = np.sort(counts)[-3:].sum()
-    return 2 if top3 >= 0.9 * n else 4
-
-
-def _code_section(section: bytes | memoryview, bits: int | None = None) -> bytes:
-    """Mode 3: each byte as a `bits`-bit code (2 or 4), 8/bits codes per byte, plus the
-    bytes no code covers.
+def _code_section(section: bytes | memoryview, bits: int = 0) -> bytes:
+    """Mode 3: each byte as a `bits`-bit code (2 or 4; 0 chooses), 8/bits codes per byte,
+    plus the bytes no code covers.
 
     For very skewed planes (a delta's top byte: nine in ten are 0): zstd codes literals
     with Huffman, which spends at least one bit per byte however likely the byte is;
@@ -66,28 +66,11 @@ def _code_section(section: bytes | memoryview, bits: int | None = None) -> bytes
     frequent values (the table, k < 2^bits), the all-ones code for "the next byte of the
     escape section".
     """
-    arr = np.frombuffer(section, dtype=np.uint8)
-    counts = np.bincount(arr, minlength=256)
-    bits = bits or _code_bits(counts, len(arr))
-    per = 8 // bits
-    escape = (1 << bits) - 1
-    table = np.argsort(-counts, kind="stable")[:escape]
-    table = table[counts[table] > 0].astype(np.uint8)
-    lut = np.full(256, escape, dtype=np.uint8)
-    lut[table] = np.arange(len(table), dtype=np.uint8)
-    codes = np.take(lut, arr)
-    escapes = arr[codes == escape]
-    pad = -len(codes) % per
-    if pad:
-        codes = np.append(codes, np.zeros(pad, dtype=np.uint8))
-    grid = codes.reshape(-1, per)
-    packed = np.zeros(len(grid), dtype=np.uint8)
-    for j in range(per):
-        packed |= grid[:, j] << np.uint8(bits * (per - 1 - j))
+    bits, table, packed, escapes = kernels.pack_codes(section, bits)
     out = bytearray((CODES, bits, len(table)))
-    out += table.tobytes()
-    out += _plain_section(packed.tobytes())
-    out += _plain_section(escapes.tobytes())
+    out += table
+    out += _plain_section(packed)
+    out += _plain_section(escapes)
     return bytes(out)
 
 
@@ -135,42 +118,13 @@ def _decode_codes(oid: str, data: memoryview, pos: int, expect: int) -> tuple[by
     bits, k = data[pos], data[pos + 1]
     if bits not in CODE_BITS or k >= (1 << bits) or pos + 2 + k > len(data):
         raise CorruptObject(oid, "stored record has a bad code table")
+    table = data[pos + 2 : pos + 2 + k]
     per = 8 // bits
-    escape = (1 << bits) - 1
-    table = np.zeros(1 << bits, dtype=np.uint8)
-    table[:k] = np.frombuffer(data[pos + 2 : pos + 2 + k], dtype=np.uint8)
     packed, pos = decode_section(oid, data, pos + 2 + k, -(-expect // per), nested=True)
-    packed = np.frombuffer(packed, dtype=np.uint8)
-    # Unpack through a 256-entry table of each byte's codes: one gather, no shift loop.
-    unpack = _UNPACK[bits]
-    # Per byte value: its decoded bytes, and (one gather for both checks) how many escape
-    # codes and how many invalid codes (k..escape-1 name no table entry) it holds.
-    decoded = table[unpack]
-    info = (unpack == escape).sum(axis=1).astype(np.int32)
-    info += ((unpack >= k) & (unpack != escape)).sum(axis=1).astype(np.int32) << 8
-    if expect % per and len(packed) and unpack[int(packed[-1]), expect % per :].any():
+    n_escapes = kernels.count_escapes(packed, bits, k, expect)
+    if n_escapes == -1:
         raise CorruptObject(oid, "stored record has non-zero padding after its last code")
-    # np.take: a gather with uint8 indices, ~1.5x faster than fancy indexing here.
-    per_byte = np.take(info, packed)
-    if (per_byte >> 8).any():
+    if n_escapes < 0:
         raise CorruptObject(oid, "stored record has a code outside its code table")
-    n_escapes = int((per_byte & 0xFF).sum())
     escapes, pos = decode_section(oid, data, pos, n_escapes, nested=True)
-    out = np.take(decoded, packed, axis=0).reshape(-1)
-    if n_escapes:
-        # Expand codes only for the few bytes that hold an escape, in order.
-        rows = np.flatnonzero(per_byte)
-        r, c = np.nonzero(unpack[packed[rows]] == escape)
-        out[rows[r] * per + c] = np.frombuffer(escapes, dtype=np.uint8, count=n_escapes)
-    return out[:expect].tobytes(), pos
-
-
-def _unpack_table(bits: int) -> np.ndarray:
-    """(256, 8/bits) codes of every byte value, first code in the high bits."""
-    per = 8 // bits
-    values = np.arange(256, dtype=np.uint8)[:, None]
-    shifts = np.array([bits * (per - 1 - j) for j in range(per)], dtype=np.uint8)[None, :]
-    return (values >> shifts) & np.uint8((1 << bits) - 1)
-
-
-_UNPACK = {bits: _unpack_table(bits) for bits in CODE_BITS}
+    return kernels.unpack_codes(packed, escapes, table, bits, expect), pos

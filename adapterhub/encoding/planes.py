@@ -10,8 +10,8 @@ idea (Hershcovitch et al., 2024). Before the split the sign bit is rotated from 
 of the element to the bottom, so the top plane is the pure exponent (for bf16/fp32) and
 the sign, which is random, joins the random low plane.
 
-Everything here is numpy over whole tensors: one vectorised pass each way.
-See docs/format/encodings.md.
+The numpy functions here are the reference; `kernels` runs the C twins in `_native.c`
+when they are built (one fused pass each way). See docs/format/encodings.md.
 """
 
 from __future__ import annotations
@@ -93,11 +93,11 @@ def unrotate(words: np.ndarray, layout: PlaneLayout) -> np.ndarray:
     return (words >> words.dtype.type(1)) | (words << words.dtype.type(bits - 1))
 
 
-def split(words: np.ndarray, layout: PlaneLayout) -> list[memoryview]:
-    """Words -> `width` planes, plane i holding byte i (little-endian) of every element."""
+def split(words: np.ndarray, layout: PlaneLayout) -> memoryview:
+    """Words -> `width` planes, concatenated: plane i (bytes [i*n, (i+1)*n)) holds byte i
+    (little-endian) of every element."""
     grid = words.view(np.uint8).reshape(-1, layout.width)
-    planes = np.ascontiguousarray(grid.T)
-    return [memoryview(planes[i]) for i in range(layout.width)]
+    return memoryview(np.ascontiguousarray(grid.T).reshape(-1))
 
 
 def join(planes: list[bytes | memoryview], layout: PlaneLayout, n: int) -> np.ndarray:

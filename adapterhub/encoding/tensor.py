@@ -16,22 +16,28 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-
 from ..errors import CorruptObject
 from .chain import DeltaBase, DeltaRef  # noqa: F401 (re-exported)
 from . import delta as deltas
+from . import kernels
 from .frames import decode_section, encode_section
-from .planes import PlaneLayout, as_words, join, rotate, split, unrotate
+from .planes import PlaneLayout
 
 _MAX_HEADER = 32
 OID_BYTES = 32
 
 
-def _planes_body(out: bytearray, words: np.ndarray, layout: PlaneLayout, tail: bytes | memoryview) -> None:
+def _planes_body(
+    out: bytearray, body: bytes | memoryview, layout: PlaneLayout, base: bytes | memoryview | None = None, kind: int = deltas.ORD
+) -> None:
+    """Layout byte, the plane sections of `body` (of its difference from `base` when
+    given) and the tail section (the bytes past the last whole element, never diffed)."""
     out.append(layout.to_byte())
-    for plane in split(words, layout):
-        encode_section(out, plane)
+    planes = memoryview(kernels.split(body, layout.width, layout.rotate, base, kind))
+    n = len(body) // layout.width
+    for i in range(layout.width):
+        encode_section(out, planes[i * n : (i + 1) * n])
+    tail = memoryview(body)[n * layout.width :]
     if len(tail):
         encode_section(out, tail)
 
@@ -44,9 +50,8 @@ def _head(header: bytes) -> bytearray:
 
 def encode_planes(header: bytes, body: bytes | memoryview, layout: PlaneLayout) -> bytes:
     """Planes payload of a tensor whose canonical header is `header`."""
-    words = as_words(body, layout)
     out = _head(header)
-    _planes_body(out, rotate(words, layout), layout, memoryview(body)[len(words) * layout.width :])
+    _planes_body(out, body, layout)
     return bytes(out)
 
 
@@ -56,13 +61,10 @@ def encode_delta(
     """Delta payload of `body` against `base.body` (same length), difference of `kind`."""
     if len(base.body) != len(body):
         raise ValueError("a delta base must have the tensor's length")
-    words = as_words(body, layout)
-    base_words = as_words(base.body, layout)
-    tail = memoryview(body)[len(words) * layout.width :]
     out = _head(header)
     out += bytes.fromhex(base.oid)
     out += bytes((base.depth + 1, kind))
-    _planes_body(out, deltas.diff(kind, words, base_words, layout), layout, tail)
+    _planes_body(out, body, layout, base.body, kind)
     return bytes(out)
 
 
@@ -86,7 +88,7 @@ def _read_layout(oid: str, payload: memoryview, pos: int) -> tuple[PlaneLayout, 
 
 
 def _read_planes(oid: str, payload: memoryview, pos: int, layout: PlaneLayout, body_len: int):
-    """(joined words, tail bytes) of the plane sections from `pos` to the payload's end."""
+    """(planes, tail bytes) of the plane sections from `pos` to the payload's end."""
     n = body_len // layout.width
     planes = []
     for _ in range(layout.width):
@@ -98,14 +100,15 @@ def _read_planes(oid: str, payload: memoryview, pos: int, layout: PlaneLayout, b
         tail, pos = decode_section(oid, payload, pos, tail_len)
     if pos != len(payload):
         raise CorruptObject(oid, f"stored record has {len(payload) - pos} stray bytes after its data")
-    return join(planes, layout, n), bytes(tail)
+    return planes, tail
 
 
 def decode_planes(oid: str, payload: memoryview, raw_len: int) -> bytes:
     header, body_len, pos = _read_head(oid, payload, raw_len)
     layout, pos = _read_layout(oid, payload, pos)
-    words, tail = _read_planes(oid, payload, pos, layout, body_len)
-    return header + unrotate(words, layout).tobytes() + tail
+    planes, tail = _read_planes(oid, payload, pos, layout, body_len)
+    n = body_len // layout.width
+    return kernels.join(planes, layout.width, layout.rotate, n, head=header, tail=tail)
 
 
 def read_delta_ref(oid: str, payload: memoryview, raw_len: int) -> DeltaRef:
@@ -131,9 +134,9 @@ def decode_delta(oid: str, payload: memoryview, raw_len: int, load_base: Callabl
     if kind not in deltas.KINDS:
         raise CorruptObject(oid, f"stored delta record names an unknown delta kind {kind}")
     layout, pos = _read_layout(oid, payload, pos + 1)
-    words, tail = _read_planes(oid, payload, pos, layout, body_len)
+    planes, tail = _read_planes(oid, payload, pos, layout, body_len)
     base_body = load_base(ref.base, ref.depth - 1)
     if len(base_body) != body_len:
         raise CorruptObject(oid, f"delta base {ref.base} has {len(base_body)} bytes, {body_len} expected")
-    base_words = as_words(base_body, layout)
-    return header + deltas.apply(kind, words, base_words, layout).tobytes() + tail
+    n = body_len // layout.width
+    return kernels.join(planes, layout.width, layout.rotate, n, base_body, kind, header, tail)

@@ -1,0 +1,582 @@
+/* adapterhub.encoding._native: the per-byte loops of the tensor codec in C.
+ *
+ * Why: on a LoRA checkpoint (~45 kB tensors) the numpy codec spends most of its time in
+ * per-call overhead and in whole-array temporaries (rotate, ordered map, zigzag, the
+ * transpose of the split, the gathers of the code unpacker), each one more pass over
+ * memory. Here every step is one fused pass into a single new bytes object, and the GIL is
+ * released around the loops so that two threads can encode or decode tensors at once.
+ *
+ * Every function here has a numpy twin in reference.py with the same signature and the same
+ * output, byte for byte (tests/test_native.py); kernels.py picks one of the two. The
+ * format is docs/format/encodings.md; nothing here decides what is stored, only computes.
+ *
+ * Words are read and written little-endian whatever the host (byte loads and shifts), so
+ * the module is correct on any host; it is fast on the little-endian ones we run on.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Below this many bytes releasing and re-taking the GIL costs more than the loop. */
+#define NOGIL_MIN 16384
+
+#define ENTER_NOGIL(n) PyThreadState *_save = NULL; if ((n) >= NOGIL_MIN) { _save = PyEval_SaveThread(); }
+#define LEAVE_NOGIL() if (_save) { PyEval_RestoreThread(_save); }
+
+enum { KIND_XOR = 0, KIND_ORD = 1, KIND_NONE = -1 };
+
+/* ---- words ----------------------------------------------------------------------------- */
+
+static inline uint64_t load_word(const uint8_t *p, int width)
+{
+    uint64_t v = 0;
+    for (int b = 0; b < width; b++)
+        v |= (uint64_t)p[b] << (8 * b);
+    return v;
+}
+
+static inline uint64_t word_mask(int bits)
+{
+    return bits == 64 ? ~(uint64_t)0 : (((uint64_t)1 << bits) - 1);
+}
+
+/* Sign bit of a `bits`-bit word to the bottom (planes.rotate) and back. */
+static inline uint64_t rot(uint64_t x, int bits, uint64_t mask)
+{
+    return ((x << 1) | (x >> (bits - 1))) & mask;
+}
+
+static inline uint64_t unrot(uint64_t x, int bits, uint64_t mask)
+{
+    return ((x >> 1) | (x << (bits - 1))) & mask;
+}
+
+/* All ones when the word's top bit is set: the arithmetic shift `x >>s (bits-1)`. */
+static inline uint64_t sign_fill(uint64_t x, int bits, uint64_t mask)
+{
+    return ((x >> (bits - 1)) & 1) ? mask : 0;
+}
+
+/* delta.ORD's value-order map for floats (its own inverse); identity for integers. */
+static inline uint64_t ordered(uint64_t x, int bits, uint64_t mask, int is_float)
+{
+    if (!is_float)
+        return x;
+    return x ^ (sign_fill(x, bits, mask) & (mask >> 1));
+}
+
+static inline uint64_t zigzag(uint64_t d, int bits, uint64_t mask)
+{
+    return ((d << 1) ^ sign_fill(d, bits, mask)) & mask;
+}
+
+static inline uint64_t unzigzag(uint64_t z, uint64_t mask)
+{
+    return ((z >> 1) ^ (0 - (z & 1))) & mask;
+}
+
+/* ---- argument helpers ------------------------------------------------------------------ */
+
+static int check_layout(int width, int kind, int has_base)
+{
+    if (width != 2 && width != 4 && width != 8) {
+        PyErr_Format(PyExc_ValueError, "plane width must be 2, 4 or 8, not %d", width);
+        return -1;
+    }
+    if (has_base && kind != KIND_XOR && kind != KIND_ORD) {
+        PyErr_Format(PyExc_ValueError, "unknown delta kind %d", kind);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- split ----------------------------------------------------------------------------- */
+
+/* One pass per element: optional difference against the base (XOR then rotate, or ORD
+ * then zigzag), optional rotation, bytes scattered to the planes. Templated per width so
+ * that the compiler sees constant shifts. */
+#define DEFINE_SPLIT(W, T)                                                                   \
+    static void split_##W(const uint8_t *src, const uint8_t *base, uint8_t *out, Py_ssize_t n, \
+                          int rotate, int kind)                                               \
+    {                                                                                         \
+        const int bits = 8 * W;                                                               \
+        const uint64_t mask = word_mask(bits);                                                \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                  \
+            uint64_t x = load_word(src + i * W, W);                                           \
+            uint64_t v;                                                                       \
+            if (kind == KIND_NONE) {                                                          \
+                v = rotate ? rot(x, bits, mask) : x;                                          \
+            } else {                                                                          \
+                uint64_t y = load_word(base + i * W, W);                                      \
+                if (kind == KIND_XOR) {                                                       \
+                    v = x ^ y;                                                                \
+                    if (rotate)                                                               \
+                        v = rot(v, bits, mask);                                               \
+                } else {                                                                      \
+                    uint64_t d = (ordered(x, bits, mask, rotate) - ordered(y, bits, mask, rotate)) & mask; \
+                    v = zigzag(d, bits, mask);                                                \
+                }                                                                             \
+            }                                                                                 \
+            for (int p = 0; p < W; p++)                                                       \
+                out[p * n + i] = (uint8_t)(v >> (8 * p));                                     \
+        }                                                                                     \
+    }
+
+DEFINE_SPLIT(2, uint16_t)
+DEFINE_SPLIT(4, uint32_t)
+DEFINE_SPLIT(8, uint64_t)
+
+PyDoc_STRVAR(split_doc,
+"split(body, width, rotate, base=None, kind=1) -> bytes\n\n"
+"The planes of body's whole elements, concatenated (plane i is bytes [i*n, (i+1)*n)).\n"
+"With base (same length as body): the planes of the difference of `kind` (0 XOR, 1 ORD).");
+
+static PyObject *native_split(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"body", "width", "rotate", "base", "kind", NULL};
+    Py_buffer body, base = {0};
+    int width, rotate, kind = KIND_ORD;
+    PyObject *base_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*ip|Oi", kwlist, &body, &width, &rotate, &base_obj, &kind))
+        return NULL;
+    PyObject *out = NULL;
+    int has_base = base_obj != Py_None;
+    if (check_layout(width, kind, has_base) < 0)
+        goto done;
+    if (has_base) {
+        if (PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0)
+            goto done;
+        if (base.len != body.len) {
+            PyErr_SetString(PyExc_ValueError, "a delta base must have the tensor's length");
+            goto done;
+        }
+    }
+    Py_ssize_t n = body.len / width;
+    out = PyBytes_FromStringAndSize(NULL, n * width);
+    if (out == NULL)
+        goto done;
+    {
+        const uint8_t *src = body.buf, *bsrc = has_base ? base.buf : NULL;
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+        int k = has_base ? kind : KIND_NONE;
+        ENTER_NOGIL(n * width)
+        if (width == 2)
+            split_2(src, bsrc, dst, n, rotate, k);
+        else if (width == 4)
+            split_4(src, bsrc, dst, n, rotate, k);
+        else
+            split_8(src, bsrc, dst, n, rotate, k);
+        LEAVE_NOGIL()
+    }
+done:
+    PyBuffer_Release(&body);
+    if (base.obj)
+        PyBuffer_Release(&base);
+    return out;
+}
+
+/* ---- join ------------------------------------------------------------------------------ */
+
+#define DEFINE_JOIN(W)                                                                       \
+    static void join_##W(const uint8_t *const *planes, const uint8_t *base, uint8_t *out,    \
+                         Py_ssize_t n, int rotate, int kind)                                  \
+    {                                                                                         \
+        const int bits = 8 * W;                                                               \
+        const uint64_t mask = word_mask(bits);                                                \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                  \
+            uint64_t v = 0;                                                                   \
+            for (int p = 0; p < W; p++)                                                       \
+                v |= (uint64_t)planes[p][i] << (8 * p);                                       \
+            uint64_t x;                                                                       \
+            if (kind == KIND_NONE) {                                                          \
+                x = rotate ? unrot(v, bits, mask) : v;                                        \
+            } else {                                                                          \
+                uint64_t y = load_word(base + i * W, W);                                      \
+                if (kind == KIND_XOR)                                                         \
+                    x = (rotate ? unrot(v, bits, mask) : v) ^ y;                              \
+                else                                                                          \
+                    x = ordered((unzigzag(v, mask) + ordered(y, bits, mask, rotate)) & mask,  \
+                                bits, mask, rotate);                                          \
+            }                                                                                 \
+            for (int b = 0; b < W; b++)                                                       \
+                out[i * W + b] = (uint8_t)(x >> (8 * b));                                     \
+        }                                                                                     \
+    }
+
+DEFINE_JOIN(2)
+DEFINE_JOIN(4)
+DEFINE_JOIN(8)
+
+PyDoc_STRVAR(join_doc,
+"join(planes, width, rotate, n, base=None, kind=1, head=b'', tail=b'') -> bytes\n\n"
+"Inverse of split: head + the n words rebuilt from `width` planes of n bytes each\n"
+"(undoing the difference against base when given) + tail, in one new bytes object.");
+
+static PyObject *native_join(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"planes", "width", "rotate", "n", "base", "kind", "head", "tail", NULL};
+    PyObject *planes_obj, *base_obj = Py_None, *seq = NULL, *out = NULL;
+    int width, rotate, kind = KIND_ORD;
+    Py_ssize_t n;
+    Py_buffer head = {0}, tail = {0}, base = {0}, pbuf[8];
+    int nplanes = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oipn|Oiy*y*", kwlist, &planes_obj, &width, &rotate, &n,
+                                     &base_obj, &kind, &head, &tail))
+        return NULL;
+    int has_base = base_obj != Py_None;
+    if (check_layout(width, kind, has_base) < 0)
+        goto done;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative element count");
+        goto done;
+    }
+    seq = PySequence_Fast(planes_obj, "planes must be a sequence");
+    if (seq == NULL)
+        goto done;
+    if (PySequence_Fast_GET_SIZE(seq) != width) {
+        PyErr_Format(PyExc_ValueError, "%d planes expected, got %zd", width, PySequence_Fast_GET_SIZE(seq));
+        goto done;
+    }
+    const uint8_t *pptr[8];
+    for (; nplanes < width; nplanes++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, nplanes), &pbuf[nplanes], PyBUF_SIMPLE) < 0)
+            goto done;
+        if (pbuf[nplanes].len != n) {
+            PyErr_Format(PyExc_ValueError, "plane %d holds %zd bytes, %zd expected", nplanes, pbuf[nplanes].len, n);
+            nplanes++;
+            goto done;
+        }
+        pptr[nplanes] = pbuf[nplanes].buf;
+    }
+    if (has_base) {
+        if (PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0)
+            goto done;
+        if (base.len < n * width) {
+            PyErr_SetString(PyExc_ValueError, "a delta base must have the tensor's length");
+            goto done;
+        }
+    }
+    out = PyBytes_FromStringAndSize(NULL, head.len + n * width + tail.len);
+    if (out == NULL)
+        goto done;
+    {
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+        const uint8_t *bsrc = has_base ? base.buf : NULL;
+        int k = has_base ? kind : KIND_NONE;
+        memcpy(dst, head.buf, head.len);
+        ENTER_NOGIL(n * width)
+        if (width == 2)
+            join_2(pptr, bsrc, dst + head.len, n, rotate, k);
+        else if (width == 4)
+            join_4(pptr, bsrc, dst + head.len, n, rotate, k);
+        else
+            join_8(pptr, bsrc, dst + head.len, n, rotate, k);
+        LEAVE_NOGIL()
+        memcpy(dst + head.len + n * width, tail.buf, tail.len);
+    }
+done:
+    for (int i = 0; i < nplanes; i++)
+        PyBuffer_Release(&pbuf[i]);
+    Py_XDECREF(seq);
+    if (base.obj)
+        PyBuffer_Release(&base);
+    if (head.obj)
+        PyBuffer_Release(&head);
+    if (tail.obj)
+        PyBuffer_Release(&tail);
+    return out;
+}
+
+/* ---- survey ---------------------------------------------------------------------------- */
+
+static void histogram(const uint8_t *p, Py_ssize_t n, Py_ssize_t counts[256])
+{
+    /* Four sub-histograms: consecutive equal bytes (common in skewed planes) would
+     * otherwise serialise on one counter. */
+    Py_ssize_t c[4][256];
+    memset(c, 0, sizeof c);
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        c[0][p[i]]++;
+        c[1][p[i + 1]]++;
+        c[2][p[i + 2]]++;
+        c[3][p[i + 3]]++;
+    }
+    for (; i < n; i++)
+        c[0][p[i]]++;
+    for (int v = 0; v < 256; v++)
+        counts[v] = c[0][v] + c[1][v] + c[2][v] + c[3][v];
+}
+
+PyDoc_STRVAR(survey_doc,
+"survey(section) -> (fill, bits)\n\n"
+"fill: the byte value when every byte of a non-empty section is that value, else -1;\n"
+"bits: the order-0 entropy of the section's bytes times its length, in bits\n"
+"(n*log2(n) - sum(c*log2(c)) over the byte counts c, summed in byte-value order).");
+
+static PyObject *native_survey(PyObject *self, PyObject *arg)
+{
+    Py_buffer buf;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t counts[256];
+    Py_ssize_t n = buf.len;
+    int fill = -1;
+    double bits = 0.0;
+    {
+        ENTER_NOGIL(n)
+        histogram(buf.buf, n, counts);
+        if (n > 0) {
+            uint8_t first = ((const uint8_t *)buf.buf)[0];
+            if (counts[first] == n)
+                fill = first;
+            double acc = 0.0;
+            for (int v = 0; v < 256; v++) {
+                if (counts[v]) {
+                    double c = (double)counts[v];
+                    acc += c * log2(c);
+                }
+            }
+            bits = (double)n * log2((double)n) - acc;
+        }
+        LEAVE_NOGIL()
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(id)", fill, bits);
+}
+
+/* ---- code sections (frames mode 3) ----------------------------------------------------- */
+
+PyDoc_STRVAR(pack_codes_doc,
+"pack_codes(section, bits=0) -> (bits, table, packed, escapes)\n\n"
+"Each byte as a `bits`-bit code (0: 2 when the three most frequent values cover 90% of\n"
+"the bytes, else 4). table: the up to 2^bits-1 most frequent values present (ties to the\n"
+"smaller value); packed: the codes, 8/bits a byte, first code in the high bits, zero\n"
+"padded; escapes: the bytes that got the all-ones code, in order.");
+
+static PyObject *native_pack_codes(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    int bits = 0;
+    if (!PyArg_ParseTuple(args, "y*|i", &buf, &bits))
+        return NULL;
+    PyObject *result = NULL, *packed = NULL, *escapes = NULL;
+    if (bits != 0 && bits != 2 && bits != 4) {
+        PyErr_Format(PyExc_ValueError, "code width must be 2 or 4, not %d", bits);
+        goto done;
+    }
+    const uint8_t *src = buf.buf;
+    Py_ssize_t n = buf.len;
+    Py_ssize_t counts[256];
+    histogram(src, n, counts);
+    if (bits == 0) {
+        Py_ssize_t top[3] = {0, 0, 0};
+        for (int v = 0; v < 256; v++) {
+            Py_ssize_t c = counts[v];
+            if (c > top[0]) { top[2] = top[1]; top[1] = top[0]; top[0] = c; }
+            else if (c > top[1]) { top[2] = top[1]; top[1] = c; }
+            else if (c > top[2]) { top[2] = c; }
+        }
+        bits = (double)(top[0] + top[1] + top[2]) >= 0.9 * (double)n ? 2 : 4;
+    }
+    const int per = 8 / bits, escape = (1 << bits) - 1;
+    uint8_t table[16];
+    int k = 0;
+    {
+        /* Most frequent first, ties to the smaller value (numpy's stable argsort). */
+        uint8_t taken[256] = {0};
+        while (k < escape) {
+            int best = -1;
+            for (int v = 0; v < 256; v++)
+                if (!taken[v] && counts[v] > 0 && (best < 0 || counts[v] > counts[best]))
+                    best = v;
+            if (best < 0)
+                break;
+            taken[best] = 1;
+            table[k++] = (uint8_t)best;
+        }
+    }
+    uint8_t lut[256];
+    memset(lut, escape, sizeof lut);
+    Py_ssize_t n_escapes = n;
+    for (int c = 0; c < k; c++) {
+        lut[table[c]] = (uint8_t)c;
+        n_escapes -= counts[table[c]];
+    }
+    Py_ssize_t n_packed = (n + per - 1) / per;
+    packed = PyBytes_FromStringAndSize(NULL, n_packed);
+    escapes = PyBytes_FromStringAndSize(NULL, n_escapes);
+    if (packed == NULL || escapes == NULL)
+        goto done;
+    {
+        uint8_t *pk = (uint8_t *)PyBytes_AS_STRING(packed), *esc = (uint8_t *)PyBytes_AS_STRING(escapes);
+        ENTER_NOGIL(n)
+        Py_ssize_t e = 0;
+        for (Py_ssize_t j = 0; j < n_packed; j++) {
+            unsigned acc = 0;
+            for (int c = 0; c < per; c++) {
+                Py_ssize_t i = j * per + c;
+                unsigned code = 0;
+                if (i < n) {
+                    code = lut[src[i]];
+                    if (code == (unsigned)escape)
+                        esc[e++] = src[i];
+                }
+                acc |= code << (bits * (per - 1 - c));
+            }
+            pk[j] = (uint8_t)acc;
+        }
+        LEAVE_NOGIL()
+    }
+    result = Py_BuildValue("(iy#OO)", bits, (const char *)table, (Py_ssize_t)k, packed, escapes);
+done:
+    Py_XDECREF(packed);
+    Py_XDECREF(escapes);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
+static int check_code_args(int bits, int k)
+{
+    if ((bits != 2 && bits != 4) || k < 0 || k >= (1 << bits)) {
+        PyErr_SetString(PyExc_ValueError, "bad code table");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(count_escapes_doc,
+"count_escapes(packed, bits, k, expect) -> int\n\n"
+"How many escape codes the packed codes of an `expect`-byte section hold, checking them:\n"
+"-1 when the codes after the last one (padding) are not zero, -2 when a code (padding\n"
+"included) is neither below k nor the escape. packed holds ceil(expect/(8/bits)) bytes.");
+
+static PyObject *native_count_escapes(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    int bits, k;
+    Py_ssize_t expect;
+    if (!PyArg_ParseTuple(args, "y*iin", &buf, &bits, &k, &expect))
+        return NULL;
+    if (check_code_args(bits, k) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    const int per = 8 / bits, escape = (1 << bits) - 1;
+    const uint8_t *pk = buf.buf;
+    Py_ssize_t n = buf.len, result = 0;
+    if (expect % per && n) {
+        unsigned last = pk[n - 1];
+        for (int c = (int)(expect % per); c < per; c++)
+            if ((last >> (bits * (per - 1 - c))) & escape)
+                result = -1;
+    }
+    if (result == 0) {
+        /* Per byte value: escapes in it (low byte) and invalid codes in it (above). */
+        uint16_t info[256];
+        for (int v = 0; v < 256; v++) {
+            unsigned esc = 0, bad = 0;
+            for (int c = 0; c < per; c++) {
+                int code = (v >> (bits * (per - 1 - c))) & escape;
+                if (code == escape)
+                    esc++;
+                else if (code >= k)
+                    bad++;
+            }
+            info[v] = (uint16_t)(esc | (bad << 8));
+        }
+        unsigned bad = 0;
+        ENTER_NOGIL(n)
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint16_t f = info[pk[j]];
+            result += f & 0xFF;
+            bad |= f >> 8;
+        }
+        LEAVE_NOGIL()
+        if (bad)
+            result = -2;
+    }
+    PyBuffer_Release(&buf);
+    return PyLong_FromSsize_t(result);
+}
+
+PyDoc_STRVAR(unpack_codes_doc,
+"unpack_codes(packed, escapes, table, bits, expect) -> bytes\n\n"
+"Inverse of pack_codes for codes count_escapes accepted: the `expect` bytes, table[code]\n"
+"for each code below len(table), the next byte of escapes for each escape code.");
+
+static PyObject *native_unpack_codes(PyObject *self, PyObject *args)
+{
+    Py_buffer pbuf, ebuf, tbuf;
+    int bits;
+    Py_ssize_t expect;
+    if (!PyArg_ParseTuple(args, "y*y*y*in", &pbuf, &ebuf, &tbuf, &bits, &expect))
+        return NULL;
+    PyObject *out = NULL;
+    if (check_code_args(bits, (int)(tbuf.len < 16 ? tbuf.len : 16)) < 0 || tbuf.len > 15)
+        goto done;
+    const int per = 8 / bits, escape = (1 << bits) - 1;
+    if (expect < 0 || pbuf.len != (expect + per - 1) / per) {
+        PyErr_SetString(PyExc_ValueError, "packed codes do not match the section size");
+        goto done;
+    }
+    uint8_t table[16] = {0};
+    memcpy(table, tbuf.buf, tbuf.len);
+    out = PyBytes_FromStringAndSize(NULL, expect);
+    if (out == NULL)
+        goto done;
+    {
+        const uint8_t *pk = pbuf.buf, *esc = ebuf.buf;
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+        Py_ssize_t n_esc = ebuf.len, e = 0;
+        int short_escapes = 0;
+        ENTER_NOGIL(expect)
+        for (Py_ssize_t i = 0; i < expect; i++) {
+            unsigned code = (pk[i / per] >> (bits * (per - 1 - (int)(i % per)))) & escape;
+            if (code == (unsigned)escape) {
+                if (e >= n_esc) {
+                    short_escapes = 1;
+                    break;
+                }
+                dst[i] = esc[e++];
+            } else {
+                dst[i] = table[code];
+            }
+        }
+        LEAVE_NOGIL()
+        if (short_escapes) {
+            Py_CLEAR(out);
+            PyErr_SetString(PyExc_ValueError, "fewer escaped bytes than escape codes");
+        }
+    }
+done:
+    PyBuffer_Release(&pbuf);
+    PyBuffer_Release(&ebuf);
+    PyBuffer_Release(&tbuf);
+    return out;
+}
+
+/* ---- module ---------------------------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"split", (PyCFunction)(void (*)(void))native_split, METH_VARARGS | METH_KEYWORDS, split_doc},
+    {"join", (PyCFunction)(void (*)(void))native_join, METH_VARARGS | METH_KEYWORDS, join_doc},
+    {"survey", native_survey, METH_O, survey_doc},
+    {"pack_codes", native_pack_codes, METH_VARARGS, pack_codes_doc},
+    {"count_escapes", native_count_escapes, METH_VARARGS, count_escapes_doc},
+    {"unpack_codes", native_unpack_codes, METH_VARARGS, unpack_codes_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_native",
+    "The tensor codec's per-byte loops in C (see reference.py for their numpy twins).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,343 @@
+"""The C codec kernels (`adapterhub.encoding._native`) against their numpy twins.
+
+The on-disk format must not depend on which set ran: every kernel is compared byte for
+byte with `reference` on random and adversarial inputs (every width, odd lengths with
+tails, empty, all-equal, all-escape), whole records are compared through `encode_tensor`,
+records cross-decode, and damaged code sections raise the same CorruptObject either way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from adapterhub import codec
+from adapterhub.encoding import delta as deltas
+from adapterhub.encoding import frames, kernels, reference
+from adapterhub.encoding.tensor import DeltaBase
+from adapterhub.errors import CorruptObject
+from adapterhub.objects import TENSOR, header
+
+native = kernels.native
+pytestmark = pytest.mark.skipif(native is None, reason="the C extension is not built")
+
+WIDTHS = (2, 4, 8)
+KINDS = (None,) + deltas.KINDS
+# Words where sign, carry and wrap-around bugs show: zero, both signed zeros, the sign bit
+# alone, all ones, the largest positive, and their neighbours.
+SPECIAL = [0x00, 0x01, 0x7F, 0x80, 0x81, 0xFE, 0xFF]
+
+
+@contextmanager
+def using(name: str):
+    """Run a block under a named kernel set ("native" or "numpy"), restoring the default."""
+    before = kernels.use(name)
+    try:
+        yield
+    finally:
+        kernels.use(before)
+
+
+def _special_bytes(draw_list: list[int]) -> bytes:
+    """Bytes whose words are built only from the SPECIAL byte values (sign-edge words)."""
+    return bytes(SPECIAL[i % len(SPECIAL)] for i in draw_list)
+
+
+def _same_split(body, width, rotate, base=None, kind=deltas.ORD):
+    got = native.split(body, width, rotate, base, kind)
+    want = reference.split(body, width, rotate, base, kind)
+    assert bytes(got) == bytes(want)
+    return got
+
+
+def _check_join(body, planes, width, rotate, base=None, kind=deltas.ORD):
+    n = len(body) // width
+    split_planes = [memoryview(planes)[i * n : (i + 1) * n] for i in range(width)]
+    tail = body[n * width :]
+    got = native.join(split_planes, width, rotate, n, base, kind, b"head", tail)
+    want = reference.join(split_planes, width, rotate, n, base, kind, b"head", tail)
+    assert got == want == b"head" + body
+
+
+# --- planes and deltas ----------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.binary(max_size=300),
+    width=st.sampled_from(WIDTHS),
+    rotate=st.booleans(),
+    kind=st.sampled_from(KINDS),
+    base_seed=st.integers(0, 2**32 - 1),
+)
+def test_split_and_join_match_numpy_on_any_bytes(body, width, rotate, kind, base_seed):
+    base = None
+    if kind is not None:
+        base = np.random.default_rng(base_seed).integers(0, 256, len(body), dtype=np.uint8).tobytes()
+    planes = _same_split(body, width, rotate, base, deltas.ORD if kind is None else kind)
+    _check_join(body, planes, width, rotate, base, deltas.ORD if kind is None else kind)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    picks=st.lists(st.integers(0, 1000), max_size=200),
+    base_picks=st.lists(st.integers(0, 1000), min_size=200, max_size=200),
+    width=st.sampled_from(WIDTHS),
+    rotate=st.booleans(),
+    kind=st.sampled_from(deltas.KINDS),
+)
+def test_deltas_match_numpy_on_sign_and_carry_edge_words(picks, base_picks, width, rotate, kind):
+    body = _special_bytes(picks)
+    base = _special_bytes(base_picks[: len(body)])
+    planes = _same_split(body, width, rotate, base, kind)
+    _check_join(body, planes, width, rotate, base, kind)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("n_bytes", [0, 1, 7, 8, 9, 4096 * 8 + 3, 100_003])
+def test_split_join_sizes_with_tails_and_float_data(width, n_bytes):
+    rng = np.random.default_rng(n_bytes + width)
+    body = rng.integers(0, 256, n_bytes, dtype=np.uint8).tobytes()
+    moved = bytearray(body)
+    for i in rng.integers(0, max(n_bytes, 1), n_bytes // 50):
+        moved[i] ^= 1
+    for rotate in (True, False):
+        planes = _same_split(body, width, rotate)
+        _check_join(body, planes, width, rotate)
+        for kind in deltas.KINDS:
+            planes = _same_split(bytes(moved), width, rotate, body, kind)
+            _check_join(bytes(moved), planes, width, rotate, body, kind)
+
+
+def test_ord_delta_of_one_ulp_steps_is_tiny_in_both():
+    x = np.array([0.5, -1e-8, 1e-8, 0.9999999, -3.0, 0.0, -0.0] * 300, np.float32)
+    y = np.nextafter(x, np.float32(np.inf))
+    planes = _same_split(y.tobytes(), 4, True, x.tobytes(), deltas.ORD)
+    # One unit in the last place zigzags to 2 (or 1 across the signed zeros): top planes zero.
+    assert not any(bytes(planes)[len(x) :])
+
+
+def test_split_and_join_refuse_bad_arguments():
+    with pytest.raises(ValueError):
+        native.split(b"abcd", 3, True)
+    with pytest.raises(ValueError):
+        native.split(b"abcd", 4, True, b"abc", deltas.ORD)
+    with pytest.raises(ValueError):
+        native.split(b"abcd", 4, True, b"abcd", 7)
+    with pytest.raises(ValueError):
+        native.join([b"a", b"b"], 4, True, 1)
+    with pytest.raises(ValueError):
+        native.join([b"a", b"b", b"c", b"dd"], 4, True, 1)
+    with pytest.raises(ValueError):
+        native.join([b"a", b"b", b"c", b"d"], 4, True, 1, b"abc", deltas.ORD)
+
+
+# --- survey and code sections ---------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.one_of(st.binary(max_size=2000), st.builds(lambda v, n: bytes([v]) * n, st.integers(0, 255), st.integers(0, 5000))))
+def test_survey_matches_numpy_exactly(data):
+    assert native.survey(data) == reference.survey(data)
+
+
+def test_survey_values():
+    assert native.survey(b"") == (-1, 0.0)
+    assert native.survey(b"\x07" * 100) == (7, 0.0)
+    fill, bits = native.survey(bytes(range(256)) * 4)
+    assert fill == -1 and bits == pytest.approx(8 * 1024)
+
+
+def _skewed(draw_n: int, rare: list[int], seed: int) -> bytes:
+    data = np.zeros(draw_n + len(rare), np.uint8)
+    data[np.random.default_rng(seed).permutation(len(data))[: len(rare)]] = rare
+    return data.tobytes()
+
+
+SECTIONS = st.one_of(
+    st.binary(max_size=1500),
+    st.builds(_skewed, st.integers(0, 3000), st.lists(st.integers(0, 255), max_size=300), st.integers(0, 2**32 - 1)),
+    # All escapes: every byte value equally often, more values than any table holds.
+    st.builds(lambda n: bytes(range(256)) * n, st.integers(0, 8)),
+    st.builds(lambda v, n: bytes([v]) * n, st.integers(0, 255), st.integers(0, 999)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(section=SECTIONS, bits=st.sampled_from([0, 2, 4]))
+def test_code_packing_matches_numpy(section, bits):
+    got = native.pack_codes(section, bits)
+    want = reference.pack_codes(section, bits)
+    assert got == want
+    bits, table, packed, escapes = got
+    n_esc = native.count_escapes(packed, bits, len(table), len(section))
+    assert n_esc == reference.count_escapes(packed, bits, len(table), len(section)) == len(escapes)
+    out = native.unpack_codes(packed, escapes, table, bits, len(section))
+    assert out == reference.unpack_codes(packed, escapes, table, bits, len(section)) == bytes(section)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4]),
+    k=st.integers(0, 15),
+    expect=st.integers(0, 600),
+    seed=st.integers(0, 2**32 - 1),
+    zero_pad=st.booleans(),
+)
+def test_code_validation_matches_numpy_on_random_packed_bytes(bits, k, expect, seed, zero_pad):
+    k = k % (1 << bits)
+    per = 8 // bits
+    rng = np.random.default_rng(seed)
+    packed = bytearray(rng.integers(0, 256, -(-expect // per), dtype=np.uint8).tobytes())
+    if zero_pad and expect % per:
+        packed[-1] &= (0xFF << (bits * (per - expect % per))) & 0xFF
+    n_esc = native.count_escapes(bytes(packed), bits, k, expect)
+    assert n_esc == reference.count_escapes(bytes(packed), bits, k, expect)
+    if n_esc >= 0:
+        table = rng.integers(0, 256, k, dtype=np.uint8).tobytes()
+        escapes = rng.integers(0, 256, n_esc, dtype=np.uint8).tobytes()
+        got = native.unpack_codes(bytes(packed), escapes, table, bits, expect)
+        assert got == reference.unpack_codes(bytes(packed), escapes, table, bits, expect)
+        assert len(got) == expect
+
+
+def test_unpack_refuses_short_escapes_and_wrong_sizes():
+    bits, table, packed, escapes = native.pack_codes(bytes(range(256)) * 2, 2)
+    for impl in (native, reference):
+        with pytest.raises(ValueError):
+            impl.unpack_codes(packed, escapes[:-1], table, bits, 512)
+        with pytest.raises(ValueError):
+            impl.unpack_codes(packed + b"\0", escapes, table, bits, 512)
+    with pytest.raises(ValueError):
+        native.count_escapes(packed, 3, 1, 512)
+
+
+def _coded_section(data: bytes) -> bytearray:
+    out = bytearray()
+    frames.encode_section(out, data)
+    assert out[0] == frames.CODES
+    return out
+
+
+def _error_of(name: str, data: bytes, expect: int) -> str:
+    with using(name):
+        try:
+            got, end = frames.decode_section("x", memoryview(data), 0, expect)
+        except CorruptObject as exc:
+            return str(exc)
+    return f"ok {bytes(got).hex()} {end}"
+
+
+def test_damaged_code_sections_fail_alike():
+    rng = np.random.default_rng(8)
+    plane = np.where(rng.random(4099) < 0.93, 0, rng.integers(1, 4, 4099)).astype(np.uint8)
+    plane[rng.integers(0, 4099, 20)] = 200  # a few escapes
+    good = _coded_section(plane.tobytes())
+    bits, k = good[1], good[2]
+    # The packed codes are a nested raw or zstd section: store them raw so bytes can be hit.
+    _, table, packed, escapes = reference.pack_codes(plane.tobytes(), bits)
+    layout = bytearray((frames.CODES, bits, k)) + table
+    raw = bytearray((frames.RAW,))
+    frames.put_varint(raw, len(packed))
+    damaged_cases = []
+    for pos, value in [(0, 0xFF), (len(packed) - 1, 0xFF), (len(packed) - 1, 0x01), (len(packed) // 2, 0xAA)]:
+        p = bytearray(packed)
+        p[pos] = value
+        section = layout + raw + p + frames._plain_section(escapes)
+        damaged_cases.append(bytes(section))
+    for table_k in range(1, 4):  # a smaller table: codes k.. become invalid
+        section = bytearray((frames.CODES, bits, table_k)) + table[:table_k] + raw + packed + frames._plain_section(escapes)
+        damaged_cases.append(bytes(section))
+    for cut in range(0, len(good), 9):
+        damaged_cases.append(bytes(good[:cut]))
+    for flip in range(0, len(good), 13):
+        d = bytearray(good)
+        d[flip] ^= 0x5A
+        damaged_cases.append(bytes(d))
+    messages = set()
+    for data in damaged_cases:
+        got = _error_of("native", data, len(plane))
+        assert got == _error_of("numpy", data, len(plane))
+        messages.add(got)
+    assert any("padding" in m for m in messages) and any("outside its code table" in m for m in messages)
+
+
+# --- whole records ---------------------------------------------------------------------------
+
+
+def _record(name, h, body, dtype, base):
+    with using(name):
+        return codec.encode_tensor(h, body, dtype, base)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.binary(max_size=3000),
+    dtype=st.sampled_from(["F32", "BF16", "F16", "F64", "I32", "I64", "U16", "U8", None]),
+    with_base=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_records_are_identical_and_cross_decode(body, dtype, with_base, seed):
+    h = header(TENSOR, len(body))
+    base = None
+    if with_base and body:
+        moved = bytearray(body)
+        rng = np.random.default_rng(seed)
+        for i in rng.integers(0, len(body), 1 + len(body) // 20):
+            moved[i] = (moved[i] + int(rng.integers(1, 4))) & 0xFF
+        base = DeltaBase("ab" * 32, bytes(moved), 0)
+    rec_native = _record("native", h, body, dtype, base)
+    assert rec_native == _record("numpy", h, body, dtype, base)
+    for name in ("native", "numpy"):
+        with using(name):
+            assert codec.decode("x", rec_native, lambda oid, depth: base.body) == h + body
+
+
+def _float_checkpoints(n: int, dtype: str):
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    b = a + (rng.standard_normal(n) * 1e-4).astype(np.float32)
+    if dtype == "BF16":
+        a, b = ((x.view(np.uint32) >> 16).astype(np.uint16) for x in (a, b))
+    return a.tobytes(), b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_float_tensor_records_are_identical(dtype):
+    a, b = _float_checkpoints(50_001, dtype)
+    h = header(TENSOR, len(b))
+    for base in (None, DeltaBase("cd" * 32, a, 0)):
+        rec = _record("native", h, b, dtype, base)
+        assert rec == _record("numpy", h, b, dtype, base)
+        for name in ("native", "numpy"):
+            with using(name):
+                assert codec.decode("x", rec, lambda oid, depth: a) == h + b
+
+
+def test_threads_encode_and_decode_alike():
+    """The loops run without the GIL: many threads at once must still agree."""
+    a, b = _float_checkpoints(40_000, "F32")
+    h = header(TENSOR, len(b))
+    base = DeltaBase("cd" * 32, a, 0)
+    want = codec.encode_tensor(h, b, "F32", base)
+    with ThreadPoolExecutor(4) as pool:
+        records = list(pool.map(lambda _: codec.encode_tensor(h, b, "F32", base), range(16)))
+        bodies = list(pool.map(lambda r: codec.decode("x", r, lambda oid, d: a), records))
+    assert all(r == want for r in records) and all(x == h + b for x in bodies)
+
+
+def test_no_native_environment_selects_numpy():
+    code = "from adapterhub.encoding import kernels; print(kernels.active, kernels.native is not None)"
+    env = dict(os.environ, AH_NO_NATIVE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["numpy", "True"]
+    env.pop("AH_NO_NATIVE")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["native", "True"]
