@@ -29,12 +29,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import codec
 from .errors import AhError
 from .fsutil import TMP_PREFIX, atomic_write
 from .pack import Pack
 from .packstore import PackedObjectStore
-from .reach import Reachable, add_delta_bases, ref_roots, walk
+from .reach import IdSet, add_delta_bases, ref_roots, walk
 from .refs import RefStore
 
 DEFAULT_GRACE_S = 14 * 24 * 3600
@@ -94,17 +93,40 @@ def gc_lock(ah_dir: Path):
 
 
 @dataclass
+class _PackAt:
+    """One listed pack: its age and sorted ids (a view of its index, no copy)."""
+
+    pack: Pack
+    mtime_ns: int
+    ids: object  # numpy S32 array
+    reach: object = None  # bool mask over ids: reachable (set by collect_garbage)
+
+
+@dataclass
 class _Inventory:
-    """Every stored object and its age, as listed at one moment."""
+    """Every stored object and its age, as listed at one moment.
+
+    Loose objects are few (fresh writes since the last gc) and kept by hex id; packed
+    ones, possibly millions, only as the packs' own sorted id arrays.
+    """
 
     loose: dict[str, int] = field(default_factory=dict)  # id -> mtime_ns
-    packed: dict[str, Pack] = field(default_factory=dict)  # id -> first pack holding it
-    pack_mtimes: dict[Path, int] = field(default_factory=dict)
+    packs: list[_PackAt] = field(default_factory=list)
+
+    def pack_of(self, key: bytes) -> _PackAt | None:
+        """The first listed pack holding the raw id `key`."""
+        for p in self.packs:
+            if IdSet(p.ids).has_key(key):
+                return p
+        return None
+
+    def is_stored(self, oid: str) -> bool:
+        return oid in self.loose or self.pack_of(bytes.fromhex(oid)) is not None
 
     def age_ns(self, oid: str) -> int:
         if oid in self.loose:
             return self.loose[oid]
-        return self.pack_mtimes[self.packed[oid].path]
+        return self.pack_of(bytes.fromhex(oid)).mtime_ns
 
 
 def _inventory(store: PackedObjectStore) -> _Inventory:
@@ -117,11 +139,10 @@ def _inventory(store: PackedObjectStore) -> _Inventory:
     store.add_pack_written()
     for pack in store.packs():
         try:
-            inv.pack_mtimes[pack.path] = os.stat(pack.path).st_mtime_ns
+            mtime = os.stat(pack.path).st_mtime_ns
         except FileNotFoundError:
             continue
-        for oid in pack.iter_ids():
-            inv.packed.setdefault(oid, pack)
+        inv.packs.append(_PackAt(pack, mtime, pack.id_array()))
     return inv
 
 
@@ -158,6 +179,69 @@ def _clean_temp_files(store: PackedObjectStore, now: float) -> None:
                         path.unlink()
 
 
+# Contiguous records are copied with one read of at most this many bytes.
+COPY_SPAN = 8 << 20
+
+
+def _copy_records(writer, pack: Pack, keys: bytes, offsets, lengths) -> None:
+    """Append records of `pack` to `writer` in pack order, reading contiguous runs in one
+    pread (not through the memory map: mapped pages would count as gc's own memory)."""
+    fd = os.open(pack.path, os.O_RDONLY)
+    try:
+        n = len(offsets)
+        i = 0
+        while i < n:
+            start = int(offsets[i])
+            j, end = i, start
+            while j < n and int(offsets[j]) == end and (end - start < COPY_SPAN or j == i):
+                end += int(lengths[j])
+                j += 1
+            span = memoryview(pack.read_span(fd, start, end - start))
+            for k in range(i, j):
+                at = int(offsets[k]) - start
+                writer.add(keys[32 * k : 32 * k + 32], span[at : at + int(lengths[k])])
+            i = j
+    finally:
+        os.close(fd)
+
+
+def _write_new_pack(store: PackedObjectStore, inv: _Inventory, reach: IdSet, stored_mask) -> Path:
+    """One pack of every stored reachable object: loose copies first (as a read would
+    prefer them), then each pack's, in pack order so the old pack is read sequentially."""
+    import numpy as np
+
+    done = np.zeros(len(reach), dtype=bool)
+    with store.writer(dedup=False) as writer:
+        loose_ids = IdSet.of_hex(inv.loose)
+        found, pos = reach.positions(loose_ids.array)
+        keys = loose_ids.array[found].tobytes()
+        for k in range(len(keys) // 32):
+            key = keys[32 * k : 32 * k + 32]
+            writer.add(key, store.loose._read_record(key.hex()))
+        done[pos[found]] = True
+        for p in inv.packs:
+            found, pos = reach.positions(p.ids)
+            take = found.copy()
+            take[found] = ~done[pos[found]]
+            if not take.any():
+                continue
+            sel = np.nonzero(take)[0]
+            offsets, lengths = p.pack.location_arrays()
+            order = sel[np.argsort(offsets[sel], kind="stable")]
+            _copy_records(writer, p.pack, p.ids[order].tobytes(), offsets[order], lengths[order])
+            done[pos[take]] = True
+        if not np.array_equal(done, stored_mask):
+            raise AhError("gc: the objects copied into the new pack are not the reachable ones listed (a bug)")
+        new_idx = writer.finish()
+    store.add_pack_written()
+    check = Pack(new_idx)
+    try:
+        check.verify()
+    finally:
+        check.close()
+    return new_idx
+
+
 def collect_garbage(
     ah_dir: Path,
     store: PackedObjectStore,
@@ -169,6 +253,8 @@ def collect_garbage(
 ) -> GcResult:
     """Repack reachable objects into one pack, prune unreachable ones older than `grace_s`,
     and (with `pack_refs`) fold loose refs into packed-refs."""
+    import numpy as np
+
     if grace_s < 0:
         raise AhError("the grace period cannot be negative")
     with gc_lock(ah_dir):
@@ -178,50 +264,57 @@ def collect_garbage(
         roots = ref_roots(refs)
         reach = walk(store, roots, ah_dir)
         inv = _inventory(store)
-        stored = inv.loose.keys() | inv.packed.keys()
+        R = reach.ids
 
-        # Unreachable objects young enough to keep, and whatever their deltas need.
-        recent = {o for o in stored - reach.ids if inv.age_ns(o) >= cutoff_ns}
-        recent_deps = Reachable(ids=set(recent))
-        add_delta_bases(store, recent, recent_deps)
-        keep_unreachable = (recent_deps.ids - reach.ids) & stored
+        # Which reachable objects are stored (somewhere), and which stored ones are not
+        # reachable but young: those, and whatever their deltas need, are kept.
+        stored_mask = np.zeros(len(R), dtype=bool)
+        recent: list[str] = []
+        for oid, mtime_ns in inv.loose.items():
+            if oid in R:
+                stored_mask[int(np.searchsorted(R.array, bytes.fromhex(oid)))] = True
+            elif mtime_ns >= cutoff_ns:
+                recent.append(oid)
+        all_reachable = True
+        for p in inv.packs:
+            found, pos = R.positions(p.ids)
+            p.reach = found
+            stored_mask[pos[found]] = True
+            if not found.all():
+                all_reachable = False
+                if p.mtime_ns >= cutoff_ns:
+                    recent.extend(IdSet(p.ids[~found]))
+        recent_ids = IdSet.of_hex(recent)
+        deps = add_delta_bases(store, recent_ids, set(), known=R.has_key)
+        keep_unreachable = set(recent) | {o for o in deps if inv.is_stored(o)}
 
-        to_pack = sorted(reach.ids & stored)
+        to_pack = R.array[stored_mask]
         new_idx = None
         # Already one pack holding exactly what is reachable (say, right after `ah import`):
         # rewriting it would only copy every byte again.
-        if not inv.loose and len(inv.pack_mtimes) == 1 and not (stored - reach.ids):
-            new_idx = next(iter(inv.pack_mtimes)).with_suffix(".idx")
-        elif to_pack:
-            with store.writer() as writer:
-                for oid in to_pack:
-                    record = store._read_record(oid)
-                    writer.add(oid, record, codec.raw_length(oid, record))
-                new_idx = writer.finish()
-            store.add_pack_written()
-            check = Pack(new_idx)
-            try:
-                check.verify()
-            finally:
-                check.close()
-        new_pack_ids = set(to_pack)
+        if not inv.loose and len(inv.packs) == 1 and all_reachable:
+            new_idx = inv.packs[0].pack.idx_path
+        elif len(to_pack):
+            new_idx = _write_new_pack(store, inv, R, stored_mask)
+        new_pack = IdSet(to_pack) if new_idx is not None else IdSet()
 
         # Refs that moved while we worked keep what they reach now.
-        moved = ref_roots(refs) - roots
-        if moved:
-            later = walk(store, moved, ah_dir, into=Reachable(ids=set(reach.ids)))
-            keep_unreachable |= (later.ids - new_pack_ids) & stored
+        now_roots = ref_roots(refs)
+        moved = IdSet(now_roots.array[~roots.mask(now_roots.array)])
+        if len(moved):
+            later = walk(store, moved, ah_dir, known=R)
+            keep_unreachable |= {o for o in later.ids if inv.is_stored(o)}
             reach.missing |= later.missing
         # Objects kept outside the new pack that only old packs hold: write them loose.
         for oid in sorted(keep_unreachable):
-            if oid not in inv.loose and oid not in new_pack_ids:
+            if oid not in inv.loose and oid not in new_pack:
                 _write_loose(store, oid, store._read_record(oid), inv.age_ns(oid))
 
         pruned = loose_removed = 0
         missing_now = bool(reach.missing)
         for oid, mtime_ns in inv.loose.items():
             path = store.loose._path(oid)
-            if oid in new_pack_ids:
+            if oid in new_pack:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     loose_removed += 1
@@ -237,32 +330,32 @@ def collect_garbage(
             pruned += 1
             loose_removed += 1
 
-        held_by: dict[Path, list[str]] = {}
-        for oid, pack in inv.packed.items():
-            held_by.setdefault(pack.path, []).append(oid)
-        packs_removed = 0
-        for pack_path, mtime_ns in inv.pack_mtimes.items():
-            if new_idx is not None and pack_path == new_idx.with_suffix(".pack"):
-                continue
-            if missing_now:
+        removed, retained = [], []
+        for p in inv.packs:
+            if new_idx is not None and p.pack.path == new_idx.with_suffix(".pack"):
                 continue
             try:
-                if os.stat(pack_path).st_mtime_ns != mtime_ns:
-                    continue  # a writer reused an object in it: keep it for the next gc
+                if missing_now or os.stat(p.pack.path).st_mtime_ns != p.mtime_ns:
+                    retained.append(p.ids)  # a writer reused an object in it: keep it for the next gc
+                    continue
             except FileNotFoundError:
                 continue
-            held = held_by.get(pack_path, [])
-            pruned += sum(1 for o in held if o not in new_pack_ids and o not in keep_unreachable)
             # Index first: without its index a pack is invisible, never half-read.
-            pack_path.with_suffix(".idx").unlink(missing_ok=True)
-            pack_path.unlink(missing_ok=True)
-            packs_removed += 1
+            p.pack.idx_path.unlink(missing_ok=True)
+            p.pack.path.unlink(missing_ok=True)
+            removed.append(p.ids[~new_pack.mask(p.ids)])
+        if removed:
+            gone = IdSet.build(removed)
+            still = IdSet.build(retained).union(IdSet.of_hex(keep_unreachable))
+            pruned += int((~still.mask(gone.array)).sum())
+        packs_removed = len(removed)
+        del inv, removed, retained
         store.add_pack_written()
         _clean_temp_files(store, start)
         if pack_refs:
             refs.pack_refs()
         return GcResult(
-            reachable=len(reach.ids),
+            reachable=len(R),
             packed=len(to_pack),
             pruned=pruned,
             kept_recent=len(keep_unreachable),

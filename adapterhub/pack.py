@@ -5,17 +5,26 @@ pack holds them in one file and its index finds any one with a 256-way fan-out a
 binary search over sorted ids, without reading the pack. Byte layout in
 docs/format/packs.md:
 
-    pack-<name>.pack   "AHPK" u32 version | records ... | u64 count | 32-byte BLAKE3 of all before
-    pack-<name>.idx    "AHIX" u32 version | u64 count | 256 x u32 fan-out
-                       | count x 32-byte ids (sorted) | count x u64 offsets
-                       | count x u64 record lengths | count x u64 raw lengths
+    pack-<name>.pack   "AHPK" u32 1 | records ... | u64 count | 32-byte BLAKE3 of all before
+    pack-<name>.idx    "AHIX" u32 2 | u64 count | u64 large count | 256 x u32 fan-out
+                       | count x 32-byte ids (sorted) | count x u32 offsets
+                       | count x u32 record lengths | large count x u64 (values >= 2^31)
                        | 32-byte pack checksum | 32-byte BLAKE3 of the index before it
+
+Index version 2 spends 40 bytes per object where version 1 (still read) spent 56: offsets
+and lengths are u32 with git's escape to a table of u64 for the rare value of 2 GiB or
+more, and the canonical length (which `ah stats` wants) is no longer copied into the
+index, since every record's 13-byte header already holds it. For a million small
+adapters (four objects each) that is 64 bytes per adapter less.
 
 Records are the same `AHO1` records loose objects hold (store.md), copied byte for byte,
 so a pack never re-encodes and every read still re-hashes the decoded object. `<name>` is
 the hex pack checksum. A writer streams records into a temp file, then renames the pack
 and only then the index into place: readers find packs by their index, so they never see a
 pack that is not complete, and a killed writer leaves only `.tmp-*` files.
+
+Nothing here imports numpy at module level (reads must start fast); the bulk helpers for
+gc and the writer's index sort import it when first used.
 """
 
 from __future__ import annotations
@@ -24,26 +33,34 @@ import mmap
 import os
 import struct
 import tempfile
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import blake3
 
+from . import codec
 from .errors import CorruptObject, ObjectNotFound
 from .fsutil import TMP_PREFIX, atomic_write, fsync_dir
 from .objects import ObjectId
 
 PACK_MAGIC = b"AHPK"
 IDX_MAGIC = b"AHIX"
-VERSION = 1
+PACK_VERSION = 1
+IDX_VERSION = 2
+IDX_VERSIONS = (1, 2)
 PACK_HEAD = struct.Struct("<4sI")
 PACK_TAIL = struct.Struct("<Q32s")
-IDX_HEAD = struct.Struct("<4sIQ")
+IDX_HEAD_V1 = struct.Struct("<4sIQ")
+IDX_HEAD = struct.Struct("<4sIQQ")  # version 2: magic, version, count, large count
 FANOUT = struct.Struct("<256I")
 OID_LEN = 32
-# Per entry: id + offset + record length + raw length.
-ENTRY_BYTES = OID_LEN + 8 + 8 + 8
+# Per entry. Version 1: id + u64 offset + u64 record length + u64 raw length.
+ENTRY_BYTES_V1 = OID_LEN + 8 + 8 + 8
+# Version 2: id + u32 offset + u32 record length (escaped to the large table at >= 2^31).
+ENTRY_BYTES = OID_LEN + 4 + 4
+LARGE = 1 << 31
 IDX_TAIL = 32 + 32
 
 
@@ -55,7 +72,8 @@ class PackEntry:
         oid: object id.
         offset: byte offset of its record in the pack file.
         length: length of the stored record.
-        raw_len: length of the object's canonical bytes (for stats, without reading).
+        raw_len: length of the object's canonical bytes (from the index in version 1,
+            from the record header in version 2).
     """
 
     oid: ObjectId
@@ -94,14 +112,21 @@ class Pack:
     def _load_index(self) -> None:
         idx = self._idx
         path = self.idx_path
-        if len(idx) < IDX_HEAD.size + FANOUT.size + IDX_TAIL:
+        if len(idx) < IDX_HEAD_V1.size + FANOUT.size + IDX_TAIL:
             raise _corrupt(path, f"index is truncated ({len(idx)} bytes)")
-        magic, version, count = IDX_HEAD.unpack_from(idx)
+        magic, version, count = IDX_HEAD_V1.unpack_from(idx)
         if magic != IDX_MAGIC:
             raise _corrupt(path, "index has a bad magic number")
-        if version != VERSION:
-            raise _corrupt(path, f"index version {version} is not supported (this build reads {VERSION})")
-        expect = IDX_HEAD.size + FANOUT.size + count * ENTRY_BYTES + IDX_TAIL
+        if version not in IDX_VERSIONS:
+            raise _corrupt(path, f"index version {version} is not supported (this build reads {IDX_VERSIONS})")
+        self.version = version
+        if version == 1:
+            head, large, entry_bytes = IDX_HEAD_V1.size, 0, ENTRY_BYTES_V1
+        else:
+            if len(idx) < IDX_HEAD.size + FANOUT.size + IDX_TAIL:
+                raise _corrupt(path, f"index is truncated ({len(idx)} bytes)")
+            head, large, entry_bytes = IDX_HEAD.size, IDX_HEAD.unpack_from(idx)[3], ENTRY_BYTES
+        expect = head + FANOUT.size + count * entry_bytes + large * 8 + IDX_TAIL
         if len(idx) != expect:
             raise _corrupt(path, f"index is truncated or padded: {len(idx)} bytes, {count} entries need {expect}")
         # The index checksum is checked by verify() (gc, fsck), not here: hashing a
@@ -109,14 +134,18 @@ class Pack:
         # a second, and reads do not need it: a damaged id is a miss, a damaged offset or
         # length reaches bytes that fail the record's own checks and re-hash.
         self._idx_end = expect
-        self.fanout = FANOUT.unpack_from(idx, IDX_HEAD.size)
+        self.fanout = FANOUT.unpack_from(idx, head)
         if self.fanout[255] != count or any(self.fanout[i] > self.fanout[i + 1] for i in range(255)):
             raise _corrupt(path, "index fan-out table is inconsistent")
         self.count = count
-        self._ids_at = IDX_HEAD.size + FANOUT.size
+        self._ids_at = head + FANOUT.size
         self._off_at = self._ids_at + count * OID_LEN
-        self._len_at = self._off_at + count * 8
-        self._raw_at = self._len_at + count * 8
+        width = 8 if version == 1 else 4
+        self._width = width
+        self._len_at = self._off_at + count * width
+        self._raw_at = self._len_at + count * width  # version 1 only
+        self._large_at = self._len_at + count * width  # version 2 only
+        self._large = large
         self.checksum = bytes(idx[expect - IDX_TAIL : expect - 32])
 
     def _check_pack(self) -> None:
@@ -124,7 +153,7 @@ class Pack:
         if len(pack) < PACK_HEAD.size + PACK_TAIL.size:
             raise _corrupt(self.path, f"pack is truncated ({len(pack)} bytes)")
         magic, version = PACK_HEAD.unpack_from(pack)
-        if magic != PACK_MAGIC or version != VERSION:
+        if magic != PACK_MAGIC or version != PACK_VERSION:
             raise _corrupt(self.path, "pack has a bad magic number or an unsupported version")
         count, checksum = PACK_TAIL.unpack_from(pack, len(pack) - PACK_TAIL.size)
         if checksum != self.checksum or count != self.count:
@@ -168,21 +197,50 @@ class Pack:
         i = self._lower_bound(key)
         return i if i < self.count and self._id(i) == key else None
 
+    def _field(self, at: int, i: int) -> int:
+        """Entry `i` of the u32 (version 2, large-table escaped) or u64 column at `at`."""
+        if self._width == 8:
+            return struct.unpack_from("<Q", self._idx, at + i * 8)[0]
+        v = struct.unpack_from("<I", self._idx, at + i * 4)[0]
+        if v < LARGE:
+            return v
+        j = v - LARGE
+        if j >= self._large:
+            return -1  # damaged: callers treat it as an entry pointing outside the pack
+        return struct.unpack_from("<Q", self._idx, self._large_at + j * 8)[0]
+
+    def location(self, i: int) -> tuple[int, int]:
+        """(offset, record length) of entry `i`."""
+        return self._field(self._off_at, i), self._field(self._len_at, i)
+
     def entry(self, i: int) -> PackEntry:
         oid = ObjectId(self._id(i).hex())
-        offset = struct.unpack_from("<Q", self._idx, self._off_at + i * 8)[0]
-        length = struct.unpack_from("<Q", self._idx, self._len_at + i * 8)[0]
-        raw_len = struct.unpack_from("<Q", self._idx, self._raw_at + i * 8)[0]
+        offset, length = self.location(i)
+        if self.version == 1:
+            raw_len = struct.unpack_from("<Q", self._idx, self._raw_at + i * 8)[0]
+        else:
+            raw_len = self._raw_len_at(oid, offset, length)
         return PackEntry(oid, offset, length, raw_len)
+
+    def _raw_len_at(self, oid: str, offset: int, length: int) -> int:
+        if not self._inside(offset, length) or length < codec.RECORD_HEADER.size:
+            raise CorruptObject(oid, f"its entry in {self.path.name} points outside the pack (truncated pack?)")
+        return codec.raw_length(oid, self._pack[offset : offset + codec.RECORD_HEADER.size])
+
+    def _inside(self, offset: int, length: int) -> bool:
+        return offset >= PACK_HEAD.size and length >= 0 and offset + length <= self.data_end
 
     def read_record(self, oid: str) -> bytes:
         i = self.find(oid)
         if i is None:
             raise ObjectNotFound(oid)
-        e = self.entry(i)
-        if e.offset < PACK_HEAD.size or e.offset + e.length > self.data_end:
+        return self.record_at(oid, *self.location(i))
+
+    def record_at(self, oid: str, offset: int, length: int) -> bytes:
+        """The record at a known location (checked to lie inside the record area)."""
+        if not self._inside(offset, length):
             raise CorruptObject(oid, f"its entry in {self.path.name} points outside the pack (truncated pack?)")
-        return self._pack[e.offset : e.offset + e.length]
+        return self._pack[offset : offset + length]
 
     def find_prefix(self, prefix: str) -> list[ObjectId]:
         if not prefix:
@@ -206,6 +264,46 @@ class Pack:
         for i in range(self.count):
             yield self.entry(i)
 
+    # --- bulk access (gc, stats): numpy arrays, no Python object per entry ---------------
+    def id_array(self):
+        """The sorted ids as a numpy `S32` array (a view of the index mapping, no copy)."""
+        import numpy as np
+
+        return np.frombuffer(self._idx, dtype="S32", count=self.count, offset=self._ids_at)
+
+    def location_arrays(self):
+        """(offsets, record lengths) of every entry, in index order, as numpy uint64 arrays."""
+        import numpy as np
+
+        n = self.count
+        if self._width == 8:
+            off = np.frombuffer(self._idx, dtype="<u8", count=n, offset=self._off_at).astype(np.uint64)
+            ln = np.frombuffer(self._idx, dtype="<u8", count=n, offset=self._len_at).astype(np.uint64)
+            return off, ln
+        large = np.frombuffer(self._idx, dtype="<u8", count=self._large, offset=self._large_at)
+        out = []
+        for at in (self._off_at, self._len_at):
+            v = np.frombuffer(self._idx, dtype="<u4", count=n, offset=at).astype(np.uint64)
+            esc = v >= LARGE
+            if esc.any():
+                j = v[esc] - LARGE
+                if (j >= len(large)).any():
+                    raise _corrupt(self.idx_path, "an entry escapes to a large-table slot that does not exist")
+                v[esc] = large[j.astype(np.int64)]
+            out.append(v)
+        return out[0], out[1]
+
+    def read_span(self, fd: int, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` of the pack read with pread on `fd` (an open pack
+        file): bulk copies read this way so that gc's resident memory does not grow with
+        the pages of every pack it copies (mapped pages count as resident)."""
+        if offset < PACK_HEAD.size or offset + length > self.data_end:
+            raise _corrupt(self.path, f"bytes {offset}..{offset + length} lie outside the record area")
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise _corrupt(self.path, "pack is shorter than its index says")
+        return data
+
     @property
     def size(self) -> int:
         return len(self._pack) + len(self._idx)
@@ -216,17 +314,23 @@ class Pack:
                 try:
                     m.close()
                 except BufferError:
-                    pass  # a record slice is still referenced; the mapping goes with it
+                    pass  # a record slice or id array is still referenced; the mapping goes with it
 
 
 class PackWriter:
     """Stream records into a new pack; `finish` makes it visible (pack, then index).
 
+    Entries are kept in flat arrays (32-byte ids in one bytearray, offsets and lengths in
+    `array('Q')`), about 48 bytes an object, not a Python object each: gc and import
+    write millions. With `dedup` (the default) the writer also keeps a set of the ids it
+    holds and skips a repeat; bulk writers that already know their ids are unique (gc,
+    import) pass `dedup=False` and save that set, and `finish` refuses duplicates.
+
     Use as a context manager: leaving it with an exception removes the temp files, so a
     failed or killed writer never leaves a pack a reader would open.
     """
 
-    def __init__(self, pack_dir: Path, *, durable: bool = True):
+    def __init__(self, pack_dir: Path, *, durable: bool = True, dedup: bool = True):
         self.pack_dir = Path(pack_dir)
         self.pack_dir.mkdir(parents=True, exist_ok=True)
         self.durable = durable
@@ -235,37 +339,53 @@ class PackWriter:
         self._fh = os.fdopen(fd, "wb")
         self._hash = blake3.blake3()
         self._pos = 0
-        self._entries: dict[bytes, tuple[int, int, int]] = {}
-        self._write(PACK_HEAD.pack(PACK_MAGIC, VERSION))
+        self._ids = bytearray()
+        self._offsets = array("Q")
+        self._lengths = array("Q")
+        self._keys: set[bytes] | None = set() if dedup else None
+        self._write(PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION))
 
     def _write(self, data: bytes | memoryview) -> None:
         self._fh.write(data)
         self._hash.update(data)
         self._pos += len(data)
 
-    def __contains__(self, oid: str) -> bool:
-        return bytes.fromhex(oid) in self._entries
-
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._offsets)
 
-    def add(self, oid: str, record: bytes | memoryview, raw_len: int) -> bool:
-        """Append one record (skipped when this pack already has the id); True if added."""
-        key = bytes.fromhex(oid)
+    def add(self, oid: str | bytes, record: bytes | memoryview) -> bool:
+        """Append one record (with `dedup`, skipped when this pack already has the id);
+        True if added. `oid` is hex or the raw 32 bytes."""
+        key = oid if isinstance(oid, bytes) else bytes.fromhex(oid)
         if len(key) != OID_LEN:
             raise ValueError(f"not an object id: {oid!r}")
-        if key in self._entries:
-            return False
-        self._entries[key] = (self._pos, len(record), raw_len)
+        if self._keys is not None:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+        self._ids += key
+        self._offsets.append(self._pos)
+        self._lengths.append(len(record))
         self._write(record)
         return True
 
     def finish(self) -> Path | None:
         """Close the pack, write its index, rename both into place; the index path (None if empty)."""
-        if not self._entries:
+        if not self._offsets:
             self.abort()
             return None
-        self._write(struct.pack("<Q", len(self._entries)))
+        import numpy as np
+
+        n = len(self._offsets)
+        view = np.frombuffer(self._ids, dtype="S32")
+        order = np.argsort(view, kind="stable")
+        ids = view[order]
+        del view
+        self._ids = bytearray()
+        if n > 1 and (ids[1:] == ids[:-1]).any():
+            self.abort()
+            raise ValueError("a pack writer without dedup was given the same id twice")
+        self._write(struct.pack("<Q", n))
         checksum = self._hash.digest()
         self._fh.write(checksum)
         self._fh.flush()
@@ -277,22 +397,27 @@ class PackWriter:
         idx_path = self.pack_dir / f"{name}.idx"
         os.replace(self._tmp, pack_path)
         self._tmp = None
-        keys = sorted(self._entries)
-        counts = [0] * 256
-        for k in keys:
-            counts[k[0]] += 1
-        fan, total = [], 0
-        for c in counts:
-            total += c
-            fan.append(total)
-        parts = [IDX_HEAD.pack(IDX_MAGIC, VERSION, len(keys)), FANOUT.pack(*fan), b"".join(keys)]
-        for field in range(3):
-            parts.append(struct.pack(f"<{len(keys)}Q", *(self._entries[k][field] for k in keys)))
-        parts.append(checksum)
-        body = b"".join(parts)
-        idx = body + blake3.blake3(body, max_threads=blake3.blake3.AUTO).digest()
+        first = ids.view(np.uint8)[::OID_LEN]
+        fan = np.cumsum(np.bincount(first, minlength=256)).astype("<u4")
+        large: list[int] = []
+        columns = []
+        for values in (self._offsets, self._lengths):
+            v = np.frombuffer(values, dtype=np.uint64)[order]
+            col = v.astype("<u4")
+            esc = np.nonzero(v >= LARGE)[0]
+            if len(esc):
+                col[esc] = LARGE + len(large) + np.arange(len(esc))
+                large.extend(int(x) for x in v[esc])
+            columns.append(col)
+        head = IDX_HEAD.pack(IDX_MAGIC, IDX_VERSION, n, len(large))
+        parts = [head, fan.tobytes(), ids.tobytes(), columns[0].tobytes(), columns[1].tobytes(),
+                 np.array(large, dtype="<u8").tobytes(), checksum]
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        for p in parts:
+            h.update(p)
+        parts.append(h.digest())
         # Index last: a pack is visible only through its index, so readers never see half of one.
-        atomic_write(idx_path, idx, durable=self.durable)
+        atomic_write(idx_path, parts, durable=self.durable)
         if self.durable:
             fsync_dir(self.pack_dir)
         return idx_path

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from . import codec
 from .errors import CorruptObject, ObjectNotFound
 from .objects import ObjectId
 from .pack import Pack, PackWriter, pack_paths
@@ -131,9 +130,9 @@ class PackedObjectStore(ObjectStore):
             found = self._lookup(oid)
         return found
 
-    def writer(self) -> PackWriter:
-        """A writer for a new pack in this store (bulk import, gc)."""
-        return PackWriter(self.pack_dir, durable=self.durable)
+    def writer(self, *, dedup: bool = True) -> PackWriter:
+        """A writer for a new pack in this store (bulk import, gc: see PackWriter's `dedup`)."""
+        return PackWriter(self.pack_dir, durable=self.durable, dedup=dedup)
 
     def add_pack_written(self) -> None:
         """Make packs written since the last listing visible to this store at once."""
@@ -168,7 +167,7 @@ class PackedObjectStore(ObjectStore):
             return
         with self.writer() as writer:
             for oid, record in pending.items():
-                writer.add(oid, record, codec.raw_length(oid, record))
+                writer.add(oid, record)
             writer.finish()
         self.add_pack_written()
 
@@ -183,6 +182,14 @@ class PackedObjectStore(ObjectStore):
         pending = self._pending
         if pending is not None and oid in pending:
             return pending[oid]
+        # Packs first, without re-listing: after gc or import nearly everything is packed,
+        # and a failed open of a loose path per read cost more than the read (gc's mark
+        # reads two objects per adapter). Then loose, then packs again after a re-list:
+        # an object gc moved from a loose file into a new pack meanwhile is still found.
+        if self._listing is not None:
+            pack = self._lookup(oid)
+            if pack is not None:
+                return pack.read_record(oid)
         try:
             return self.loose._read_record(oid)
         except ObjectNotFound:

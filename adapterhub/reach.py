@@ -3,15 +3,23 @@
 gc keeps what this walk finds and `ah stats` sums over it. Only structured objects are
 read (commits, snapshots, tags, which are small); tensors and blobs are leaves whose ids
 the snapshot already lists, so marking a million adapters never decodes a tensor. A
-stored delta needs its base, so the walk also adds the delta base of every object it
-keeps (read from the record header, not decoded), whichever way that base is reached.
+stored delta needs its base, so the walk also adds the dependency (delta base or
+compression dictionary) of every object it keeps, read from the record header, not
+decoded, whichever way that object is reached.
+
+Memory is what limits a walk over a million adapters, not time: a Python set of hex ids
+costs ~150 bytes an object (five objects an adapter). So ids are kept as raw 32 bytes:
+marked ids are appended to a flat buffer and folded into sorted numpy arrays (`IdSet`,
+32 bytes an id); the only per-object Python structure is the set of commits reached
+through parent links (history), never the leaves and never the commits refs point at
+directly, which are one sorted array.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import AhError, CorruptObject, ObjectNotFound
 from .evals import EvalLists
@@ -19,14 +27,120 @@ from .objects import COMMIT, SNAPSHOT, TAG, ObjectId, parse_object
 from .refs import RefStore
 from .store import ObjectStore
 
+ID_LEN = 32
+# Ids buffered before they are sorted and deduplicated into a chunk (32 MB of ids).
+_FOLD_IDS = 1 << 20
+
+
+class IdSet:
+    """An immutable set of object ids: one sorted, duplicate-free numpy `S32` array.
+
+    32 bytes an id where a set of hex strings costs ~150; membership is a binary search
+    (numpy for batches, `in` for one hex id). Iterating yields hex `ObjectId`s, and `-`
+    gives a Python set of them (small results: tests, reports).
+    """
+
+    def __init__(self, array=None):
+        import numpy as np
+
+        self.array = np.empty(0, dtype="S32") if array is None else array
+
+    @classmethod
+    def build(cls, chunks: Iterable) -> "IdSet":
+        """From byte strings / arrays of concatenated raw ids, duplicates allowed."""
+        import numpy as np
+
+        parts = [np.frombuffer(c, dtype="S32") if isinstance(c, (bytes, bytearray, memoryview)) else c for c in chunks]
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls()
+        arr = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+        arr.sort(kind="stable")
+        if len(arr) > 1:
+            keep = np.empty(len(arr), dtype=bool)
+            keep[0] = True
+            np.not_equal(arr[1:], arr[:-1], out=keep[1:])
+            arr = arr[keep]
+        return cls(arr)
+
+    @classmethod
+    def of_hex(cls, ids: Iterable[str]) -> "IdSet":
+        return cls.build([b"".join(bytes.fromhex(i) for i in ids)])
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def mask(self, keys):
+        """Boolean array: which of the `S32` array `keys` are in this set."""
+        import numpy as np
+
+        if len(self.array) == 0 or len(keys) == 0:
+            return np.zeros(len(keys), dtype=bool)
+        pos = np.searchsorted(self.array, keys)
+        pos[pos == len(self.array)] = 0
+        return self.array[pos] == keys
+
+    def positions(self, keys):
+        """(mask, positions): which of `keys` are here, and where (valid where mask)."""
+        import numpy as np
+
+        if len(self.array) == 0:
+            return np.zeros(len(keys), dtype=bool), np.zeros(len(keys), dtype=np.int64)
+        pos = np.searchsorted(self.array, keys)
+        pos[pos == len(self.array)] = 0
+        return self.array[pos] == keys, pos
+
+    def has_key(self, key: bytes) -> bool:
+        import numpy as np
+
+        i = int(np.searchsorted(self.array, key))
+        # Elements come back with trailing NUL bytes stripped (numpy `S` semantics).
+        return i < len(self.array) and bytes(self.array[i]) == key.rstrip(b"\0")
+
+    def __contains__(self, oid: object) -> bool:
+        if not isinstance(oid, str):
+            return False
+        try:
+            key = bytes.fromhex(oid)
+        except ValueError:
+            return False
+        return len(key) == ID_LEN and self.has_key(key)
+
+    def __iter__(self) -> Iterator[ObjectId]:
+        for key in self.array.tolist():
+            yield ObjectId(key.ljust(ID_LEN, b"\0").hex())
+
+    def __sub__(self, other: "IdSet") -> set[str]:
+        return {ObjectId(k.ljust(ID_LEN, b"\0").hex()) for k in self.array[~other.mask(self.array)].tolist()}
+
+    def union(self, other: "IdSet") -> "IdSet":
+        return IdSet.build([self.array, other.array])
+
+
+class _IdBuffer:
+    """Raw ids appended one by one, folded into sorted unique chunks as they pile up."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._chunks: list = []
+
+    def add(self, key: bytes) -> None:
+        self._buf += key
+        if len(self._buf) >= _FOLD_IDS * ID_LEN:
+            self._chunks.append(IdSet.build([bytes(self._buf)]).array)
+            self._buf = bytearray()
+
+    def done(self, *more) -> IdSet:
+        return IdSet.build([*self._chunks, bytes(self._buf), *more])
+
 
 @dataclass
 class Reachable:
     """The result of a walk.
 
     Attributes:
-        ids: every reachable object, delta bases included.
-        commits: the reachable commits.
+        ids: every reachable object, delta bases and dictionaries included.
+        commits: number of reachable commits.
         leaves: reachable file blobs and tensors (what snapshots list), without delta bases.
         snapshot_bytes: sum over reachable commits of their snapshot's file sizes: what
             storing every revision as a plain copy of its folder would take.
@@ -34,89 +148,143 @@ class Reachable:
             removes nothing that could be one of them, and reports them).
     """
 
-    ids: set[str] = field(default_factory=set)
-    commits: set[str] = field(default_factory=set)
-    leaves: set[str] = field(default_factory=set)
+    ids: IdSet = field(default_factory=IdSet)
+    commits: int = 0
+    leaves: IdSet = field(default_factory=IdSet)
     snapshot_bytes: int = 0
     missing: set[str] = field(default_factory=set)
 
 
-def ref_roots(refs: RefStore) -> set[ObjectId]:
-    """Ids that every ref (any namespace under refs/) and a detached HEAD point at."""
-    roots = {oid for _name, oid in refs.list("refs/")}
+def ref_roots(refs: RefStore) -> IdSet:
+    """Ids that every ref (any namespace under refs/) and a detached HEAD point at.
+
+    Packed refs are streamed from their file (a million refs as a dict of names would
+    cost more than the rest of a gc); a loose ref shadows the packed entry of its name.
+    """
+    loose = dict(refs._list_loose("refs/"))
+    buf = _IdBuffer()
+    for oid in loose.values():
+        buf.add(bytes.fromhex(oid))
+    for name, oid in refs.packed.iter_prefix("refs/"):
+        if name not in loose:
+            buf.add(bytes.fromhex(oid))
     try:
         target, head = refs.read_head()
     except (OSError, AhError):
         target, head = None, None
     if head is not None and target is None:
-        roots.add(head)
-    return roots
+        buf.add(bytes.fromhex(head))
+    return buf.done()
 
 
-def walk(store: ObjectStore, roots: Iterable[str], ah_dir: Path | None = None, into: Reachable | None = None) -> Reachable:
-    """Mark everything reachable from `roots` (extending `into`, when given)."""
-    out = into or Reachable()
+def walk(
+    store: ObjectStore, roots: IdSet | Iterable[str], ah_dir: Path | None = None, known: IdSet | None = None
+) -> Reachable:
+    """Mark everything reachable from `roots`, skipping what `known` (an earlier walk's
+    ids) already holds: a second walk from refs that moved costs only what is new."""
+    if not isinstance(roots, IdSet):
+        roots = IdSet.of_hex(roots)
+    known = known or IdSet()
+    roots = IdSet(roots.array[~known.mask(roots.array)])
+    out = Reachable()
     evals = EvalLists(ah_dir) if ah_dir is not None else None
-    stack = [r for r in roots if r not in out.ids]
-    out.ids.update(stack)
-    leaves: list[str] = []
+    marked = _IdBuffer()
+    leaves = _IdBuffer()
+    # Objects reached other than as a root: history (parents), tags, evals. Roots are
+    # never put here: they are walked once each, from the sorted roots array.
+    visited: set[bytes] = set()
 
-    def push(oid: str) -> None:
-        if oid not in out.ids:
-            out.ids.add(oid)
-            stack.append(oid)
+    def seen(key: bytes) -> bool:
+        return key in visited or roots.has_key(key) or known.has_key(key)
 
-    while stack:
-        oid = stack.pop()
+    def visit(oid: str) -> None:
+        stack = [oid]
+        while stack:
+            oid = stack.pop()
+            marked.add(bytes.fromhex(oid))
+            try:
+                obj_type, body = store.read(oid)
+                if obj_type in (COMMIT, SNAPSHOT):
+                    dep = store.dependency_of(oid)  # a compression dictionary (bulk import)
+                    if dep is not None:
+                        leaves_deps.add(bytes.fromhex(dep))
+                if obj_type == COMMIT:
+                    commit = parse_object(oid, obj_type, body)
+                    out.commits += 1
+                    snapshot(commit.snapshot)
+                    nexts = list(commit.parents)
+                    if evals is not None:
+                        nexts.extend(evals.read(oid))
+                elif obj_type == SNAPSHOT:  # a ref or an eval may name a snapshot directly
+                    snapshot(oid, (obj_type, body))
+                    nexts = []
+                elif obj_type == TAG:
+                    nexts = [parse_object(oid, obj_type, body).object]
+                else:
+                    leaves_deps.add(bytes.fromhex(oid))
+                    nexts = []
+                for n in nexts:
+                    key = bytes.fromhex(n)
+                    if not seen(key):
+                        visited.add(key)
+                        stack.append(n)
+            except (ObjectNotFound, CorruptObject):
+                out.missing.add(oid)
+
+    def snapshot(sid: str, read: tuple[str, bytes] | None = None) -> None:
+        key = bytes.fromhex(sid)
+        marked.add(key)
         try:
-            obj_type, body = store.read(oid)
-            if obj_type in (COMMIT, SNAPSHOT):
-                dep = store.dependency_of(oid)  # a compression dictionary (bulk import)
-                if dep is not None and dep not in out.ids:
-                    out.ids.add(dep)
-                    leaves.append(dep)
-            if obj_type == COMMIT:
-                commit = parse_object(oid, obj_type, body)
-                out.commits.add(oid)
-                push(commit.snapshot)
-                for p in commit.parents:
-                    push(p)
-                if evals is not None:
-                    for e in evals.read(oid):
-                        push(e)
-            elif obj_type == SNAPSHOT:
-                snap = parse_object(oid, obj_type, body)
-                out.snapshot_bytes += sum(f.size for f in snap.files)
-                for b in snap.blob_ids():
-                    out.leaves.add(b)
-                    if b not in out.ids:
-                        out.ids.add(b)
-                        leaves.append(b)
-            elif obj_type == TAG:
-                push(parse_object(oid, obj_type, body).object)
-            else:
-                leaves.append(oid)
+            obj_type, body = read or store.read(sid)
+            if obj_type != SNAPSHOT:
+                raise CorruptObject(sid, f"a commit names it as its snapshot, but it is a {obj_type}")
+            dep = store.dependency_of(sid)
+            if dep is not None:
+                leaves_deps.add(bytes.fromhex(dep))
+            snap = parse_object(sid, obj_type, body)
         except (ObjectNotFound, CorruptObject):
-            out.missing.add(oid)
-    add_delta_bases(store, leaves, out)
+            out.missing.add(sid)
+            return
+        out.snapshot_bytes += sum(f.size for f in snap.files)
+        for b in snap.blob_ids():
+            k = bytes.fromhex(b)
+            leaves.add(k)
+            leaves_deps.add(k)
+
+    # Ids whose dependency chains still need following (leaves, dictionaries).
+    leaves_deps = _IdBuffer()
+    for oid in roots:
+        visit(oid)
+    out.leaves = leaves.done()
+    pending = leaves_deps.done()
+    base_ids = add_delta_bases(store, pending, out.missing, known=lambda k: known.has_key(k))
+    out.ids = marked.done(pending.array, base_ids.array)
+    if len(known):
+        out.ids = IdSet(out.ids.array[~known.mask(out.ids.array)])
     return out
 
 
-def add_delta_bases(store: ObjectStore, ids: Iterable[str], out: Reachable) -> None:
-    """Add the dependency chain (delta bases, dictionaries) of each of `ids` to `out.ids`."""
+def add_delta_bases(store: ObjectStore, ids: IdSet | Iterable[str], missing: set[str], known=None) -> IdSet:
+    """The dependency chains (delta bases, dictionaries) of each of `ids`, as an IdSet.
+
+    Chains stop at an id already in `ids`, already found, or `known(key)`; ids whose
+    record is missing or damaged go to `missing`.
+    """
+    if not isinstance(ids, IdSet):
+        ids = IdSet.of_hex(ids)
+    found: set[bytes] = set()
     for oid in ids:
         for _ in range(64):  # chains are at most 8 deep; a forged loop must still end
             try:
                 base = store.dependency_of(oid)
-            except ObjectNotFound:
-                out.missing.add(oid)
+            except (ObjectNotFound, CorruptObject):
+                missing.add(oid)
                 break
-            except CorruptObject:
-                out.missing.add(oid)
+            if base is None:
                 break
-            if base is None or base in out.ids:
-                if base is not None:
-                    out.ids.add(base)
+            key = bytes.fromhex(base)
+            if key in found or ids.has_key(key) or (known is not None and known(key)):
                 break
-            out.ids.add(base)
+            found.add(key)
             oid = base
+    return IdSet.build([b"".join(found)])

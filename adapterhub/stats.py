@@ -101,7 +101,7 @@ def store_stats(ah_dir: Path, store: PackedObjectStore, refs: RefStore) -> Store
         logical_bytes=logical,
         stored_bytes=stored,
         ratio=round(logical / stored, 3) if stored else 0.0,
-        revisions=len(reach.commits),
+        revisions=reach.commits,
         revision_bytes=reach.snapshot_bytes,
         content_bytes=content,
         dedup_savings=max(0, reach.snapshot_bytes - content),

@@ -10,7 +10,7 @@ import pytest
 from adapterhub import codec
 from adapterhub.errors import CorruptObject, ObjectNotFound
 from adapterhub.objects import BLOB, TENSOR, hash_object, header
-from adapterhub.pack import ENTRY_BYTES, FANOUT, IDX_HEAD, Pack, PackWriter, pack_paths
+from adapterhub.pack import ENTRY_BYTES, FANOUT, IDX_HEAD, IDX_HEAD_V1, IDX_MAGIC, LARGE, Pack, PackWriter, pack_paths
 from adapterhub.packstore import PackedObjectStore
 from test_store_contract import StoreContract
 
@@ -42,12 +42,8 @@ class PackOnlyStore(PackedObjectStore):
                 pack.idx_path.unlink()
                 pack.path.unlink()
         self.add_pack_written()
-        try:
-            raw_len = codec.raw_length(oid, record)
-        except Exception:
-            raw_len = 0
         with self.writer() as w:
-            w.add(oid, record, raw_len)
+            w.add(oid, record)
             w.finish()
         self.add_pack_written()
 
@@ -77,8 +73,8 @@ def packed(tmp_path):
         for i in range(600):
             body = b"object %d " % i * (i % 7 + 1)
             oid, rec, raw = _record(BLOB, body)
-            assert w.add(oid, rec, raw)
-            assert not w.add(oid, rec, raw)  # duplicates are skipped
+            assert w.add(oid, rec)
+            assert not w.add(oid, rec)  # duplicates are skipped
             bodies[oid] = body
         w.finish()
     store.add_pack_written()
@@ -115,7 +111,7 @@ def test_writes_go_loose_and_a_pack_written_by_another_process_is_found(packed, 
     assert other.read(sorted(bodies)[0])[0] == BLOB
     with store.writer() as w:
         oid, rec, raw = _record(TENSOR, b"\x01\x02" * 64)
-        w.add(oid, rec, raw)
+        w.add(oid, rec)
         w.finish()
     # `other` listed the packs before this one existed: a miss re-lists the folder.
     assert other.read(oid) == (TENSOR, b"\x01\x02" * 64)
@@ -127,7 +123,7 @@ def test_empty_writer_and_aborted_writer_leave_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with PackWriter(tmp_path / "pack") as w:
             oid, rec, raw = _record(BLOB, b"x")
-            w.add(oid, rec, raw)
+            w.add(oid, rec)
             raise RuntimeError("killed")
     assert list((tmp_path / "pack").iterdir()) == []
 
@@ -181,8 +177,8 @@ def test_damaged_index_offset_never_returns_wrong_data(packed):
     data = bytearray(idx.read_bytes())
     count = struct.unpack_from("<Q", data, 8)[0]
     off_at = IDX_HEAD.size + FANOUT.size + 32 * count
-    first, second = struct.unpack_from("<QQ", data, off_at)
-    struct.pack_into("<Q", data, off_at, second)  # entry 0 now points at entry 1's record
+    first, second = struct.unpack_from("<II", data, off_at)
+    struct.pack_into("<I", data, off_at, second)  # entry 0 now points at entry 1's record
     idx.write_bytes(bytes(data))
     target = sorted(o for o in bodies if o != loose)[0]
     with pytest.raises(CorruptObject, match=target):
@@ -213,7 +209,7 @@ def test_pack_entry_whose_bytes_hash_to_another_id(tmp_path):
     real_id, _, _ = _record(BLOB, b"what the id promises")
     _, other_rec, raw = _record(BLOB, b"something else entirely")
     with store.writer() as w:
-        w.add(real_id, other_rec, raw)  # an index entry pointing at another object's record
+        w.add(real_id, other_rec)  # an index entry pointing at another object's record
         w.finish()
     with pytest.raises(CorruptObject, match=f"{real_id}.*does not hash to its id"):
         _fresh(store).read(real_id)
@@ -247,16 +243,78 @@ def test_entry_pointing_past_the_pack_end(tmp_path):
     store = PackedObjectStore(tmp_path / "objects")
     oid, rec, raw = _record(BLOB, b"payload")
     with store.writer() as w:
-        w.add(oid, rec, raw)
+        w.add(oid, rec)
         idx_path = w.finish()
     data = bytearray(idx_path.read_bytes())
     off_at = IDX_HEAD.size + FANOUT.size + 32
-    struct.pack_into("<Q", data, off_at, 1 << 20)
+    struct.pack_into("<I", data, off_at, 1 << 20)
     body = bytes(data[:-32])
     idx_path.write_bytes(body + blake3.blake3(body).digest())
     with pytest.raises(CorruptObject, match="points outside the pack"):
         _fresh(store).read(oid)
     assert os.path.exists(idx_path)
+
+
+def _rewrite_index(idx_path, version: int, escape: bool = False) -> None:
+    """Rewrite a pack's index as version 1 (u64 columns plus raw lengths), or as version 2
+    with every offset escaped to the large table (what a pack over 2 GiB gets)."""
+    import struct
+
+    import blake3
+
+    pack = Pack(idx_path)
+    entries = list(pack.iter_entries())
+    checksum = pack.checksum
+    pack.close()
+    n = len(entries)
+    fan = [sum(1 for e in entries if bytes.fromhex(e.oid)[0] <= b) for b in range(256)]
+    ids = b"".join(bytes.fromhex(e.oid) for e in entries)
+    if version == 1:
+        body = (IDX_HEAD_V1.pack(IDX_MAGIC, 1, n) + FANOUT.pack(*fan) + ids
+                + struct.pack(f"<{n}Q", *(e.offset for e in entries))
+                + struct.pack(f"<{n}Q", *(e.length for e in entries))
+                + struct.pack(f"<{n}Q", *(e.raw_len for e in entries)) + checksum)
+    else:
+        offs = [LARGE + i for i in range(n)] if escape else [e.offset for e in entries]
+        large = [e.offset for e in entries] if escape else []
+        body = (IDX_HEAD.pack(IDX_MAGIC, 2, n, len(large)) + FANOUT.pack(*fan) + ids
+                + struct.pack(f"<{n}I", *offs) + struct.pack(f"<{n}I", *(e.length for e in entries))
+                + struct.pack(f"<{len(large)}Q", *large) + checksum)
+    idx_path.write_bytes(body + blake3.blake3(body).digest())
+
+
+@pytest.mark.parametrize("version, escape", [(1, False), (2, True)])
+def test_version_1_indexes_and_large_offsets_read_the_same(packed, version, escape):
+    store, bodies, loose = packed
+    idx, _ = _only_pack(store)
+    before = list(Pack(idx).iter_entries())
+    _rewrite_index(idx, version, escape)
+    pack = Pack(idx)
+    assert pack.version == version
+    assert list(pack.iter_entries()) == before
+    offsets, lengths = pack.location_arrays()
+    assert [int(x) for x in offsets] == [e.offset for e in before]
+    assert [int(x) for x in lengths] == [e.length for e in before]
+    pack.verify()
+    fresh = _fresh(store)
+    for oid, body in bodies.items():
+        assert fresh.read(oid) == (BLOB, body)
+
+
+def test_index_is_40_bytes_an_object(packed):
+    store, _, _ = packed
+    idx, _ = _only_pack(store)
+    assert ENTRY_BYTES == 40
+    assert idx.stat().st_size == IDX_HEAD.size + FANOUT.size + 600 * ENTRY_BYTES + 64
+
+
+def test_a_writer_without_dedup_refuses_a_repeated_id(tmp_path):
+    oid, rec, _ = _record(BLOB, b"twice")
+    with pytest.raises(ValueError, match="same id twice"):
+        with PackWriter(tmp_path / "pack", dedup=False) as w:
+            assert w.add(oid, rec) and w.add(bytes.fromhex(oid), rec)
+            w.finish()
+    assert list((tmp_path / "pack").iterdir()) == []
 
 
 def _adapter(folder, seed: int, elems: int):
