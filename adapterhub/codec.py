@@ -4,7 +4,9 @@ Record layout (docs/format/store.md), all integers little-endian:
 
     magic     4 bytes  b"AHO1"
     encoding  1 byte   0 = zstd frame of the canonical bytes, 1 = tensor byte planes,
-                       2 = tensor delta against a base (docs/format/encodings.md)
+                       2 = tensor delta against a base, 3 = zstd frame with a dictionary,
+                       4 = tensor delta against the extrapolation of a base and the
+                       base's own base (docs/format/encodings.md)
     raw_len   8 bytes  length of the canonical bytes (header + body)
     payload   the rest
 
@@ -38,7 +40,10 @@ ENC_ZSTD = 0
 ENC_PLANES = 1
 ENC_DELTA = 2
 ENC_DICT = 3
-ENCODINGS = (ENC_ZSTD, ENC_PLANES, ENC_DELTA, ENC_DICT)
+ENC_EXTRAPOLATED = 4
+ENCODINGS = (ENC_ZSTD, ENC_PLANES, ENC_DELTA, ENC_DICT, ENC_EXTRAPOLATED)
+# Encodings whose payload is a delta record (tensor.py layout) naming one base.
+DELTA_ENCODINGS = (ENC_DELTA, ENC_EXTRAPOLATED)
 DICT_ID_BYTES = 32
 RECORD_HEADER = struct.Struct("<4sBQ")
 # The largest object we will ever inflate: far above any adapter tensor, far below
@@ -119,10 +124,40 @@ def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, ba
     if len(body) < SMALL_TENSOR:
         candidates.append(encode([header, body]))
     if base is not None and base.depth < MAX_CHAIN and len(base.body) == len(body):
-        candidates.append(RECORD_HEADER.pack(MAGIC, ENC_DELTA, raw_len) + tc.encode_delta(header, body, layout, base))
+        enc, against = _delta_target(body, base, layout)
+        candidates.append(RECORD_HEADER.pack(MAGIC, enc, raw_len) + tc.encode_delta(header, body, layout, against))
     if len(candidates) == 0 or min(map(len, candidates)) > PLANES_WORTH_TRYING[layout.width] * raw_len:
         candidates.append(RECORD_HEADER.pack(MAGIC, ENC_PLANES, raw_len) + tc.encode_planes(header, body, layout))
     return min(candidates, key=len)
+
+
+def _delta_target(body: bytes | memoryview, base: DeltaBase, layout) -> tuple[int, DeltaBase]:
+    """(encoding, base to diff against): the base itself, or its extrapolation from the
+    base's own base when a sample says that leaves the smaller residual (predict.py)."""
+    if base.prev is None or len(base.prev) != len(body):
+        return ENC_DELTA, base
+    from .encoding import predict
+
+    if not predict.extrapolation_pays(body, base.body, base.prev, layout):
+        return ENC_DELTA, base
+    return ENC_EXTRAPOLATED, DeltaBase(base.oid, predict.extrapolate(base.body, base.prev, layout), base.depth)
+
+
+def _extrapolating(oid, payload, raw_len, load_base, load_prev) -> Callable[[str, int], bytes]:
+    """A `load_base` that gives the extrapolation of the base and its own base."""
+    if load_prev is None:
+        raise CorruptObject(oid, "extrapolated delta record needs its base's base, which cannot be read here")
+
+    def load(base_id: str, max_depth: int) -> bytes:
+        from .encoding import predict
+
+        base = load_base(base_id, max_depth)
+        prev = load_prev(base_id, max_depth - 1)
+        if len(prev) != len(base):
+            raise CorruptObject(oid, f"the base of its delta base {base_id} has {len(prev)} bytes, {len(base)} expected")
+        return predict.extrapolate(base, prev, predict.delta_layout(oid, payload, raw_len))
+
+    return load
 
 
 def _split_record(oid: str, record: bytes | memoryview) -> tuple[int, int, memoryview]:
@@ -147,7 +182,7 @@ def raw_length(oid: str, record: bytes | memoryview) -> int:
 def dependency(oid: str, record: bytes | memoryview) -> str | None:
     """The object a record cannot be decoded without: a delta's base or a dictionary."""
     enc, raw_len, payload = _split_record(oid, record)
-    if enc == ENC_DELTA:
+    if enc in DELTA_ENCODINGS:
         return _tensor_codec().read_delta_ref(oid, payload, raw_len).base
     if enc == ENC_DICT:
         return _dict_id(oid, payload)
@@ -163,7 +198,7 @@ def _dict_id(oid: str, payload: memoryview) -> str:
 def delta_ref(oid: str, record: bytes | memoryview) -> DeltaRef | None:
     """The base a delta record depends on, or None for a self-contained record."""
     enc, raw_len, payload = _split_record(oid, record)
-    return _tensor_codec().read_delta_ref(oid, payload, raw_len) if enc == ENC_DELTA else None
+    return _tensor_codec().read_delta_ref(oid, payload, raw_len) if enc in DELTA_ENCODINGS else None
 
 
 def decode(
@@ -172,13 +207,16 @@ def decode(
     load_base: Callable[[str, int], bytes] | None = None,
     max_depth: int = MAX_CHAIN,
     load_dict: Callable[[str], bytes] | None = None,
+    load_prev: Callable[[str, int], bytes] | None = None,
 ) -> bytes:
     """Canonical bytes of a stored record (not yet hash-checked: the store does that).
 
     A delta record needs `load_base(base_id, max_depth)`, which returns the base's
     verified body; `max_depth` bounds how deep this record's own chain may be, so even a
     hand-made cycle of deltas ends after MAX_CHAIN reads. A dictionary record needs
-    `load_dict(dict_id)`, which returns the dictionary blob's verified body.
+    `load_dict(dict_id)`, which returns the dictionary blob's verified body. An
+    extrapolated delta (encoding 4) also needs `load_prev(base_id, max_depth)`, which
+    returns the verified body of the base's own delta base (an error when it has none).
     """
     enc, raw_len, payload = _split_record(oid, record)
     if enc == ENC_ZSTD:
@@ -197,6 +235,8 @@ def decode(
             raise CorruptObject(oid, f"delta chain is deeper than {MAX_CHAIN} (record declares depth {ref.depth})")
         if load_base is None:
             raise CorruptObject(oid, f"delta record needs its base {ref.base}, which cannot be read here")
+        if enc == ENC_EXTRAPOLATED:
+            load_base = _extrapolating(oid, payload, raw_len, load_base, load_prev)
         data = _tensor_codec().decode_delta(oid, payload, raw_len, load_base)
     if len(data) != raw_len:
         raise CorruptObject(oid, f"decoded to {len(data)} bytes, record declares {raw_len}")

@@ -34,27 +34,28 @@ class BaseCache:
 
     def __init__(self, max_bytes: int = 64 << 20):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        # id -> (body, chain depth, id of its delta base or None)
+        self._items: OrderedDict[str, tuple[bytes, int, str | None]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, oid: str) -> tuple[bytes, int] | None:
+    def get(self, oid: str) -> tuple[bytes, int, str | None] | None:
         with self._lock:
             item = self._items.get(oid)
             if item is not None:
                 self._items.move_to_end(oid)
             return item
 
-    def add(self, oid: str, body: bytes, depth: int) -> None:
+    def add(self, oid: str, body: bytes, depth: int, base: str | None = None) -> None:
         if len(body) > self.max_bytes // 4:
             return
         with self._lock:
             if oid in self._items:
                 return
-            self._items[oid] = (body, depth)
+            self._items[oid] = (body, depth, base)
             self._bytes += len(body)
             while self._bytes > self.max_bytes:
-                _, (old, _) = self._items.popitem(last=False)
+                _, (old, _, _) = self._items.popitem(last=False)
                 self._bytes -= len(old)
 
 
@@ -125,7 +126,7 @@ class ObjectStore:
         self._write_record(oid, record)
         if obj_type == TENSOR and dtype is not None:
             ref = codec.delta_ref(oid, record)
-            self.base_cache.add(oid, bytes(body), ref.depth if ref else 0)
+            self.base_cache.add(oid, bytes(body), ref.depth if ref else 0, ref.base if ref else None)
         return oid, True
 
     def encode_record(
@@ -143,17 +144,37 @@ class ObjectStore:
         return codec.encode_tensor(head, body, dtype, base)
 
     def _delta_base(self, oid: str, base_id: str, length: int) -> DeltaBase | None:
-        """The base for a delta, or None when it is unusable (missing, other size, chain full)."""
+        """The base for a delta, or None when it is unusable (missing, other size, chain full).
+
+        When the base is itself a delta, its own base's body comes along (`prev`) so the
+        codec may diff against their extrapolation (encoding 4)."""
         if base_id == oid:
             return None
-        cached = self.base_cache.get(base_id)
         try:
-            obj_type, body, depth = (TENSOR, *cached) if cached else self._read_verified(base_id, codec.MAX_CHAIN)
+            body, depth, prev_id = self._tensor_for_delta(base_id)
         except ObjectNotFound:
             return None
-        if obj_type != TENSOR or len(body) != length or depth >= codec.MAX_CHAIN:
+        if body is None or len(body) != length or depth >= codec.MAX_CHAIN:
             return None
-        return DeltaBase(base_id, body, depth)
+        prev = None
+        if prev_id is not None:
+            try:
+                prev_body = self._tensor_for_delta(prev_id)[0]
+            except (ObjectNotFound, CorruptObject):
+                prev_body = None
+            prev = prev_body if prev_body is not None and len(prev_body) == length else None
+        return DeltaBase(base_id, body, depth, prev)
+
+    def _tensor_for_delta(self, oid: str) -> tuple[bytes | None, int, str | None]:
+        """(body, depth, its delta base) of a tensor, from the base cache or a verified
+        read; body None when the object is not a tensor."""
+        cached = self.base_cache.get(oid)
+        if cached is not None:
+            return cached
+        obj_type, body, depth = self._read_verified(oid, codec.MAX_CHAIN)
+        if obj_type != TENSOR:
+            return None, 0, None
+        return body, depth, self.delta_base_of(oid) if depth else None
 
     def read(self, oid: str) -> tuple[str, bytes]:
         """(type, body) of a stored object, verified against its id."""
@@ -169,6 +190,8 @@ class ObjectStore:
             cached = self.base_cache.get(base_id)
             if cached is not None and cached[1] <= base_max_depth:
                 return cached[0]
+            if base_max_depth < 0:
+                raise CorruptObject(oid, f"delta chain is deeper than {codec.MAX_CHAIN}")
             try:
                 base_type, base_body, _ = self._read_verified(base_id, base_max_depth)
             except ObjectNotFound:
@@ -190,14 +213,22 @@ class ObjectStore:
             self._dicts[dict_id] = dict_body
             return dict_body
 
-        canonical = codec.decode(oid, record, load_base, max_depth, load_dict)
+        def load_prev(base_id: str, prev_max_depth: int) -> bytes:
+            """The body of `base_id`'s own delta base (for an extrapolated delta)."""
+            cached = self.base_cache.get(base_id)
+            prev_id = cached[2] if cached is not None else self.delta_base_of(base_id)
+            if prev_id is None:
+                raise CorruptObject(oid, f"it is extrapolated from {base_id}, which is not a delta")
+            return load_base(prev_id, prev_max_depth)
+
+        canonical = codec.decode(oid, record, load_base, max_depth, load_dict, load_prev)
         obj_type, body = split_canonical(oid, canonical)
         if hash_object(obj_type, body) != oid:
             raise CorruptObject(oid, "content does not hash to its id")
         body = bytes(body)
         depth = ref.depth if ref else 0
         if obj_type == TENSOR:
-            self.base_cache.add(oid, body, depth)
+            self.base_cache.add(oid, body, depth, ref.base if ref else None)
         return obj_type, body, depth
 
     def dependency_of(self, oid: str) -> ObjectId | None:

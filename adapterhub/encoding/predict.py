@@ -1,0 +1,76 @@
+"""Extrapolated delta bases: predict a checkpoint's tensor from the two before it.
+
+An optimizer with momentum (AdamW's beta1 = 0.9) moves a weight in nearly the same
+direction for many steps, so the step from checkpoint N-1 to N resembles the step from
+N-2 to N-1. Encoding 4 (docs/format/encodings.md) stores a tensor as an ordinary ORD
+delta, but against the linear extrapolation `2 * base - prev` (computed on the
+value-ordered integers, wrapping, so it is exact and lossless) instead of the base
+itself, where `prev` is the base's own delta base. The residual is then what the
+optimizer's step changed, which on real AdamW checkpoints is a few percent smaller than
+the step (measured on bench_storage's sequences: ~1% of the stored bytes in fp32, ~2%
+in bf16). Where the step does not repeat (noise-dominated updates) the residual is larger,
+so the writer compares both on a sample first (`extrapolation_pays`).
+
+Nothing new enters the dependency graph: `prev` is needed anyway to decode the base.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .delta import _ordered
+from .planes import PlaneLayout, as_words
+
+# Elements compared when choosing between the plain and the extrapolated base.
+SAMPLE = 4096
+# The extrapolation must beat the plain base by this many bits per element on the
+# sample: close calls are left to the plain delta, whose decode needs one base less.
+MARGIN_BITS = 0.05
+
+
+def extrapolate(base: bytes | memoryview, prev: bytes | memoryview, layout: PlaneLayout) -> bytes:
+    """`2 * base - prev` element by element in value order, as tensor bytes (same length).
+
+    Bytes past the last whole element are copied from `base` (a valid tensor has none).
+    """
+    b = as_words(base, layout)
+    p = as_words(prev, layout)
+    with np.errstate(over="ignore"):
+        ordered = (_ordered(b, layout) << np.int8(1)) - _ordered(p, layout)
+    # The ordering map is its own inverse.
+    words = _ordered(ordered.view(layout.uint), layout).view(layout.uint)
+    return words.tobytes() + bytes(memoryview(base)[len(b) * layout.width :])
+
+
+def _mean_bits(diff: np.ndarray) -> float:
+    """Mean bit length of |diff| (what the plane coder pays, roughly, per element)."""
+    return float(np.log2(np.abs(diff) + 1.0).mean())
+
+
+def extrapolation_pays(body: bytes | memoryview, base: bytes | memoryview, prev: bytes | memoryview, layout: PlaneLayout) -> bool:
+    """Whether the delta against `extrapolate(base, prev)` is likely smaller than against `base`.
+
+    Decided on an evenly strided sample of at most SAMPLE elements, so that a commit
+    encodes each tensor once.
+    """
+    x = as_words(body, layout)
+    n = len(x)
+    if n == 0:
+        return False
+    step = max(1, n // SAMPLE)
+    # In float64: an estimate needs no exactness, and cannot overflow for 8-byte words.
+    xs = _ordered(x[::step], layout).astype(np.float64)
+    bs = _ordered(as_words(base, layout)[::step], layout).astype(np.float64)
+    ps = _ordered(as_words(prev, layout)[::step], layout).astype(np.float64)
+    plain = _mean_bits(xs - bs)
+    extrapolated = _mean_bits(xs - (2 * bs - ps))
+    return extrapolated + MARGIN_BITS < plain
+
+
+def delta_layout(oid: str, payload: memoryview, raw_len: int) -> PlaneLayout:
+    """The plane layout a delta record's payload declares (tensor.py's layout)."""
+    from .tensor import OID_BYTES, _read_head, _read_layout
+
+    _header, _body_len, pos = _read_head(oid, payload, raw_len)
+    layout, _ = _read_layout(oid, payload, pos + OID_BYTES + 2)
+    return layout

@@ -1,0 +1,164 @@
+"""Encoding 4: deltas against the extrapolation `2 * base - prev` of the two revisions before.
+
+Checked on momentum-like sequences (where the writer must pick it) and noise-like ones
+(where it must not), through the store, through real commits, gc and checkout, and
+against forged records (a whole base, a missing base's base, a depth that cannot hold).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from adapterhub import codec
+from adapterhub.encoding.chain import DeltaBase
+from adapterhub.encoding.planes import layout_for
+from adapterhub.encoding import predict
+from adapterhub.errors import CorruptObject
+from adapterhub.gc import collect_garbage
+from adapterhub.objects import TENSOR, hash_object, header
+from adapterhub.registry import Registry
+from adapterhub.store import LooseObjectStore
+
+
+def _momentum_run(n: int, steps: int = 4, size: int = 8192, dtype=np.float32, seed: int = 0) -> list[np.ndarray]:
+    """Checkpoints of weights that keep moving the same way (steady per-element velocity)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(size).astype(np.float64) * 0.02
+    velocity = rng.standard_normal(size) * 1e-4
+    out = []
+    for _ in range(n):
+        w = w + velocity + rng.standard_normal(size) * 1e-6
+        out.append(w.astype(dtype))
+    return out
+
+
+def _noise_run(n: int, size: int = 8192, seed: int = 1) -> list[np.ndarray]:
+    """Checkpoints whose steps are independent noise: extrapolating doubles the error."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(size) * 0.02
+    return [(w + rng.standard_normal(size) * 1e-4).astype(np.float32) for _ in range(n)]
+
+
+def _store(tmp_path) -> LooseObjectStore:
+    (tmp_path / "objects").mkdir(parents=True)
+    return LooseObjectStore(tmp_path / "objects")
+
+
+def _put_chain(store, arrays, dtype="F32") -> list[str]:
+    ids, base = [], None
+    for a in arrays:
+        base = store.put(TENSOR, a.tobytes(), dtype=dtype, delta_base=base)
+        ids.append(base)
+    return ids
+
+
+@pytest.mark.parametrize("np_dtype, st_dtype", [(np.float32, "F32"), (np.float16, "F16"), (np.float64, "F64")])
+def test_extrapolation_is_exact_and_undone_by_the_ordinary_delta(np_dtype, st_dtype):
+    layout = layout_for(st_dtype)
+    rng = np.random.default_rng(5)
+    # Signs flip, values cross zero, and the extrapolation overflows the integer range.
+    base = rng.standard_normal(1001).astype(np_dtype)
+    prev = -base * np_dtype(3)
+    prev[:5] = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0], dtype=np_dtype)
+    body = rng.standard_normal(1001).astype(np_dtype)
+    pred = predict.extrapolate(base.tobytes(), prev.tobytes(), layout)
+    assert len(pred) == base.nbytes
+    h = header(TENSOR, body.nbytes)
+    record = codec.RECORD_HEADER.pack(codec.MAGIC, codec.ENC_EXTRAPOLATED, len(h) + body.nbytes)
+    record += codec._tensor_codec().encode_delta(h, body.tobytes(), layout, DeltaBase("ab" * 32, pred, 1))
+    loaded = []
+    out = codec.decode("t", record, lambda oid, d: (loaded.append((oid, d)), base.tobytes())[1],
+                       load_prev=lambda oid, d: prev.tobytes())
+    assert out == h + body.tobytes() and loaded == [("ab" * 32, 1)]
+
+
+def test_writer_extrapolates_a_momentum_run_and_reads_it_back(tmp_path):
+    store = _store(tmp_path)
+    run = _momentum_run(6)
+    ids = _put_chain(store, run)
+    encs = [store._read_record(i)[4] for i in ids]
+    # First whole, second a plain delta (its base is whole), then extrapolated.
+    assert encs[0] == codec.ENC_PLANES and encs[1] == codec.ENC_DELTA
+    assert set(encs[2:]) == {codec.ENC_EXTRAPOLATED}
+    # Smaller than the plain delta the writer would otherwise have chosen.
+    plain = codec.encode_tensor(header(TENSOR, run[3].nbytes), run[3].tobytes(), "F32",
+                                DeltaBase(ids[2], run[2].tobytes(), 2))
+    assert len(store._read_record(ids[3])) < 0.97 * len(plain)
+    fresh = LooseObjectStore(tmp_path / "objects")  # no base cache: every base read from disk
+    for oid, a in zip(ids, run):
+        assert oid == hash_object(TENSOR, a.tobytes())
+        assert fresh.read(oid) == (TENSOR, a.tobytes())
+    assert fresh.delta_base_of(ids[4]) == ids[3]
+
+
+def test_writer_keeps_plain_deltas_when_steps_do_not_repeat(tmp_path):
+    store = _store(tmp_path)
+    ids = _put_chain(store, _noise_run(5))
+    assert [store._read_record(i)[4] for i in ids[1:]] == [codec.ENC_DELTA] * 4
+
+
+def test_extrapolated_record_over_a_whole_base_is_refused(tmp_path):
+    store = _store(tmp_path)
+    run = _momentum_run(3)
+    ids = _put_chain(store, run)
+    assert store._read_record(ids[2])[4] == codec.ENC_EXTRAPOLATED
+    # Forge: the same payload, but naming the whole first tensor as its base.
+    record = bytearray(store._read_record(ids[2]))
+    start = bytes(record).index(bytes.fromhex(ids[1]))
+    record[start : start + 32] = bytes.fromhex(ids[0])
+    record[start + 32] = 1  # depth 1 over a whole base
+    forged_store = _store(tmp_path / "forged")
+    forged_store._write_record(ids[0], store._read_record(ids[0]))
+    forged_store._write_record(ids[2], bytes(record))
+    with pytest.raises(CorruptObject, match="not a delta|deeper"):
+        forged_store.read(ids[2])
+
+
+def test_missing_base_of_the_base_is_a_clear_error(tmp_path):
+    store = _store(tmp_path)
+    ids = _put_chain(store, _momentum_run(3))
+    partial = _store(tmp_path / "partial")
+    for oid in ids[1:]:  # the first tensor (the base's base) is lost
+        partial._write_record(oid, store._read_record(oid))
+    with pytest.raises(CorruptObject, match="missing"):
+        partial.read(ids[2])
+
+
+def test_every_truncation_of_an_extrapolated_record_is_refused(tmp_path):
+    store = _store(tmp_path)
+    run = _momentum_run(3, size=512)
+    ids = _put_chain(store, run)
+    record = store._read_record(ids[2])
+    assert record[4] == codec.ENC_EXTRAPOLATED
+    for cut in range(0, len(record), 5):
+        with pytest.raises(CorruptObject):
+            codec.decode("t", record[:cut], lambda oid, d: run[1].tobytes(), load_prev=lambda oid, d: run[0].tobytes())
+
+
+def _write_checkpoint(folder, w: np.ndarray):
+    folder.mkdir(parents=True)
+    save_file({"layer.lora_A.weight": w.reshape(64, -1)}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    return folder
+
+
+def test_commits_gc_and_checkouts_of_an_extrapolated_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("AH_AUTHOR", "T <t@e>")
+    reg = Registry.init(tmp_path / "reg")
+    run = _momentum_run(5)
+    ids = [reg.commit(_write_checkpoint(tmp_path / f"ck{i}", w), f"step {i}").id for i, w in enumerate(run)]
+    result = collect_garbage(reg.ah_dir, reg.store, reg.refs, grace_s=0)  # repack: bases and their bases kept
+    assert result.packed == result.reachable
+    reopened = Registry.open(reg.root)
+    encs = {reopened.store._read_record(t.blob)[4]
+            for c in ids for e in reopened.store.get_snapshot(reopened.store.get_commit(c).snapshot).files
+            if e.kind == "safetensors" for t in e.tensors}
+    assert codec.ENC_EXTRAPOLATED in encs
+    for i, c in enumerate(ids):
+        out = tmp_path / f"co{i}"
+        Registry.open(reg.root).checkout(c, out)  # a fresh store each time: cold base cache
+        assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / f"ck{i}" / "adapter_model.safetensors").read_bytes()
