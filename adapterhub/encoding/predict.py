@@ -22,7 +22,7 @@ from .delta import _ordered
 from .planes import PlaneLayout, as_words
 
 # Elements compared when choosing between the plain and the extrapolated base.
-SAMPLE = 4096
+SAMPLE = 1024
 # The extrapolation must beat the plain base by this many bits per element on the
 # sample: close calls are left to the plain delta, whose decode needs one base less.
 MARGIN_BITS = 0.05
