@@ -42,28 +42,23 @@ def extrapolate(base: bytes | memoryview, prev: bytes | memoryview, layout: Plan
     return words.tobytes() + bytes(memoryview(base)[len(b) * layout.width :])
 
 
-def _mean_bits(diff: np.ndarray) -> float:
-    """Mean bit length of |diff| (what the plane coder pays, roughly, per element)."""
-    return float(np.log2(np.abs(diff) + 1.0).mean())
-
-
 def extrapolation_pays(body: bytes | memoryview, base: bytes | memoryview, prev: bytes | memoryview, layout: PlaneLayout) -> bool:
     """Whether the delta against `extrapolate(base, prev)` is likely smaller than against `base`.
 
     Decided on an evenly strided sample of at most SAMPLE elements, so that a commit
-    encodes each tensor once.
+    encodes each tensor once: the mean bit length of each residual is roughly what the
+    plane coder pays per element.
     """
-    x = as_words(body, layout)
-    n = len(x)
+    n = len(body) // layout.width
     if n == 0:
         return False
     step = max(1, n // SAMPLE)
+    sample = np.stack([as_words(b, layout)[::step] for b in (body, base, prev)])
     # In float64: an estimate needs no exactness, and cannot overflow for 8-byte words.
-    xs = _ordered(x[::step], layout).astype(np.float64)
-    bs = _ordered(as_words(base, layout)[::step], layout).astype(np.float64)
-    ps = _ordered(as_words(prev, layout)[::step], layout).astype(np.float64)
-    plain = _mean_bits(xs - bs)
-    extrapolated = _mean_bits(xs - (2 * bs - ps))
+    x, b, p = _ordered(sample, layout).astype(np.float64)
+    step_now = x - b
+    residuals = np.stack((step_now, step_now - (b - p)))
+    plain, extrapolated = np.log2(np.abs(residuals) + 1.0).mean(axis=1)
     return extrapolated + MARGIN_BITS < plain
 
 
