@@ -151,8 +151,11 @@ def test_survey_matches_numpy_exactly(data):
 def test_survey_values():
     assert native.survey(b"") == (-1, 0.0)
     assert native.survey(b"\x07" * 100) == (7, 0.0)
-    fill, bits = native.survey(bytes(range(256)) * 4)
-    assert fill == -1 and bits == pytest.approx(8 * 1024)
+    fill, entropy = native.survey(bytes(range(256)) * 4)
+    assert fill == -1 and entropy == pytest.approx(8.0)
+    # Long sections: a sample of every stride-th byte (here every 10th, all zeros).
+    assert native.survey((bytes(9) + b"\1") * 4096) == (-1, 0.0)
+    assert native.survey(b"\0\1" * 100)[1] == pytest.approx(1.0)
 
 
 def _skewed(draw_n: int, rare: list[int], seed: int) -> bytes:

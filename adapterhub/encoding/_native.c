@@ -30,53 +30,131 @@ enum { KIND_XOR = 0, KIND_ORD = 1, KIND_NONE = -1 };
 
 /* ---- words ----------------------------------------------------------------------------- */
 
-static inline uint64_t load_word(const uint8_t *p, int width)
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define LE16(x) __builtin_bswap16(x)
+#define LE32(x) __builtin_bswap32(x)
+#define LE64(x) __builtin_bswap64(x)
+#else
+#define LE16(x) (x)
+#define LE32(x) (x)
+#define LE64(x) (x)
+#endif
+
+/* What split applies to each element before scattering its bytes (join undoes it). The
+ * mode is a compile-time constant in each specialised loop below. */
+enum {
+    M_COPY,      /* integers, no base */
+    M_ROT,       /* floats, no base: sign bit to the bottom */
+    M_XOR,       /* integers: x ^ y */
+    M_XOR_ROT,   /* floats: rot(x ^ y) */
+    M_ORD_INT,   /* integers: zz(x - y) */
+    M_ORD_FLOAT, /* floats: zz(ord(x) - ord(y)) */
+};
+
+static int split_mode(int rotate, int kind)
 {
-    uint64_t v = 0;
-    for (int b = 0; b < width; b++)
-        v |= (uint64_t)p[b] << (8 * b);
-    return v;
+    if (kind == KIND_NONE)
+        return rotate ? M_ROT : M_COPY;
+    if (kind == KIND_XOR)
+        return rotate ? M_XOR_ROT : M_XOR;
+    return rotate ? M_ORD_FLOAT : M_ORD_INT;
 }
 
-static inline uint64_t word_mask(int bits)
-{
-    return bits == 64 ? ~(uint64_t)0 : (((uint64_t)1 << bits) - 1);
-}
+/* Per width W (bits B, word type T): rotations, the value-order map of delta.ORD (its own
+ * inverse), zigzag, and the split/join loops. `(T)(0 - (x >> (B-1)))` is all ones when the
+ * top bit is set: the arithmetic shift `x >>s (B-1)` without signed shifts. */
+#define DEFINE_WIDTH(W, B, T, LE)                                                              \
+    static ALWAYS_INLINE T load_##W(const uint8_t *p)                                           \
+    {                                                                                           \
+        T v;                                                                                    \
+        memcpy(&v, p, W);                                                                       \
+        return LE(v);                                                                           \
+    }                                                                                           \
+    static ALWAYS_INLINE T rot_##W(T x) { return (T)((T)(x << 1) | (T)(x >> (B - 1))); }        \
+    static ALWAYS_INLINE T unrot_##W(T x) { return (T)((T)(x >> 1) | (T)(x << (B - 1))); }      \
+    static ALWAYS_INLINE T sign_##W(T x) { return (T)(0 - (T)(x >> (B - 1))); }                 \
+    static ALWAYS_INLINE T ord_##W(T x) { return (T)(x ^ (T)(sign_##W(x) >> 1)); }              \
+    static ALWAYS_INLINE T zz_##W(T d) { return (T)((T)(d << 1) ^ sign_##W(d)); }               \
+    static ALWAYS_INLINE T unzz_##W(T z) { return (T)((T)(z >> 1) ^ (T)(0 - (T)(z & 1))); }     \
+    static ALWAYS_INLINE T encode_##W(T x, T y, const int mode)                                 \
+    {                                                                                           \
+        switch (mode) {                                                                         \
+        case M_COPY: return x;                                                                  \
+        case M_ROT: return rot_##W(x);                                                          \
+        case M_XOR: return (T)(x ^ y);                                                          \
+        case M_XOR_ROT: return rot_##W((T)(x ^ y));                                             \
+        case M_ORD_INT: return zz_##W((T)(x - y));                                              \
+        default: return zz_##W((T)(ord_##W(x) - ord_##W(y)));                                  \
+        }                                                                                       \
+    }                                                                                           \
+    static ALWAYS_INLINE T decode_##W(T v, T y, const int mode)                                 \
+    {                                                                                           \
+        switch (mode) {                                                                         \
+        case M_COPY: return v;                                                                  \
+        case M_ROT: return unrot_##W(v);                                                        \
+        case M_XOR: return (T)(v ^ y);                                                          \
+        case M_XOR_ROT: return (T)(unrot_##W(v) ^ y);                                           \
+        case M_ORD_INT: return (T)(unzz_##W(v) + y);                                            \
+        default: return ord_##W((T)(unzz_##W(v) + ord_##W(y)));                                \
+        }                                                                                       \
+    }                                                                                           \
+    static ALWAYS_INLINE void split_loop_##W(const uint8_t *restrict src, const uint8_t *restrict base, \
+                                             uint8_t *restrict out, Py_ssize_t n, const int mode) \
+    {                                                                                           \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                    \
+            T y = mode >= M_XOR ? load_##W(base + i * W) : 0;                                   \
+            T v = encode_##W(load_##W(src + i * W), y, mode);                                   \
+            for (int p = 0; p < W; p++)                                                         \
+                out[p * n + i] = (uint8_t)(v >> (8 * p));                                       \
+        }                                                                                       \
+    }                                                                                           \
+    static void split_##W(const uint8_t *src, const uint8_t *base, uint8_t *out, Py_ssize_t n, int mode) \
+    {                                                                                           \
+        switch (mode) {                                                                         \
+        case M_COPY: split_loop_##W(src, base, out, n, M_COPY); break;                          \
+        case M_ROT: split_loop_##W(src, base, out, n, M_ROT); break;                            \
+        case M_XOR: split_loop_##W(src, base, out, n, M_XOR); break;                            \
+        case M_XOR_ROT: split_loop_##W(src, base, out, n, M_XOR_ROT); break;                    \
+        case M_ORD_INT: split_loop_##W(src, base, out, n, M_ORD_INT); break;                    \
+        default: split_loop_##W(src, base, out, n, M_ORD_FLOAT); break;                         \
+        }                                                                                       \
+    }                                                                                           \
+    static ALWAYS_INLINE void join_loop_##W(const uint8_t *const *planes, const uint8_t *restrict base, \
+                                            uint8_t *restrict out, Py_ssize_t n, const int mode) \
+    {                                                                                           \
+        const uint8_t *pl[W];                                                                   \
+        for (int p = 0; p < W; p++)                                                             \
+            pl[p] = planes[p];                                                                  \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                    \
+            T v = 0;                                                                            \
+            for (int p = 0; p < W; p++)                                                         \
+                v |= (T)((T)pl[p][i] << (8 * p));                                               \
+            T y = mode >= M_XOR ? load_##W(base + i * W) : 0;                                   \
+            T x = LE(decode_##W(v, y, mode));                                                   \
+            memcpy(out + i * W, &x, W);                                                         \
+        }                                                                                       \
+    }                                                                                           \
+    static void join_##W(const uint8_t *const *planes, const uint8_t *base, uint8_t *out, Py_ssize_t n, int mode) \
+    {                                                                                           \
+        switch (mode) {                                                                         \
+        case M_COPY: join_loop_##W(planes, base, out, n, M_COPY); break;                        \
+        case M_ROT: join_loop_##W(planes, base, out, n, M_ROT); break;                          \
+        case M_XOR: join_loop_##W(planes, base, out, n, M_XOR); break;                          \
+        case M_XOR_ROT: join_loop_##W(planes, base, out, n, M_XOR_ROT); break;                  \
+        case M_ORD_INT: join_loop_##W(planes, base, out, n, M_ORD_INT); break;                  \
+        default: join_loop_##W(planes, base, out, n, M_ORD_FLOAT); break;                       \
+        }                                                                                       \
+    }
 
-/* Sign bit of a `bits`-bit word to the bottom (planes.rotate) and back. */
-static inline uint64_t rot(uint64_t x, int bits, uint64_t mask)
-{
-    return ((x << 1) | (x >> (bits - 1))) & mask;
-}
-
-static inline uint64_t unrot(uint64_t x, int bits, uint64_t mask)
-{
-    return ((x >> 1) | (x << (bits - 1))) & mask;
-}
-
-/* All ones when the word's top bit is set: the arithmetic shift `x >>s (bits-1)`. */
-static inline uint64_t sign_fill(uint64_t x, int bits, uint64_t mask)
-{
-    return ((x >> (bits - 1)) & 1) ? mask : 0;
-}
-
-/* delta.ORD's value-order map for floats (its own inverse); identity for integers. */
-static inline uint64_t ordered(uint64_t x, int bits, uint64_t mask, int is_float)
-{
-    if (!is_float)
-        return x;
-    return x ^ (sign_fill(x, bits, mask) & (mask >> 1));
-}
-
-static inline uint64_t zigzag(uint64_t d, int bits, uint64_t mask)
-{
-    return ((d << 1) ^ sign_fill(d, bits, mask)) & mask;
-}
-
-static inline uint64_t unzigzag(uint64_t z, uint64_t mask)
-{
-    return ((z >> 1) ^ (0 - (z & 1))) & mask;
-}
+DEFINE_WIDTH(2, 16, uint16_t, LE16)
+DEFINE_WIDTH(4, 32, uint32_t, LE32)
+DEFINE_WIDTH(8, 64, uint64_t, LE64)
 
 /* ---- argument helpers ------------------------------------------------------------------ */
 
@@ -94,40 +172,6 @@ static int check_layout(int width, int kind, int has_base)
 }
 
 /* ---- split ----------------------------------------------------------------------------- */
-
-/* One pass per element: optional difference against the base (XOR then rotate, or ORD
- * then zigzag), optional rotation, bytes scattered to the planes. Templated per width so
- * that the compiler sees constant shifts. */
-#define DEFINE_SPLIT(W, T)                                                                   \
-    static void split_##W(const uint8_t *src, const uint8_t *base, uint8_t *out, Py_ssize_t n, \
-                          int rotate, int kind)                                               \
-    {                                                                                         \
-        const int bits = 8 * W;                                                               \
-        const uint64_t mask = word_mask(bits);                                                \
-        for (Py_ssize_t i = 0; i < n; i++) {                                                  \
-            uint64_t x = load_word(src + i * W, W);                                           \
-            uint64_t v;                                                                       \
-            if (kind == KIND_NONE) {                                                          \
-                v = rotate ? rot(x, bits, mask) : x;                                          \
-            } else {                                                                          \
-                uint64_t y = load_word(base + i * W, W);                                      \
-                if (kind == KIND_XOR) {                                                       \
-                    v = x ^ y;                                                                \
-                    if (rotate)                                                               \
-                        v = rot(v, bits, mask);                                               \
-                } else {                                                                      \
-                    uint64_t d = (ordered(x, bits, mask, rotate) - ordered(y, bits, mask, rotate)) & mask; \
-                    v = zigzag(d, bits, mask);                                                \
-                }                                                                             \
-            }                                                                                 \
-            for (int p = 0; p < W; p++)                                                       \
-                out[p * n + i] = (uint8_t)(v >> (8 * p));                                     \
-        }                                                                                     \
-    }
-
-DEFINE_SPLIT(2, uint16_t)
-DEFINE_SPLIT(4, uint32_t)
-DEFINE_SPLIT(8, uint64_t)
 
 PyDoc_STRVAR(split_doc,
 "split(body, width, rotate, base=None, kind=1) -> bytes\n\n"
@@ -161,14 +205,14 @@ static PyObject *native_split(PyObject *self, PyObject *args, PyObject *kwargs)
     {
         const uint8_t *src = body.buf, *bsrc = has_base ? base.buf : NULL;
         uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
-        int k = has_base ? kind : KIND_NONE;
+        int mode = split_mode(rotate, has_base ? kind : KIND_NONE);
         ENTER_NOGIL(n * width)
         if (width == 2)
-            split_2(src, bsrc, dst, n, rotate, k);
+            split_2(src, bsrc, dst, n, mode);
         else if (width == 4)
-            split_4(src, bsrc, dst, n, rotate, k);
+            split_4(src, bsrc, dst, n, mode);
         else
-            split_8(src, bsrc, dst, n, rotate, k);
+            split_8(src, bsrc, dst, n, mode);
         LEAVE_NOGIL()
     }
 done:
@@ -179,36 +223,6 @@ done:
 }
 
 /* ---- join ------------------------------------------------------------------------------ */
-
-#define DEFINE_JOIN(W)                                                                       \
-    static void join_##W(const uint8_t *const *planes, const uint8_t *base, uint8_t *out,    \
-                         Py_ssize_t n, int rotate, int kind)                                  \
-    {                                                                                         \
-        const int bits = 8 * W;                                                               \
-        const uint64_t mask = word_mask(bits);                                                \
-        for (Py_ssize_t i = 0; i < n; i++) {                                                  \
-            uint64_t v = 0;                                                                   \
-            for (int p = 0; p < W; p++)                                                       \
-                v |= (uint64_t)planes[p][i] << (8 * p);                                       \
-            uint64_t x;                                                                       \
-            if (kind == KIND_NONE) {                                                          \
-                x = rotate ? unrot(v, bits, mask) : v;                                        \
-            } else {                                                                          \
-                uint64_t y = load_word(base + i * W, W);                                      \
-                if (kind == KIND_XOR)                                                         \
-                    x = (rotate ? unrot(v, bits, mask) : v) ^ y;                              \
-                else                                                                          \
-                    x = ordered((unzigzag(v, mask) + ordered(y, bits, mask, rotate)) & mask,  \
-                                bits, mask, rotate);                                          \
-            }                                                                                 \
-            for (int b = 0; b < W; b++)                                                       \
-                out[i * W + b] = (uint8_t)(x >> (8 * b));                                     \
-        }                                                                                     \
-    }
-
-DEFINE_JOIN(2)
-DEFINE_JOIN(4)
-DEFINE_JOIN(8)
 
 PyDoc_STRVAR(join_doc,
 "join(planes, width, rotate, n, base=None, kind=1, head=b'', tail=b'') -> bytes\n\n"
@@ -265,15 +279,15 @@ static PyObject *native_join(PyObject *self, PyObject *args, PyObject *kwargs)
     {
         uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
         const uint8_t *bsrc = has_base ? base.buf : NULL;
-        int k = has_base ? kind : KIND_NONE;
+        int mode = split_mode(rotate, has_base ? kind : KIND_NONE);
         memcpy(dst, head.buf, head.len);
         ENTER_NOGIL(n * width)
         if (width == 2)
-            join_2(pptr, bsrc, dst + head.len, n, rotate, k);
+            join_2(pptr, bsrc, dst + head.len, n, mode);
         else if (width == 4)
-            join_4(pptr, bsrc, dst + head.len, n, rotate, k);
+            join_4(pptr, bsrc, dst + head.len, n, mode);
         else
-            join_8(pptr, bsrc, dst + head.len, n, rotate, k);
+            join_8(pptr, bsrc, dst + head.len, n, mode);
         LEAVE_NOGIL()
         memcpy(dst + head.len + n * width, tail.buf, tail.len);
     }
@@ -295,57 +309,72 @@ done:
 static void histogram(const uint8_t *p, Py_ssize_t n, Py_ssize_t counts[256])
 {
     /* Four sub-histograms: consecutive equal bytes (common in skewed planes) would
-     * otherwise serialise on one counter. */
-    Py_ssize_t c[4][256];
-    memset(c, 0, sizeof c);
-    Py_ssize_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        c[0][p[i]]++;
-        c[1][p[i + 1]]++;
-        c[2][p[i + 2]]++;
-        c[3][p[i + 3]]++;
+     * otherwise serialise on one counter. 32-bit counters (a smaller table) over chunks
+     * short enough that they cannot overflow. */
+    uint32_t c[4][256];
+    memset(counts, 0, 256 * sizeof(Py_ssize_t));
+    while (n > 0) {
+        Py_ssize_t len = n < ((Py_ssize_t)1 << 30) ? n : ((Py_ssize_t)1 << 30);
+        memset(c, 0, sizeof c);
+        Py_ssize_t i = 0;
+        for (; i + 4 <= len; i += 4) {
+            c[0][p[i]]++;
+            c[1][p[i + 1]]++;
+            c[2][p[i + 2]]++;
+            c[3][p[i + 3]]++;
+        }
+        for (; i < len; i++)
+            c[0][p[i]]++;
+        for (int v = 0; v < 256; v++)
+            counts[v] += (Py_ssize_t)c[0][v] + c[1][v] + c[2][v] + c[3][v];
+        p += len;
+        n -= len;
     }
-    for (; i < n; i++)
-        c[0][p[i]]++;
-    for (int v = 0; v < 256; v++)
-        counts[v] = c[0][v] + c[1][v] + c[2][v] + c[3][v];
 }
 
+/* Bytes the entropy estimate of survey() reads at most: every stride-th byte, stride =
+ * max(1, n / SURVEY_SAMPLE) (so 4096 to 8191 of them). Same constant in reference.py. */
+#define SURVEY_SAMPLE 4096
+
 PyDoc_STRVAR(survey_doc,
-"survey(section) -> (fill, bits)\n\n"
+"survey(section) -> (fill, entropy)\n\n"
 "fill: the byte value when every byte of a non-empty section is that value, else -1;\n"
-"bits: the order-0 entropy of the section's bytes times its length, in bits\n"
-"(n*log2(n) - sum(c*log2(c)) over the byte counts c, summed in byte-value order).");
+"entropy: the order-0 entropy in bits per byte (0.0 for an empty section) of a sample of\n"
+"the section, every stride-th byte from the first, stride = max(1, n // 4096):\n"
+"(m*log2(m) - sum(c*log2(c)))/m over the sample's byte counts c in byte-value order.");
 
 static PyObject *native_survey(PyObject *self, PyObject *arg)
 {
     Py_buffer buf;
     if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
         return NULL;
-    Py_ssize_t counts[256];
+    const uint8_t *p = buf.buf;
     Py_ssize_t n = buf.len;
     int fill = -1;
-    double bits = 0.0;
-    {
-        ENTER_NOGIL(n)
-        histogram(buf.buf, n, counts);
-        if (n > 0) {
-            uint8_t first = ((const uint8_t *)buf.buf)[0];
-            if (counts[first] == n)
-                fill = first;
-            double acc = 0.0;
-            for (int v = 0; v < 256; v++) {
-                if (counts[v]) {
-                    double c = (double)counts[v];
-                    acc += c * log2(c);
-                }
+    double entropy = 0.0;
+    if (n > 0) {
+        /* Most sections differ within a few bytes: this loop is a full scan only for fills. */
+        Py_ssize_t i = 1;
+        while (i < n && p[i] == p[0])
+            i++;
+        if (i == n)
+            fill = p[0];
+        Py_ssize_t stride = n / SURVEY_SAMPLE > 1 ? n / SURVEY_SAMPLE : 1;
+        uint32_t counts[256] = {0};
+        Py_ssize_t m = 0;
+        for (i = 0; i < n; i += stride, m++)
+            counts[p[i]]++;
+        double acc = 0.0;
+        for (int v = 0; v < 256; v++) {
+            if (counts[v]) {
+                double c = (double)counts[v];
+                acc += c * log2(c);
             }
-            bits = (double)n * log2((double)n) - acc;
         }
-        LEAVE_NOGIL()
+        entropy = ((double)m * log2((double)m) - acc) / (double)m;
     }
     PyBuffer_Release(&buf);
-    return Py_BuildValue("(id)", fill, bits);
+    return Py_BuildValue("(id)", fill, entropy);
 }
 
 /* ---- code sections (frames mode 3) ----------------------------------------------------- */
