@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import delta as deltas
+from . import kernels
 from .delta import _ordered
 from .planes import PlaneLayout, as_words
 
@@ -31,15 +33,16 @@ MARGIN_BITS = 0.05
 def extrapolate(base: bytes | memoryview, prev: bytes | memoryview, layout: PlaneLayout) -> bytes:
     """`2 * base - prev` element by element in value order, as tensor bytes (same length).
 
-    Bytes past the last whole element are copied from `base` (a valid tensor has none).
+    Two passes of the delta kernels, no arithmetic of its own: the ORD difference
+    `base - prev` (split) added back onto `base` (join) is exactly `2 * base - prev`,
+    wrapping like the deltas do. Bytes past the last whole element are copied from `base`
+    (a valid tensor has none).
     """
-    b = as_words(base, layout)
-    p = as_words(prev, layout)
-    with np.errstate(over="ignore"):
-        ordered = (_ordered(b, layout) << np.int8(1)) - _ordered(p, layout)
-    # The ordering map is its own inverse.
-    words = _ordered(ordered.view(layout.uint), layout).view(layout.uint)
-    return words.tobytes() + bytes(memoryview(base)[len(b) * layout.width :])
+    n = len(base) // layout.width
+    step = kernels.split(base, layout.width, layout.rotate, base=prev, kind=deltas.ORD)
+    planes = [step[i * n : (i + 1) * n] for i in range(layout.width)]
+    tail = memoryview(base)[n * layout.width :]
+    return kernels.join(planes, layout.width, layout.rotate, n, base=base, kind=deltas.ORD, tail=tail)
 
 
 def extrapolation_pays(body: bytes | memoryview, base: bytes | memoryview, prev: bytes | memoryview, layout: PlaneLayout) -> bool:
