@@ -442,12 +442,35 @@ static PyObject *native_pack_codes(PyObject *self, PyObject *args)
         goto done;
     {
         uint8_t *pk = (uint8_t *)PyBytes_AS_STRING(packed), *esc = (uint8_t *)PyBytes_AS_STRING(escapes);
-        ENTER_NOGIL(n)
+        const Py_ssize_t full = n / per;
         Py_ssize_t e = 0;
-        for (Py_ssize_t j = 0; j < n_packed; j++) {
+        ENTER_NOGIL(n)
+        if (bits == 2) {
+            for (Py_ssize_t j = 0; j < full; j++) {
+                const uint8_t *s4 = src + 4 * j;
+                unsigned c0 = lut[s4[0]], c1 = lut[s4[1]], c2 = lut[s4[2]], c3 = lut[s4[3]];
+                pk[j] = (uint8_t)(c0 << 6 | c1 << 4 | c2 << 2 | c3);
+                if ((c0 & c1 & c2 & c3) == 3 || c0 == 3 || c1 == 3 || c2 == 3 || c3 == 3) {
+                    for (int c = 0; c < 4; c++)
+                        if (lut[s4[c]] == 3)
+                            esc[e++] = s4[c];
+                }
+            }
+        } else {
+            for (Py_ssize_t j = 0; j < full; j++) {
+                unsigned c0 = lut[src[2 * j]], c1 = lut[src[2 * j + 1]];
+                pk[j] = (uint8_t)(c0 << 4 | c1);
+                if (c0 == 15)
+                    esc[e++] = src[2 * j];
+                if (c1 == 15)
+                    esc[e++] = src[2 * j + 1];
+            }
+        }
+        if (full < n_packed) {
+            /* The last, partial group: zero codes pad it. */
             unsigned acc = 0;
             for (int c = 0; c < per; c++) {
-                Py_ssize_t i = j * per + c;
+                Py_ssize_t i = full * per + c;
                 unsigned code = 0;
                 if (i < n) {
                     code = lut[src[i]];
@@ -456,7 +479,7 @@ static PyObject *native_pack_codes(PyObject *self, PyObject *args)
                 }
                 acc |= code << (bits * (per - 1 - c));
             }
-            pk[j] = (uint8_t)acc;
+            pk[full] = (uint8_t)acc;
         }
         LEAVE_NOGIL()
     }
@@ -537,6 +560,36 @@ PyDoc_STRVAR(unpack_codes_doc,
 "Inverse of pack_codes for codes count_escapes accepted: the `expect` bytes, table[code]\n"
 "for each code below len(table), the next byte of escapes for each escape code.");
 
+/* The unpack loop for a constant code width (bits, per = 8/bits codes a byte): a byte with
+ * no escape code is a fixed-size copy of its decoded bytes. Returns 1 when the escapes run
+ * out before the escape codes do. */
+static ALWAYS_INLINE int unpack_loop(const uint8_t *restrict pk, Py_ssize_t n_packed, const uint8_t *restrict esc,
+                                     Py_ssize_t n_esc, const uint8_t dec[256][4], const uint8_t has_escape[256],
+                                     uint8_t *restrict dst, Py_ssize_t expect, const int bits, const int per)
+{
+    const unsigned escape = (1u << bits) - 1;
+    const Py_ssize_t full = expect / per;
+    Py_ssize_t e = 0;
+    for (Py_ssize_t j = 0; j < n_packed; j++) {
+        const uint8_t b = pk[j];
+        if (!has_escape[b] && j < full) {
+            memcpy(dst + j * per, dec[b], per);
+            continue;
+        }
+        const int count = j < full ? per : (int)(expect - j * per);
+        for (int c = 0; c < count; c++) {
+            if (((b >> (bits * (per - 1 - c))) & escape) == escape) {
+                if (e >= n_esc)
+                    return 1;
+                dst[j * per + c] = esc[e++];
+            } else {
+                dst[j * per + c] = dec[b][c];
+            }
+        }
+    }
+    return 0;
+}
+
 static PyObject *native_unpack_codes(PyObject *self, PyObject *args)
 {
     Py_buffer pbuf, ebuf, tbuf;
@@ -554,27 +607,29 @@ static PyObject *native_unpack_codes(PyObject *self, PyObject *args)
     }
     uint8_t table[16] = {0};
     memcpy(table, tbuf.buf, tbuf.len);
+    /* Per packed byte value: its `per` decoded bytes, and whether any code in it escapes. */
+    uint8_t dec[256][4], has_escape[256];
+    for (int v = 0; v < 256; v++) {
+        has_escape[v] = 0;
+        for (int c = 0; c < per; c++) {
+            unsigned code = (v >> (bits * (per - 1 - c))) & escape;
+            dec[v][c] = table[code];
+            has_escape[v] |= code == (unsigned)escape;
+        }
+    }
     out = PyBytes_FromStringAndSize(NULL, expect);
     if (out == NULL)
         goto done;
     {
         const uint8_t *pk = pbuf.buf, *esc = ebuf.buf;
         uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
-        Py_ssize_t n_esc = ebuf.len, e = 0;
-        int short_escapes = 0;
+        Py_ssize_t n_esc = ebuf.len;
+        int short_escapes;
         ENTER_NOGIL(expect)
-        for (Py_ssize_t i = 0; i < expect; i++) {
-            unsigned code = (pk[i / per] >> (bits * (per - 1 - (int)(i % per)))) & escape;
-            if (code == (unsigned)escape) {
-                if (e >= n_esc) {
-                    short_escapes = 1;
-                    break;
-                }
-                dst[i] = esc[e++];
-            } else {
-                dst[i] = table[code];
-            }
-        }
+        if (bits == 2)
+            short_escapes = unpack_loop(pk, pbuf.len, esc, n_esc, dec, has_escape, dst, expect, 2, 4);
+        else
+            short_escapes = unpack_loop(pk, pbuf.len, esc, n_esc, dec, has_escape, dst, expect, 4, 2);
         LEAVE_NOGIL()
         if (short_escapes) {
             Py_CLEAR(out);
