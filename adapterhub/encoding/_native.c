@@ -21,7 +21,7 @@
 #include <string.h>
 
 /* Below this many bytes releasing and re-taking the GIL costs more than the loop. */
-#define NOGIL_MIN 16384
+#define NOGIL_MIN 4096
 
 #define ENTER_NOGIL(n) PyThreadState *_save = NULL; if ((n) >= NOGIL_MIN) { _save = PyEval_SaveThread(); }
 #define LEAVE_NOGIL() if (_save) { PyEval_RestoreThread(_save); }

@@ -41,25 +41,40 @@ RAW_ENTROPY_BITS = 7.8
 CODES_FIRST = (0.45, 1.25)
 
 
-def _framed(mode: int, data: bytes | memoryview) -> bytearray:
-    out = bytearray((mode,))
-    put_varint(out, len(data))
-    out += data
-    return out
-
-
-def _plain_section(section: bytes | memoryview, survey: tuple[int, float] | None = None) -> bytes | bytearray:
-    """The section as raw, fill or zstd, whichever is smallest (`survey`: the section's
-    kernels.survey, when the caller already has it)."""
+def _plain(section: bytes | memoryview, fill: int, entropy: float) -> tuple[int, int | bytes | memoryview]:
+    """(mode, payload) of the smallest plain form of a section whose kernels.survey is
+    (fill, entropy): FILL and the byte, ZSTD and the frame, or RAW and the section."""
     n = len(section)
-    fill, entropy = survey or kernels.survey(section)
     if n > 2 and fill >= 0:
-        return bytes((FILL, fill))
+        return FILL, fill
     if n > 16 and entropy < RAW_ENTROPY_BITS:
-        packed = compressor(PLANE_LEVEL).compress(section)
-        if len(packed) < n:
-            return _framed(ZSTD, packed)
-    return _framed(RAW, section)
+        frame = compressor(PLANE_LEVEL).compress(section)
+        if len(frame) < n:
+            return ZSTD, frame
+    return RAW, section
+
+
+def _plain_size(mode: int, payload) -> int:
+    if mode == FILL:
+        return 2
+    size = len(payload)
+    return 1 + ((size.bit_length() + 6) // 7 or 1) + size
+
+
+def _put_plain(out: bytearray, mode: int, payload) -> None:
+    out.append(mode)
+    if mode == FILL:
+        out.append(payload)
+        return
+    put_varint(out, len(payload))
+    out += payload
+
+
+def _plain_section(section: bytes | memoryview) -> bytearray:
+    """The section as raw, fill or zstd, whichever is smallest."""
+    out = bytearray()
+    _put_plain(out, *_plain(section, *kernels.survey(section)))
+    return out
 
 
 def _code_section(section: bytes | memoryview, bits: int = 0) -> bytearray:
@@ -75,28 +90,28 @@ def _code_section(section: bytes | memoryview, bits: int = 0) -> bytearray:
     bits, table, packed, escapes = kernels.pack_codes(section, bits)
     out = bytearray((CODES, bits, len(table)))
     out += table
-    out += _plain_section(packed)
-    out += _plain_section(escapes)
+    _put_plain(out, *_plain(packed, *kernels.survey(packed)))
+    _put_plain(out, *_plain(escapes, *kernels.survey(escapes)))
     return out
 
 
 def encode_section(out: bytearray, section: bytes | memoryview) -> None:
     """Append one section in its smallest form."""
     n = len(section)
-    survey = kernels.survey(section)
-    fill, entropy = survey
+    fill, entropy = kernels.survey(section)
     if n >= 64 and fill < 0 and CODES_FIRST[0] <= entropy <= CODES_FIRST[1]:
         coded = _code_section(section)
         if len(coded) <= n:
             out += coded
             return
-    best = _plain_section(section, survey)
+    mode, payload = _plain(section, fill, entropy)
     # Only a plane that zstd already shrank to under 2 bits a byte can gain from codes.
-    if n >= 64 and len(best) < n // 4:
+    if n >= 64 and (size := _plain_size(mode, payload)) < n // 4:
         coded = _code_section(section)
-        if len(coded) < len(best):
-            best = coded
-    out += best
+        if len(coded) < size:
+            out += coded
+            return
+    _put_plain(out, mode, payload)
 
 
 def decode_section(oid: str, data: memoryview, pos: int, expect: int, *, nested: bool = False) -> tuple[bytes | memoryview, int]:
