@@ -28,10 +28,16 @@ from .encoding.zstd import ZSTD_LEVEL, compressor, zstd_exact
 
 # The plane and delta encodings need numpy; they are imported on first use so that
 # reading commits and snapshots (`ah log`, `ah show`) starts without it.
-def _tensor_codec():
-    from .encoding import tensor
+_tensor = None
 
-    return tensor
+
+def _tensor_codec():
+    global _tensor
+    if _tensor is None:
+        from .encoding import tensor
+
+        _tensor = tensor
+    return _tensor
 
 from .errors import CorruptObject, UnsupportedFormat
 
@@ -209,7 +215,20 @@ def decode(
     load_dict: Callable[[str], bytes] | None = None,
     load_prev: Callable[[str, int], bytes] | None = None,
 ) -> bytes:
-    """Canonical bytes of a stored record (not yet hash-checked: the store does that).
+    """Canonical bytes of a stored record; see `decode_ex`."""
+    return decode_ex(oid, record, load_base, max_depth, load_dict, load_prev)[0]
+
+
+def decode_ex(
+    oid: str,
+    record: bytes | memoryview,
+    load_base: Callable[[str, int], bytes] | None = None,
+    max_depth: int = MAX_CHAIN,
+    load_dict: Callable[[str], bytes] | None = None,
+    load_prev: Callable[[str, int], bytes] | None = None,
+) -> tuple[bytes, DeltaRef | None]:
+    """(canonical bytes, the delta base it named or None) of a stored record, not yet
+    hash-checked: the store does that.
 
     A delta record needs `load_base(base_id, max_depth)`, which returns the base's
     verified body; `max_depth` bounds how deep this record's own chain may be, so even a
@@ -220,13 +239,14 @@ def decode(
     """
     enc, raw_len, payload = _split_record(oid, record)
     if enc == ENC_ZSTD:
-        return zstd_exact(oid, payload, raw_len)
+        return zstd_exact(oid, payload, raw_len), None
     if enc == ENC_DICT:
         dict_id = _dict_id(oid, payload)
         if load_dict is None:
             raise CorruptObject(oid, f"record needs its compression dictionary {dict_id}, which cannot be read here")
         dctx = _dict_decompressor(dict_id, load_dict(dict_id))
-        return zstd_exact(oid, payload[DICT_ID_BYTES:], raw_len, dctx)
+        return zstd_exact(oid, payload[DICT_ID_BYTES:], raw_len, dctx), None
+    ref = None
     if enc == ENC_PLANES:
         data = _tensor_codec().decode_planes(oid, payload, raw_len)
     else:
@@ -240,4 +260,4 @@ def decode(
         data = _tensor_codec().decode_delta(oid, payload, raw_len, load_base)
     if len(data) != raw_len:
         raise CorruptObject(oid, f"decoded to {len(data)} bytes, record declares {raw_len}")
-    return data
+    return data, ref

@@ -184,7 +184,6 @@ class ObjectStore:
     def _read_verified(self, oid: str, max_depth: int) -> tuple[str, bytes, int]:
         """(type, body, delta-chain depth) of an object, re-hashed; its chain at most `max_depth`."""
         record = self._read_record(oid)
-        ref = codec.delta_ref(oid, record)
 
         def load_base(base_id: str, base_max_depth: int) -> bytes:
             cached = self.base_cache.get(base_id)
@@ -221,7 +220,7 @@ class ObjectStore:
                 raise CorruptObject(oid, f"it is extrapolated from {base_id}, which is not a delta")
             return load_base(prev_id, prev_max_depth)
 
-        canonical = codec.decode(oid, record, load_base, max_depth, load_dict, load_prev)
+        canonical, ref = codec.decode_ex(oid, record, load_base, max_depth, load_dict, load_prev)
         obj_type, body = split_canonical(oid, canonical)
         if hash_object(obj_type, body) != oid:
             raise CorruptObject(oid, "content does not hash to its id")
