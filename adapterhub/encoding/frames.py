@@ -16,16 +16,13 @@ from __future__ import annotations
 
 from ..errors import CorruptObject
 from . import kernels
-from .zstd import ZSTD_LEVEL, compressor, decompressor, get_varint, put_varint, zstd_exact  # noqa: F401 (re-exported)
+from .zstd import ZSTD_LEVEL, compressor, decompressor, get_varint, plane_compressor, put_varint, zstd_exact  # noqa: F401 (re-exported)
 
 RAW = 0
 ZSTD = 1
 FILL = 2
 CODES = 3
 CODE_BITS = (2, 4)
-# Planes are mostly literals, where zstd's level buys nothing: level 1 is as small
-# (smaller on exponent planes, whose block splitting suits them) and twice as fast.
-PLANE_LEVEL = 1
 # A section whose bytes carry at least this many bits of order-0 entropy each is stored
 # raw without asking zstd. Planes have no repeats for LZ to find, so zstd can only code
 # them with Huffman, which cannot beat the order-0 entropy and adds its tables and frame:
@@ -35,10 +32,13 @@ PLANE_LEVEL = 1
 RAW_ENTROPY_BITS = 7.8
 # Sections whose bytes carry between these many bits of order-0 entropy each go straight
 # to mode 3 without a zstd trial of the whole section: on real fp32/bf16 checkpoint
-# deltas mode 3 was 7-30% smaller than zstd on every such section (the zstd trial was
-# wasted work); below, where zstd's matches on runs of zeros sometimes win, and above,
-# both are still tried.
-CODES_FIRST = (0.45, 1.25)
+# deltas mode 3 was 5-30% smaller than zstd (plane_compressor) on every such section, so
+# the trial was wasted work; below, where zstd's matches on runs of zeros sometimes win,
+# and above, both are still tried.
+CODES_FIRST = (0.45, 2.0)
+# Above CODES_FIRST mode 3 is tried only when zstd left fewer than this many bits a byte
+# (its packed codes alone take 2 or 4).
+CODES_TRIAL_BITS = 2.4
 
 
 def _plain(section: bytes | memoryview, fill: int, entropy: float) -> tuple[int, int | bytes | memoryview]:
@@ -48,7 +48,7 @@ def _plain(section: bytes | memoryview, fill: int, entropy: float) -> tuple[int,
     if n > 2 and fill >= 0:
         return FILL, fill
     if n > 16 and entropy < RAW_ENTROPY_BITS:
-        frame = compressor(PLANE_LEVEL).compress(section)
+        frame = plane_compressor().compress(section)
         if len(frame) < n:
             return ZSTD, frame
     return RAW, section
@@ -105,8 +105,7 @@ def encode_section(out: bytearray, section: bytes | memoryview) -> None:
             out += coded
             return
     mode, payload = _plain(section, fill, entropy)
-    # Only a plane that zstd already shrank to under 2 bits a byte can gain from codes.
-    if n >= 64 and (size := _plain_size(mode, payload)) < n // 4:
+    if n >= 64 and (size := _plain_size(mode, payload)) * 8 < CODES_TRIAL_BITS * n:
         coded = _code_section(section)
         if len(coded) < size:
             out += coded

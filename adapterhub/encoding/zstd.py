@@ -26,6 +26,23 @@ def compressor(level: int = ZSTD_LEVEL) -> zstandard.ZstdCompressor:
     return cctx
 
 
+# Byte planes are literals (coded by Huffman) plus runs of a repeated byte: a fast match
+# finder that only takes matches of 7+ bytes from a 64-entry table finds those runs, and
+# leaves the rest to Huffman instead of spending sequences on short chance matches. On
+# real fp32/bf16 checkpoints this stored the zstd-coded planes 1.4% smaller than level 1,
+# and on large exponent and mantissa planes it is 3-10% smaller and 2-3x faster.
+PLANE_PARAMS = {"min_match": 7, "hash_log": 6}
+
+
+def plane_compressor() -> zstandard.ZstdCompressor:
+    """The zstd context for plane sections (frames): level 1 with PLANE_PARAMS."""
+    cctx = getattr(_local, "plane_cctx", None)
+    if cctx is None:
+        params = zstandard.ZstdCompressionParameters.from_level(1, write_content_size=True, **PLANE_PARAMS)
+        cctx = _local.plane_cctx = zstandard.ZstdCompressor(compression_params=params)
+    return cctx
+
+
 def decompressor() -> zstandard.ZstdDecompressor:
     dctx = getattr(_local, "dctx", None)
     if dctx is None:
