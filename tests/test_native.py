@@ -222,6 +222,23 @@ def test_unpack_refuses_short_escapes_and_wrong_sizes():
         native.count_escapes(packed, 3, 1, 512)
 
 
+@settings(max_examples=300, deadline=None)
+@given(section=SECTIONS)
+def test_sections_are_identical_under_both_kernel_sets(section):
+    """frames' choices (fill, raw, zstd, codes) read the kernels' surveys: same bytes."""
+    written = {}
+    for name in ("native", "numpy"):
+        with using(name):
+            out = bytearray()
+            frames.encode_section(out, section)
+            written[name] = bytes(out)
+    assert written["native"] == written["numpy"]
+    for name in ("native", "numpy"):
+        with using(name):
+            got, end = frames.decode_section("x", memoryview(written["native"]), 0, len(section))
+            assert bytes(got) == bytes(section) and end == len(written["native"])
+
+
 def _coded_section(data: bytes) -> bytearray:
     out = bytearray()
     frames.encode_section(out, data)
