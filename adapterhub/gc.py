@@ -344,15 +344,17 @@ def collect_garbage(
             p.pack.idx_path.unlink(missing_ok=True)
             p.pack.path.unlink(missing_ok=True)
             removed.append(p.ids[~new_pack.mask(p.ids)])
+        packs_removed = len(removed)
         if removed:
             gone = IdSet.build(removed)
             still = IdSet.build(retained).union(IdSet.of_hex(keep_unreachable))
             pruned += int((~still.mask(gone.array)).sum())
-        packs_removed = len(removed)
         del inv, removed, retained
         store.add_pack_written()
         _clean_temp_files(store, start)
-        if pack_refs:
+        # Only when there is something to fold: rewriting a million packed refs unchanged
+        # would cost more memory than the rest of this gc.
+        if pack_refs and refs._list_loose("refs/"):
             refs.pack_refs()
         return GcResult(
             reachable=len(R),

@@ -32,6 +32,8 @@ BATCH_PACK_MIN_BYTES = 1 << 20
 # map, so a lookup costs one dict probe however many commit packs wait for the next gc,
 # instead of one index search per pack.
 SMALL_PACK_IDS = 4096
+# The last record read from a pack is kept when at most this long (a commit's, a snapshot's).
+LAST_READ_MAX = 1 << 16
 
 
 def _open_listed(idx_path: Path) -> Pack:
@@ -68,6 +70,7 @@ class PackedObjectStore(ObjectStore):
         self._lock = threading.Lock()
         # id -> record of objects written inside `batch()`, not yet on disk.
         self._pending: dict[str, bytes] | None = None
+        self._last_read: tuple[str, bytes] | None = None  # (id, record) last read from a pack
 
     # --- packs ---------------------------------------------------------------------------
     def packs(self) -> list[Pack]:
@@ -111,13 +114,18 @@ class PackedObjectStore(ObjectStore):
             return True
 
     def _lookup(self, oid: str) -> Pack | None:
+        return self._locate(oid)[0]
+
+    def _locate(self, oid: str) -> tuple[Pack | None, int | None]:
+        """(pack, position in its index) of `oid`, or (None, None); no re-listing."""
         pack = self._small_ids.get(oid)
         if pack is not None:
-            return pack
+            return pack, None
         for pack in self._big_packs:
-            if pack.find(oid) is not None:
-                return pack
-        return None
+            i = pack.find(oid)
+            if i is not None:
+                return pack, i
+        return None, None
 
     def _find_in_packs(self, oid: str) -> Pack | None:
         if self._listing is None:
@@ -129,6 +137,25 @@ class PackedObjectStore(ObjectStore):
             self.rescan()
             found = self._lookup(oid)
         return found
+
+    def release_pages(self) -> None:
+        """Drop mapped pack pages read so far from this process (see Pack.release_pages)."""
+        for pack in list(self._packs.values()):
+            pack.release_pages()
+
+    @contextmanager
+    def scattered_reads(self):
+        """A block that reads small records all over the packs (gc's and stats' walk): no
+        read-ahead, and the pages read are dropped from this process when it ends."""
+        packs = self.packs()
+        for pack in packs:
+            pack.advise_random(True)
+        try:
+            yield
+        finally:
+            for pack in packs:
+                pack.advise_random(False)
+            self.release_pages()
 
     def writer(self, *, dedup: bool = True) -> PackWriter:
         """A writer for a new pack in this store (bulk import, gc: see PackWriter's `dedup`)."""
@@ -186,10 +213,18 @@ class PackedObjectStore(ObjectStore):
         # and a failed open of a loose path per read cost more than the read (gc's mark
         # reads two objects per adapter). Then loose, then packs again after a re-list:
         # an object gc moved from a loose file into a new pack meanwhile is still found.
+        last = self._last_read
+        if last is not None and last[0] == oid:
+            return last[1]
         if self._listing is not None:
-            pack = self._lookup(oid)
+            pack, i = self._locate(oid)
             if pack is not None:
-                return pack.read_record(oid)
+                record = pack.read_record(oid) if i is None else pack.record_at(oid, *pack.location(i))
+                # The walk of gc and stats asks for an object's dependency (a second
+                # read of the same record) right after reading it. Small records only.
+                if len(record) <= LAST_READ_MAX:
+                    self._last_read = (oid, record)
+                return record
         try:
             return self.loose._read_record(oid)
         except ObjectNotFound:

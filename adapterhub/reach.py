@@ -17,6 +17,7 @@ directly, which are one sorted array.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -30,6 +31,9 @@ from .store import ObjectStore
 ID_LEN = 32
 # Ids buffered before they are sorted and deduplicated into a chunk (32 MB of ids).
 _FOLD_IDS = 1 << 20
+# Objects read between two releases of mapped pack pages (PackedObjectStore.release_pages):
+# each read maps up to 64 kB around it (the kernel's fault-around), even without read-ahead.
+_RELEASE_EVERY = 1 << 8
 
 
 class IdSet:
@@ -46,15 +50,18 @@ class IdSet:
         self.array = np.empty(0, dtype="S32") if array is None else array
 
     @classmethod
-    def build(cls, chunks: Iterable) -> "IdSet":
-        """From byte strings / arrays of concatenated raw ids, duplicates allowed."""
+    def build(cls, chunks: list) -> "IdSet":
+        """From byte strings / arrays of concatenated raw ids, duplicates allowed. The
+        list `chunks` is emptied: what it held can be freed once concatenated."""
         import numpy as np
 
         parts = [np.frombuffer(c, dtype="S32") if isinstance(c, (bytes, bytearray, memoryview)) else c for c in chunks]
+        chunks.clear()
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls()
         arr = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+        parts.clear()
         arr.sort(kind="stable")
         if len(arr) > 1:
             keep = np.empty(len(arr), dtype=bool)
@@ -130,8 +137,11 @@ class _IdBuffer:
             self._chunks.append(IdSet.build([bytes(self._buf)]).array)
             self._buf = bytearray()
 
-    def done(self, *more) -> IdSet:
-        return IdSet.build([*self._chunks, bytes(self._buf), *more])
+    def done(self) -> IdSet:
+        chunks, self._chunks = self._chunks, []
+        chunks.append(bytes(self._buf))
+        self._buf = bytearray()
+        return IdSet.build(chunks)
 
 
 @dataclass
@@ -178,10 +188,16 @@ def ref_roots(refs: RefStore) -> IdSet:
 
 
 def walk(
-    store: ObjectStore, roots: IdSet | Iterable[str], ah_dir: Path | None = None, known: IdSet | None = None
+    store: ObjectStore,
+    roots: IdSet | Iterable[str],
+    ah_dir: Path | None = None,
+    known: IdSet | None = None,
+    *,
+    want_leaves: bool = False,
 ) -> Reachable:
     """Mark everything reachable from `roots`, skipping what `known` (an earlier walk's
-    ids) already holds: a second walk from refs that moved costs only what is new."""
+    ids) already holds: a second walk from refs that moved costs only what is new.
+    `out.leaves` is filled only `want_leaves` (stats): gc does not need a second set."""
     if not isinstance(roots, IdSet):
         roots = IdSet.of_hex(roots)
     known = known or IdSet()
@@ -197,17 +213,22 @@ def walk(
     def seen(key: bytes) -> bool:
         return key in visited or roots.has_key(key) or known.has_key(key)
 
+    release = getattr(store, "release_pages", None)
+    reads = 0
+
     def visit(oid: str) -> None:
+        nonlocal reads
         stack = [oid]
         while stack:
             oid = stack.pop()
+            reads += 1
+            if release is not None and reads % _RELEASE_EVERY == 0:
+                release()
             marked.add(bytes.fromhex(oid))
             try:
                 obj_type, body = store.read(oid)
                 if obj_type in (COMMIT, SNAPSHOT):
-                    dep = store.dependency_of(oid)  # a compression dictionary (bulk import)
-                    if dep is not None:
-                        leaves_deps.add(bytes.fromhex(dep))
+                    structured_dep(oid)
                 if obj_type == COMMIT:
                     commit = parse_object(oid, obj_type, body)
                     out.commits += 1
@@ -221,7 +242,7 @@ def walk(
                 elif obj_type == TAG:
                     nexts = [parse_object(oid, obj_type, body).object]
                 else:
-                    leaves_deps.add(bytes.fromhex(oid))
+                    others.add(bytes.fromhex(oid))
                     nexts = []
                 for n in nexts:
                     key = bytes.fromhex(n)
@@ -238,27 +259,36 @@ def walk(
             obj_type, body = read or store.read(sid)
             if obj_type != SNAPSHOT:
                 raise CorruptObject(sid, f"a commit names it as its snapshot, but it is a {obj_type}")
-            dep = store.dependency_of(sid)
-            if dep is not None:
-                leaves_deps.add(bytes.fromhex(dep))
+            structured_dep(sid)
             snap = parse_object(sid, obj_type, body)
         except (ObjectNotFound, CorruptObject):
             out.missing.add(sid)
             return
         out.snapshot_bytes += sum(f.size for f in snap.files)
         for b in snap.blob_ids():
-            k = bytes.fromhex(b)
-            leaves.add(k)
-            leaves_deps.add(k)
+            leaves.add(bytes.fromhex(b))
 
-    # Ids whose dependency chains still need following (leaves, dictionaries).
-    leaves_deps = _IdBuffer()
-    for oid in roots:
-        visit(oid)
-    out.leaves = leaves.done()
-    pending = leaves_deps.done()
-    base_ids = add_delta_bases(store, pending, out.missing, known=lambda k: known.has_key(k))
-    out.ids = marked.done(pending.array, base_ids.array)
+    def structured_dep(oid: str) -> None:
+        dep = store.dependency_of(oid)  # a compression dictionary (bulk import): a few for all
+        if dep is not None:
+            dicts.add(bytes.fromhex(dep))
+
+    # Other objects whose dependency chains need following: dictionaries (few, shared by
+    # every adapter of an import), and leaves named directly by refs or evals.
+    dicts: set[bytes] = set()
+    others = _IdBuffer()
+    scattered = getattr(store, "scattered_reads", contextlib.nullcontext)
+    with scattered():
+        for oid in roots:
+            visit(oid)
+        out.leaves = leaves.done()
+        pending = IdSet.build([out.leaves.array, others.done().array, b"".join(dicts)])
+        if not want_leaves:
+            out.leaves = IdSet()
+        base_ids = add_delta_bases(store, pending, out.missing, known=lambda k: known.has_key(k))
+    parts = [marked.done().array, pending.array, base_ids.array]
+    del pending, base_ids
+    out.ids = IdSet.build(parts)
     if len(known):
         out.ids = IdSet(out.ids.array[~known.mask(out.ids.array)])
     return out
@@ -273,7 +303,10 @@ def add_delta_bases(store: ObjectStore, ids: IdSet | Iterable[str], missing: set
     if not isinstance(ids, IdSet):
         ids = IdSet.of_hex(ids)
     found: set[bytes] = set()
-    for oid in ids:
+    release = getattr(store, "release_pages", None)
+    for n, oid in enumerate(ids, 1):
+        if release is not None and n % _RELEASE_EVERY == 0:
+            release()
         for _ in range(64):  # chains are at most 8 deep; a forged loop must still end
             try:
                 base = store.dependency_of(oid)

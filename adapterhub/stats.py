@@ -85,7 +85,7 @@ def _raw_lengths(store: PackedObjectStore) -> tuple[dict[str, int], int, int, in
 
 def store_stats(ah_dir: Path, store: PackedObjectStore, refs: RefStore) -> StoreStats:
     raw, loose, stored, packed = _raw_lengths(store)
-    reach = walk(store, ref_roots(refs), ah_dir)
+    reach = walk(store, ref_roots(refs), ah_dir, want_leaves=True)
     content = 0
     for oid in reach.leaves:
         n = raw.get(oid, 0)

@@ -121,7 +121,7 @@ def test_delta_bases_of_reachable_tensors_survive_when_their_commit_does_not(tmp
     reg.refs.update(HEADS + "rerooted", oid, expected=None)
     reg.switch("rerooted")
     reg.delete_branch("main")
-    bases = {reg.store.delta_base_of(t) for t in walk(reg.store, [oid]).leaves} - {None}
+    bases = {reg.store.delta_base_of(t) for t in walk(reg.store, [oid], want_leaves=True).leaves} - {None}
     assert bases, "the test needs delta-stored tensors"
     _age_everything(reg)
     result = _gc(reg)
