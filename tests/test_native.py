@@ -220,6 +220,61 @@ def test_unpack_refuses_short_escapes_and_wrong_sizes():
             impl.unpack_codes(packed + b"\0", escapes, table, bits, 512)
     with pytest.raises(ValueError):
         native.count_escapes(packed, 3, 1, 512)
+    with pytest.raises(ValueError):
+        native.count_escapes(packed, 2, 1, -1)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4, 3, 0]),
+    k=st.integers(0, 17),
+    body=st.binary(max_size=200),
+    expect=st.integers(0, 300),
+)
+def test_garbage_code_sections_fail_alike(bits, k, body, expect):
+    """Hostile mode-3 sections: the same CorruptObject (or the same bytes) either way."""
+    data = bytes((frames.CODES, bits, k)) + body
+    got = _error_of("native", data, expect)
+    assert got == _error_of("numpy", data, expect)
+    assert got.startswith("ok ") or "x" in got
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4]),
+    k=st.integers(0, 15),
+    expect=st.integers(0, 400),
+    seed=st.integers(0, 2**32 - 1),
+    n_escapes=st.integers(0, 60),
+    escape_fill=st.booleans(),
+    low_codes=st.booleans(),
+    exact_escapes=st.booleans(),
+)
+def test_well_framed_hostile_code_sections_fail_alike(bits, k, expect, seed, n_escapes, escape_fill, low_codes, exact_escapes):
+    """Code sections framed right but with random codes, table sizes and escape counts:
+    padding, codes outside the table and escape sections of the wrong size all fail the
+    same way under both kernel sets (and valid ones decode to the same bytes)."""
+    k = k % (1 << bits)
+    per = 8 // bits
+    rng = np.random.default_rng(seed)
+    packed = rng.integers(0, 256, -(-expect // per), dtype=np.uint8)
+    if low_codes:  # codes 0 and 1 only (often valid), escapes kept where all bits are set
+        packed = np.where(packed > 250, 0xFF, packed & (0x55 if bits == 2 else 0x11)).astype(np.uint8)
+    packed = packed.tobytes()
+    if exact_escapes and (count := reference.count_escapes(packed, bits, k, expect)) >= 0:
+        n_escapes = count
+    data = bytearray((frames.CODES, bits, k)) + rng.integers(0, 256, k, dtype=np.uint8).tobytes()
+    data.append(frames.RAW)
+    frames.put_varint(data, len(packed))
+    data += packed
+    if escape_fill:
+        data += bytes((frames.FILL, 0x5A))
+    else:
+        data.append(frames.RAW)
+        frames.put_varint(data, n_escapes)
+        data += rng.integers(0, 256, n_escapes, dtype=np.uint8).tobytes()
+    got = _error_of("native", bytes(data), expect)
+    assert got == _error_of("numpy", bytes(data), expect)
 
 
 @settings(max_examples=300, deadline=None)

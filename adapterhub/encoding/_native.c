@@ -21,7 +21,7 @@
 #include <string.h>
 
 /* Below this many bytes releasing and re-taking the GIL costs more than the loop. */
-#define NOGIL_MIN 4096
+#define NOGIL_MIN 16384
 
 #define ENTER_NOGIL(n) PyThreadState *_save = NULL; if ((n) >= NOGIL_MIN) { _save = PyEval_SaveThread(); }
 #define LEAVE_NOGIL() if (_save) { PyEval_RestoreThread(_save); }
@@ -513,7 +513,9 @@ static PyObject *native_count_escapes(PyObject *self, PyObject *args)
     Py_ssize_t expect;
     if (!PyArg_ParseTuple(args, "y*iin", &buf, &bits, &k, &expect))
         return NULL;
-    if (check_code_args(bits, k) < 0) {
+    if (check_code_args(bits, k) < 0 || expect < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative section size");
         PyBuffer_Release(&buf);
         return NULL;
     }

@@ -17,7 +17,8 @@ tensor itself. Two difference kinds exist (the record says which):
 
 A delta names its base by id; reading it reads the base through the store (verified), so
 a chain of deltas is bounded (`MAX_CHAIN`) to keep checkout fast and corruption local.
-See docs/format/encodings.md.
+The numpy `diff`/`apply` here are the reference; `kernels` runs their C twins, fused with
+the plane split and join, when the extension is built. See docs/format/encodings.md.
 """
 
 from __future__ import annotations
