@@ -562,30 +562,38 @@ PyDoc_STRVAR(unpack_codes_doc,
 "Inverse of pack_codes for codes count_escapes accepted: the `expect` bytes, table[code]\n"
 "for each code below len(table), the next byte of escapes for each escape code.");
 
-/* The unpack loop for a constant code width (bits, per = 8/bits codes a byte): a byte with
- * no escape code is a fixed-size copy of its decoded bytes. Returns 1 when the escapes run
- * out before the escape codes do. */
+/* The unpack loop for a constant code width (bits, per = 8/bits codes a byte): each packed
+ * byte is a fixed-size copy of its decoded bytes, then its escape codes (esc_mask bit c: code
+ * c escapes) are overwritten from the escape bytes in order. Codes past `expect` in the
+ * last byte are ignored. Returns 1 when the escapes run out before the escape codes do. */
 static ALWAYS_INLINE int unpack_loop(const uint8_t *restrict pk, Py_ssize_t n_packed, const uint8_t *restrict esc,
-                                     Py_ssize_t n_esc, const uint8_t dec[256][4], const uint8_t has_escape[256],
-                                     uint8_t *restrict dst, Py_ssize_t expect, const int bits, const int per)
+                                     Py_ssize_t n_esc, const uint8_t dec[256][4], const uint8_t esc_mask[256],
+                                     uint8_t *restrict dst, Py_ssize_t expect, const int per)
 {
-    const unsigned escape = (1u << bits) - 1;
     const Py_ssize_t full = expect / per;
     Py_ssize_t e = 0;
-    for (Py_ssize_t j = 0; j < n_packed; j++) {
+    for (Py_ssize_t j = 0; j < full; j++) {
         const uint8_t b = pk[j];
-        if (!has_escape[b] && j < full) {
-            memcpy(dst + j * per, dec[b], per);
-            continue;
+        memcpy(dst + j * per, dec[b], per);
+        if (esc_mask[b]) {
+            for (int c = 0; c < per; c++) {
+                if (esc_mask[b] >> c & 1) {
+                    if (e >= n_esc)
+                        return 1;
+                    dst[j * per + c] = esc[e++];
+                }
+            }
         }
-        const int count = j < full ? per : (int)(expect - j * per);
-        for (int c = 0; c < count; c++) {
-            if (((b >> (bits * (per - 1 - c))) & escape) == escape) {
+    }
+    if (full < n_packed) {
+        const uint8_t b = pk[full];
+        for (int c = 0; c < (int)(expect - full * per); c++) {
+            if (esc_mask[b] >> c & 1) {
                 if (e >= n_esc)
                     return 1;
-                dst[j * per + c] = esc[e++];
+                dst[full * per + c] = esc[e++];
             } else {
-                dst[j * per + c] = dec[b][c];
+                dst[full * per + c] = dec[b][c];
             }
         }
     }
@@ -609,14 +617,14 @@ static PyObject *native_unpack_codes(PyObject *self, PyObject *args)
     }
     uint8_t table[16] = {0};
     memcpy(table, tbuf.buf, tbuf.len);
-    /* Per packed byte value: its `per` decoded bytes, and whether any code in it escapes. */
-    uint8_t dec[256][4], has_escape[256];
+    /* Per packed byte value: its `per` decoded bytes, and which of its codes escape. */
+    uint8_t dec[256][4], esc_mask[256];
     for (int v = 0; v < 256; v++) {
-        has_escape[v] = 0;
+        esc_mask[v] = 0;
         for (int c = 0; c < per; c++) {
             unsigned code = (v >> (bits * (per - 1 - c))) & escape;
             dec[v][c] = table[code];
-            has_escape[v] |= code == (unsigned)escape;
+            esc_mask[v] |= (uint8_t)((code == (unsigned)escape) << c);
         }
     }
     out = PyBytes_FromStringAndSize(NULL, expect);
@@ -629,9 +637,9 @@ static PyObject *native_unpack_codes(PyObject *self, PyObject *args)
         int short_escapes;
         ENTER_NOGIL(expect)
         if (bits == 2)
-            short_escapes = unpack_loop(pk, pbuf.len, esc, n_esc, dec, has_escape, dst, expect, 2, 4);
+            short_escapes = unpack_loop(pk, pbuf.len, esc, n_esc, dec, esc_mask, dst, expect, 4);
         else
-            short_escapes = unpack_loop(pk, pbuf.len, esc, n_esc, dec, has_escape, dst, expect, 4, 2);
+            short_escapes = unpack_loop(pk, pbuf.len, esc, n_esc, dec, esc_mask, dst, expect, 2);
         LEAVE_NOGIL()
         if (short_escapes) {
             Py_CLEAR(out);
