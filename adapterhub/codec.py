@@ -207,16 +207,9 @@ def delta_ref(oid: str, record: bytes | memoryview) -> DeltaRef | None:
     return _tensor_codec().read_delta_ref(oid, payload, raw_len) if enc in DELTA_ENCODINGS else None
 
 
-def decode(
-    oid: str,
-    record: bytes | memoryview,
-    load_base: Callable[[str, int], bytes] | None = None,
-    max_depth: int = MAX_CHAIN,
-    load_dict: Callable[[str], bytes] | None = None,
-    load_prev: Callable[[str, int], bytes] | None = None,
-) -> bytes:
-    """Canonical bytes of a stored record; see `decode_ex`."""
-    return decode_ex(oid, record, load_base, max_depth, load_dict, load_prev)[0]
+def decode(oid: str, record: bytes | memoryview, *loaders, **kw) -> bytes:
+    """Canonical bytes of a stored record; arguments as for `decode_ex`."""
+    return decode_ex(oid, record, *loaders, **kw)[0]
 
 
 def decode_ex(
