@@ -151,6 +151,41 @@ def test_code_mode_beats_huffman_on_a_sparse_plane():
     assert len(out) < 0.8 * len(frames.compressor().compress(data.tobytes()))
 
 
+class _CountingCompressor:
+    """Wraps the plane compressor, recording the size of every section it is asked to pack."""
+
+    def __init__(self):
+        self.inner = frames.plane_compressor()
+        self.sizes = []
+
+    def compress(self, data):
+        self.sizes.append(len(data))
+        return self.inner.compress(data)
+
+
+def test_random_sections_are_stored_raw_without_a_zstd_trial(monkeypatch):
+    counting = _CountingCompressor()
+    monkeypatch.setattr(frames, "plane_compressor", lambda: counting)
+    data = np.random.default_rng(9).integers(0, 256, 1 << 15, dtype=np.uint8).tobytes()
+    out = bytearray()
+    frames.encode_section(out, data)
+    assert out[0] == frames.RAW and counting.sizes == []
+
+
+def test_skewed_sections_go_to_code_mode_without_a_whole_section_trial(monkeypatch):
+    counting = _CountingCompressor()
+    monkeypatch.setattr(frames, "plane_compressor", lambda: counting)
+    rng = np.random.default_rng(10)
+    n = 1 << 15
+    data = np.where(rng.random(n) < 0.85, 0, rng.integers(1, 4, n)).astype(np.uint8).tobytes()
+    assert frames.CODES_FIRST[0] <= frames.kernels.survey(data)[1] <= frames.CODES_FIRST[1]
+    out = bytearray()
+    frames.encode_section(out, data)
+    # Only the nested sections (packed codes, escapes) met zstd, never the whole plane.
+    assert out[0] == frames.CODES and n not in counting.sizes and counting.sizes
+    assert bytes(frames.decode_section("x", memoryview(bytes(out)), 0, n)[0]) == data
+
+
 def test_damaged_code_sections_are_refused():
     rng = np.random.default_rng(8)
     data = np.where(rng.random(4096) < 0.93, 0, rng.integers(1, 4, 4096)).astype(np.uint8)
