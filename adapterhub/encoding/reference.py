@@ -64,7 +64,8 @@ def survey(section) -> tuple[int, float]:
         return -1, 0.0
     arr = np.frombuffer(section, dtype=np.uint8)
     first = int(arr[0])
-    fill = -1 if (arr != first).any() else first
+    # Most sections differ at their ends already: the full comparison is for fills.
+    fill = first if arr[-1] == first and not (arr != first).any() else -1
     sample = arr[:: max(1, n // SURVEY_SAMPLE)]
     m = len(sample)
     counts = np.bincount(sample, minlength=256)
