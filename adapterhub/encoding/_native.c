@@ -360,10 +360,20 @@ static PyObject *native_survey(PyObject *self, PyObject *arg)
         if (i == n)
             fill = p[0];
         Py_ssize_t stride = n / SURVEY_SAMPLE > 1 ? n / SURVEY_SAMPLE : 1;
-        uint32_t counts[256] = {0};
+        /* Four sub-histograms, as in histogram(): skewed sections repeat one value. */
+        uint32_t sub[4][256], counts[256];
+        memset(sub, 0, sizeof sub);
         Py_ssize_t m = 0;
-        for (i = 0; i < n; i += stride, m++)
-            counts[p[i]]++;
+        for (i = 0; i + 3 * stride < n; i += 4 * stride, m += 4) {
+            sub[0][p[i]]++;
+            sub[1][p[i + stride]]++;
+            sub[2][p[i + 2 * stride]]++;
+            sub[3][p[i + 3 * stride]]++;
+        }
+        for (; i < n; i += stride, m++)
+            sub[0][p[i]]++;
+        for (int v = 0; v < 256; v++)
+            counts[v] = sub[0][v] + sub[1][v] + sub[2][v] + sub[3][v];
         double acc = 0.0;
         for (int v = 0; v < 256; v++) {
             if (counts[v]) {
@@ -412,21 +422,26 @@ static PyObject *native_pack_codes(PyObject *self, PyObject *args)
         bits = (double)(top[0] + top[1] + top[2]) >= 0.9 * (double)n ? 2 : 4;
     }
     const int per = 8 / bits, escape = (1 << bits) - 1;
+    /* The table: the most frequent values present, most frequent first, ties to the
+     * smaller value (numpy's stable argsort), by insertion in one pass over the values. */
     uint8_t table[16];
     int k = 0;
-    {
-        /* Most frequent first, ties to the smaller value (numpy's stable argsort). */
-        uint8_t taken[256] = {0};
-        while (k < escape) {
-            int best = -1;
-            for (int v = 0; v < 256; v++)
-                if (!taken[v] && counts[v] > 0 && (best < 0 || counts[v] > counts[best]))
-                    best = v;
-            if (best < 0)
-                break;
-            taken[best] = 1;
-            table[k++] = (uint8_t)best;
+    for (int v = 0; v < 256; v++) {
+        Py_ssize_t c = counts[v];
+        int pos;
+        if (c == 0)
+            continue;
+        if (k < escape)
+            pos = k++;
+        else if (c > counts[table[k - 1]])
+            pos = k - 1;
+        else
+            continue;
+        while (pos > 0 && counts[table[pos - 1]] < c) {
+            table[pos] = table[pos - 1];
+            pos--;
         }
+        table[pos] = (uint8_t)v;
     }
     uint8_t lut[256];
     memset(lut, escape, sizeof lut);
@@ -443,41 +458,44 @@ static PyObject *native_pack_codes(PyObject *self, PyObject *args)
     {
         uint8_t *pk = (uint8_t *)PyBytes_AS_STRING(packed), *esc = (uint8_t *)PyBytes_AS_STRING(escapes);
         const Py_ssize_t full = n / per;
+        /* Per packed byte value: which of its codes are the escape (bit c: code c). */
+        uint8_t emask[256];
+        for (int v = 0; v < 256; v++) {
+            emask[v] = 0;
+            for (int c = 0; c < per; c++)
+                emask[v] |= (uint8_t)((((v >> (bits * (per - 1 - c))) & escape) == escape) << c);
+        }
         Py_ssize_t e = 0;
         ENTER_NOGIL(n)
         if (bits == 2) {
             for (Py_ssize_t j = 0; j < full; j++) {
-                const uint8_t *s4 = src + 4 * j;
-                unsigned c0 = lut[s4[0]], c1 = lut[s4[1]], c2 = lut[s4[2]], c3 = lut[s4[3]];
-                pk[j] = (uint8_t)(c0 << 6 | c1 << 4 | c2 << 2 | c3);
-                if ((c0 & c1 & c2 & c3) == 3 || c0 == 3 || c1 == 3 || c2 == 3 || c3 == 3) {
+                const uint8_t *g = src + 4 * j;
+                const uint8_t b = (uint8_t)(lut[g[0]] << 6 | lut[g[1]] << 4 | lut[g[2]] << 2 | lut[g[3]]);
+                pk[j] = b;
+                if (emask[b])
                     for (int c = 0; c < 4; c++)
-                        if (lut[s4[c]] == 3)
-                            esc[e++] = s4[c];
-                }
+                        if (emask[b] >> c & 1)
+                            esc[e++] = g[c];
             }
         } else {
             for (Py_ssize_t j = 0; j < full; j++) {
-                unsigned c0 = lut[src[2 * j]], c1 = lut[src[2 * j + 1]];
-                pk[j] = (uint8_t)(c0 << 4 | c1);
-                if (c0 == 15)
-                    esc[e++] = src[2 * j];
-                if (c1 == 15)
-                    esc[e++] = src[2 * j + 1];
+                const uint8_t *g = src + 2 * j;
+                const uint8_t b = (uint8_t)(lut[g[0]] << 4 | lut[g[1]]);
+                pk[j] = b;
+                if (emask[b])
+                    for (int c = 0; c < 2; c++)
+                        if (emask[b] >> c & 1)
+                            esc[e++] = g[c];
             }
         }
         if (full < n_packed) {
             /* The last, partial group: zero codes pad it. */
             unsigned acc = 0;
-            for (int c = 0; c < per; c++) {
-                Py_ssize_t i = full * per + c;
-                unsigned code = 0;
-                if (i < n) {
-                    code = lut[src[i]];
-                    if (code == (unsigned)escape)
-                        esc[e++] = src[i];
-                }
-                acc |= code << (bits * (per - 1 - c));
+            for (int c = 0; c < n - full * per; c++) {
+                const uint8_t v = src[full * per + c];
+                acc |= (unsigned)lut[v] << (bits * (per - 1 - c));
+                if (lut[v] == escape)
+                    esc[e++] = v;
             }
             pk[full] = (uint8_t)acc;
         }
