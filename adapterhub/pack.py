@@ -97,7 +97,7 @@ def _map(path: Path) -> mmap.mmap | bytes:
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-_HASH_SLICE = 64 << 20
+_HASH_SLICE = 16 << 20
 
 
 def _release(m) -> None:
