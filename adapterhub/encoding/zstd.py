@@ -51,6 +51,9 @@ def decompressor() -> zstandard.ZstdDecompressor:
 
 
 def put_varint(out: bytearray, value: int) -> None:
+    if value < 0x80:  # most lengths of small sections: one byte
+        out.append(value)
+        return
     while True:
         byte = value & 0x7F
         value >>= 7
