@@ -295,6 +295,7 @@ def test_version_1_indexes_and_large_offsets_read_the_same(packed, version, esca
     offsets, lengths = pack.location_arrays()
     assert [int(x) for x in offsets] == [e.offset for e in before]
     assert [int(x) for x in lengths] == [e.length for e in before]
+    assert [int(x) for x in pack.raw_length_array()] == [e.raw_len for e in before]
     pack.verify()
     fresh = _fresh(store)
     for oid, body in bodies.items():
