@@ -269,3 +269,25 @@ def test_stats_adds_up(tmp_path):
     assert after["logical_bytes"] == s.logical_bytes and after["revision_bytes"] == s.revision_bytes
     rc, out, err = run_ah("--registry", reg.root, "stats")
     assert rc == 0 and "dedup savings" in out and "stored bytes" in out
+
+
+def test_id_sets_are_exact_for_ids_ending_in_zero_bytes():
+    """numpy `S32` strips trailing NULs from elements: membership must still be exact."""
+    import os as _os
+
+    from adapterhub.reach import IdSet
+
+    base = [_os.urandom(32) for _ in range(200)]
+    tricky = [b[:28] + b"\0" * 4 for b in base[:50]] + [b[:31] + b"\0" for b in base[50:100]]
+    inside = IdSet.build([b"".join(base + tricky)])
+    assert len(inside) == 300
+    outside = [b[:28] + b"\0\0\0\1" for b in base[:50]] + [b"\0" * 32]
+    for key in base + tricky:
+        assert inside.has_key(key) and key.hex() in inside
+    for key in outside:
+        assert not inside.has_key(key) and key.hex() not in inside
+    assert sorted(inside) == sorted(k.hex() for k in base + tricky)
+    import numpy as np
+
+    probe = np.frombuffer(b"".join(tricky + outside), dtype="S32")
+    assert inside.mask(probe).tolist() == [True] * len(tricky) + [False] * len(outside)
