@@ -5,7 +5,9 @@
 at import, holds everywhere:
 
 - `adapterhub.encoding._native` (built from `_native.c` by `pip install`): one fused pass
-  per step, the GIL released around the loops so two threads can encode at once;
+  per step, the GIL released around loops over 16 KiB or more, so that threads encoding
+  big tensors overlap (snapshot.py decides when a pool pays; on ~45 kB LoRA tensors the
+  GIL hand-offs around each short call still cost more than a second thread gains);
 - `reference` (numpy): used when the extension is not built, or when the environment
   variable `AH_NO_NATIVE=1` asks for it (tests run both).
 
