@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from adapterhub import codec
 from adapterhub.encoding.chain import DeltaBase
 from adapterhub.encoding.planes import layout_for
-from adapterhub.encoding import predict
+from adapterhub.encoding import kernels, predict, reference
 from adapterhub.errors import CorruptObject
 from adapterhub.gc import collect_garbage
 from adapterhub.objects import TENSOR, hash_object, header
@@ -74,6 +74,22 @@ def test_extrapolation_is_exact_and_undone_by_the_ordinary_delta(np_dtype, st_dt
     out = codec.decode("t", record, lambda oid, d: (loaded.append((oid, d)), base.tobytes())[1],
                        load_prev=lambda oid, d: prev.tobytes())
     assert out == h + body.tobytes() and loaded == [("ab" * 32, 1)]
+
+
+@pytest.mark.skipif(kernels.native is None, reason="the native codec extension is not built")
+@pytest.mark.parametrize("width, rotate", [(2, True), (4, True), (2, False), (4, False)])
+def test_extrapolation_score_is_the_same_in_c_and_numpy(width, rotate):
+    rng = np.random.default_rng(width + rotate)
+    for n in (0, 1, 7, 1000, 4099):
+        # Random bit patterns: signs, NaNs, infinities and the extremes of the integer range.
+        x, b, p = (rng.integers(0, 256, n * width, dtype=np.uint8).tobytes() for _ in range(3))
+        for step in (1, 2, 7, max(1, n)):
+            assert kernels.native.extrapolation_score(x, b, p, width, rotate, step) == \
+                reference.extrapolation_score(x, b, p, width, rotate, step)
+    with pytest.raises(ValueError):
+        kernels.native.extrapolation_score(b"ab", b"ab", b"a", 2, True, 1)
+    with pytest.raises(ValueError):
+        reference.extrapolation_score(b"abcdefgh", b"abcdefgh", b"abcdefgh", 8, True, 1)
 
 
 def test_writer_extrapolates_a_momentum_run_and_reads_it_back(tmp_path):

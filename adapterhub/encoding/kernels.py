@@ -14,7 +14,8 @@ at import, holds everywhere:
 Both write and read the very same bytes (tests/test_native.py): the on-disk format never
 depends on which one ran. `use()` switches at run time (tests).
 
-Kernels: split, join, survey, pack_codes, count_escapes, unpack_codes; see reference.py
+Kernels: split, join, survey, pack_codes, count_escapes, unpack_codes,
+extrapolation_score; see reference.py
 for what each computes.
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-NAMES = ("split", "join", "survey", "pack_codes", "count_escapes", "unpack_codes")
+NAMES = ("split", "join", "survey", "pack_codes", "count_escapes", "unpack_codes", "extrapolation_score")
 
 
 def _load_native() -> ModuleType | None:

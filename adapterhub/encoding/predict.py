@@ -16,18 +16,15 @@ Nothing new enters the dependency graph: `prev` is needed anyway to decode the b
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import delta as deltas
 from . import kernels
-from .delta import _ordered
-from .planes import PlaneLayout, as_words
+from .planes import PlaneLayout
 
 # Elements compared when choosing between the plain and the extrapolated base.
 SAMPLE = 1024
-# The extrapolation must beat the plain base by this many bits per element on the
+# The extrapolation must beat the plain base by 1/MARGIN_PARTS bits per element on the
 # sample: close calls are left to the plain delta, whose decode needs one base less.
-MARGIN_BITS = 0.05
+MARGIN_PARTS = 20
 
 
 def extrapolate(base: bytes | memoryview, prev: bytes | memoryview, layout: PlaneLayout) -> bytes:
@@ -49,20 +46,18 @@ def extrapolation_pays(body: bytes | memoryview, base: bytes | memoryview, prev:
     """Whether the delta against `extrapolate(base, prev)` is likely smaller than against `base`.
 
     Decided on an evenly strided sample of at most SAMPLE elements, so that a commit
-    encodes each tensor once: the mean bit length of each residual is roughly what the
-    plane coder pays per element.
+    encodes each tensor once: the summed bit lengths of each residual are roughly what the
+    plane coder pays (`kernels.extrapolation_score`, integers, so the C and numpy kernels
+    decide alike). 8-byte words are never extrapolated (their value-order integers do not
+    fit the exact 64-bit score; adapters are not stored in them).
     """
     n = len(body) // layout.width
-    if n == 0:
+    if n == 0 or layout.width == 8:
         return False
     step = max(1, n // SAMPLE)
-    sample = np.stack([as_words(b, layout)[::step] for b in (body, base, prev)])
-    # In float64: an estimate needs no exactness, and cannot overflow for 8-byte words.
-    x, b, p = _ordered(sample, layout).astype(np.float64)
-    step_now = x - b
-    residuals = np.stack((step_now, step_now - (b - p)))
-    plain, extrapolated = np.log2(np.abs(residuals) + 1.0).mean(axis=1)
-    return extrapolated + MARGIN_BITS < plain
+    plain, extrapolated = kernels.extrapolation_score(body, base, prev, layout.width, layout.rotate, step)
+    samples = -(-n // step)
+    return MARGIN_PARTS * extrapolated + samples < MARGIN_PARTS * plain
 
 
 def delta_layout(oid: str, payload: memoryview, raw_len: int) -> PlaneLayout:

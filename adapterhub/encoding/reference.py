@@ -154,3 +154,21 @@ def unpack_codes(packed, escapes, table, bits: int, expect: int) -> bytes:
             raise ValueError("fewer escaped bytes than escape codes")
         out[pos] = np.frombuffer(escapes, dtype=np.uint8, count=len(pos))
     return out[:expect].tobytes()
+
+
+def extrapolation_score(body, base, prev, width: int, rotate: bool, step: int) -> tuple[int, int]:
+    """(plain, extrapolated): over elements 0, step, 2*step, ... the summed bit lengths of
+    |x - b| and of |x - (2b - p)|, with x, b, p the value-order integers of body, base and
+    prev (2- or 4-byte words only, where int64 holds every value exactly)."""
+    if width not in (2, 4):
+        raise ValueError(f"extrapolation is scored for 2- and 4-byte words, not {width}")
+    if not (len(base) == len(prev) == len(body)):
+        raise ValueError("body, base and prev must have the same length")
+    if step < 1:
+        raise ValueError("step must be at least 1")
+    layout = PlaneLayout(width, bool(rotate))
+    x, b, p = (deltas._ordered(as_words(t, layout)[::step], layout).astype(np.int64) for t in (body, base, prev))
+    d1 = x - b
+    d2 = d1 - (b - p)
+    # frexp's exponent of an integer below 2**53 is its bit length (0 for 0).
+    return tuple(int(np.frexp(np.abs(d).astype(np.float64))[1].sum()) for d in (d1, d2))
