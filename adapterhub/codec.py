@@ -5,8 +5,8 @@ Record layout (docs/format/store.md), all integers little-endian:
     magic     4 bytes  b"AHO1"
     encoding  1 byte   0 = zstd frame of the canonical bytes, 1 = tensor byte planes,
                        2 = tensor delta against a base, 3 = zstd frame with a dictionary,
-                       4 = tensor delta against the extrapolation of a base and the
-                       base's own base (docs/format/encodings.md)
+                       4 = tensor delta against the extrapolation of two named older
+                       tensors (docs/format/encodings.md)
     raw_len   8 bytes  length of the canonical bytes (header + body)
     payload   the rest
 
@@ -23,7 +23,7 @@ from typing import Callable
 
 import zstandard
 
-from .encoding.chain import MAX_CHAIN, DeltaBase, DeltaRef
+from .encoding.chain import MAX_CHAIN, READ_BUDGET, DeltaBase, DeltaRef
 from .encoding.zstd import ZSTD_LEVEL, compressor, zstd_exact
 
 # The plane and delta encodings need numpy; they are imported on first use so that
@@ -51,6 +51,7 @@ ENCODINGS = (ENC_ZSTD, ENC_PLANES, ENC_DELTA, ENC_DICT, ENC_EXTRAPOLATED)
 # Encodings whose payload is a delta record (tensor.py layout) naming one base.
 DELTA_ENCODINGS = (ENC_DELTA, ENC_EXTRAPOLATED)
 DICT_ID_BYTES = 32
+SOURCE_ID_BYTES = 32
 RECORD_HEADER = struct.Struct("<4sBQ")
 # The largest object we will ever inflate: far above any adapter tensor, far below
 # what would exhaust memory on a small machine from a hostile 100-byte frame.
@@ -130,40 +131,25 @@ def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, ba
     if len(body) < SMALL_TENSOR:
         candidates.append(encode([header, body]))
     if base is not None and base.depth < MAX_CHAIN and len(base.body) == len(body):
-        enc, against = _delta_target(body, base, layout)
-        candidates.append(RECORD_HEADER.pack(MAGIC, enc, raw_len) + tc.encode_delta(header, body, layout, against))
+        enc, against, prefix = _delta_target(body, base, layout)
+        candidates.append(RECORD_HEADER.pack(MAGIC, enc, raw_len) + prefix + tc.encode_delta(header, body, layout, against))
     if len(candidates) == 0 or min(map(len, candidates)) > PLANES_WORTH_TRYING[layout.width] * raw_len:
         candidates.append(RECORD_HEADER.pack(MAGIC, ENC_PLANES, raw_len) + tc.encode_planes(header, body, layout))
     return min(candidates, key=len)
 
 
-def _delta_target(body: bytes | memoryview, base: DeltaBase, layout) -> tuple[int, DeltaBase]:
-    """(encoding, base to diff against): the base itself, or its extrapolation from the
-    base's own base when a sample says that leaves the smaller residual (predict.py)."""
-    if base.prev is None or len(base.prev) != len(body):
-        return ENC_DELTA, base
+def _delta_target(body: bytes | memoryview, base: DeltaBase, layout) -> tuple[int, DeltaBase, bytes]:
+    """(encoding, base to diff against, payload prefix): the base itself, or its
+    extrapolation from `base.prev` when a sample says that leaves the smaller residual
+    (predict.py); an extrapolated record starts with the id of `prev`."""
+    if base.prev is None or base.prev_oid is None or len(base.prev) != len(body):
+        return ENC_DELTA, base, b""
     from .encoding import predict
 
     if not predict.extrapolation_pays(body, base.body, base.prev, layout):
-        return ENC_DELTA, base
-    return ENC_EXTRAPOLATED, DeltaBase(base.oid, predict.extrapolate(base.body, base.prev, layout), base.depth)
-
-
-def _extrapolating(oid, payload, raw_len, load_base, load_prev) -> Callable[[str, int], bytes]:
-    """A `load_base` that gives the extrapolation of the base and its own base."""
-    if load_prev is None:
-        raise CorruptObject(oid, "extrapolated delta record needs its base's base, which cannot be read here")
-
-    def load(base_id: str, max_depth: int) -> bytes:
-        from .encoding import predict
-
-        base = load_base(base_id, max_depth)
-        prev = load_prev(base_id, max_depth - 1)
-        if len(prev) != len(base):
-            raise CorruptObject(oid, f"the base of its delta base {base_id} has {len(prev)} bytes, {len(base)} expected")
-        return predict.extrapolate(base, prev, predict.delta_layout(oid, payload, raw_len))
-
-    return load
+        return ENC_DELTA, base, b""
+    predicted = DeltaBase(base.oid, predict.extrapolate(base.body, base.prev, layout), base.depth)
+    return ENC_EXTRAPOLATED, predicted, bytes.fromhex(base.prev_oid)
 
 
 def _split_record(oid: str, record: bytes | memoryview) -> tuple[int, int, memoryview]:
@@ -185,14 +171,25 @@ def raw_length(oid: str, record: bytes | memoryview) -> int:
     return _split_record(oid, record)[1]
 
 
-def dependency(oid: str, record: bytes | memoryview) -> str | None:
-    """The object a record cannot be decoded without: a delta's base or a dictionary."""
+def dependencies(oid: str, record: bytes | memoryview) -> tuple[str, ...]:
+    """The objects a record cannot be decoded without: a delta's base (and, extrapolated,
+    the second tensor it extrapolates from), or a dictionary. Header reads only."""
     enc, raw_len, payload = _split_record(oid, record)
-    if enc in DELTA_ENCODINGS:
-        return _tensor_codec().read_delta_ref(oid, payload, raw_len).base
+    if enc == ENC_DELTA:
+        return (_tensor_codec().read_delta_ref(oid, payload, raw_len).base,)
+    if enc == ENC_EXTRAPOLATED:
+        prev, inner = _extrapolated_parts(oid, payload)
+        return (_tensor_codec().read_delta_ref(oid, inner, raw_len).base, prev)
     if enc == ENC_DICT:
-        return _dict_id(oid, payload)
-    return None
+        return (_dict_id(oid, payload),)
+    return ()
+
+
+def _extrapolated_parts(oid: str, payload: memoryview) -> tuple[str, memoryview]:
+    """(id of the second extrapolation source, the encoding-2 payload after it)."""
+    if len(payload) < SOURCE_ID_BYTES:
+        raise CorruptObject(oid, "stored record is truncated (no extrapolation source id)")
+    return bytes(payload[:SOURCE_ID_BYTES]).hex(), payload[SOURCE_ID_BYTES:]
 
 
 def _dict_id(oid: str, payload: memoryview) -> str:
@@ -204,6 +201,8 @@ def _dict_id(oid: str, payload: memoryview) -> str:
 def delta_ref(oid: str, record: bytes | memoryview) -> DeltaRef | None:
     """The base a delta record depends on, or None for a self-contained record."""
     enc, raw_len, payload = _split_record(oid, record)
+    if enc == ENC_EXTRAPOLATED:
+        payload = _extrapolated_parts(oid, payload)[1]
     return _tensor_codec().read_delta_ref(oid, payload, raw_len) if enc in DELTA_ENCODINGS else None
 
 
@@ -216,19 +215,17 @@ def decode_ex(
     oid: str,
     record: bytes | memoryview,
     load_base: Callable[[str, int], bytes] | None = None,
-    max_depth: int = MAX_CHAIN,
+    budget: int = READ_BUDGET,
     load_dict: Callable[[str], bytes] | None = None,
-    load_prev: Callable[[str, int], bytes] | None = None,
 ) -> tuple[bytes, DeltaRef | None]:
     """(canonical bytes, the delta base it named or None) of a stored record, not yet
     hash-checked: the store does that.
 
-    A delta record needs `load_base(base_id, max_depth)`, which returns the base's
-    verified body; `max_depth` bounds how deep this record's own chain may be, so even a
-    hand-made cycle of deltas ends after MAX_CHAIN reads. A dictionary record needs
-    `load_dict(dict_id)`, which returns the dictionary blob's verified body. An
-    extrapolated delta (encoding 4) also needs `load_prev(base_id, max_depth)`, which
-    returns the verified body of the base's own delta base (an error when it has none).
+    A delta record needs `load_base(tensor_id, budget)`, which returns the verified body
+    of a tensor it names (its base; for an extrapolated record also the second source),
+    reading at most `budget` more levels of records: each level spends one, so even a
+    hand-made cycle of deltas ends. A dictionary record needs `load_dict(dict_id)`, which
+    returns the dictionary blob's verified body.
     """
     enc, raw_len, payload = _split_record(oid, record)
     if enc == ENC_ZSTD:
@@ -243,14 +240,29 @@ def decode_ex(
     if enc == ENC_PLANES:
         data = _tensor_codec().decode_planes(oid, payload, raw_len)
     else:
+        prev_id = None
+        if enc == ENC_EXTRAPOLATED:
+            prev_id, payload = _extrapolated_parts(oid, payload)
         ref = _tensor_codec().read_delta_ref(oid, payload, raw_len)
-        if ref.depth > max_depth:
-            raise CorruptObject(oid, f"delta chain is deeper than {MAX_CHAIN} (record declares depth {ref.depth})")
+        if ref.depth > MAX_CHAIN:
+            raise CorruptObject(oid, f"delta record declares chain depth {ref.depth}, above the limit of {MAX_CHAIN}")
+        if budget < 1:
+            raise CorruptObject(oid, f"delta chain is deeper than {READ_BUDGET} records (a cycle?)")
         if load_base is None:
             raise CorruptObject(oid, f"delta record needs its base {ref.base}, which cannot be read here")
-        if enc == ENC_EXTRAPOLATED:
-            load_base = _extrapolating(oid, payload, raw_len, load_base, load_prev)
-        data = _tensor_codec().decode_delta(oid, payload, raw_len, load_base)
+        if prev_id is None:
+            def base_for(base_id: str, _declared: int) -> bytes:
+                return load_base(base_id, budget - 1)
+        else:
+            def base_for(base_id: str, _declared: int) -> bytes:
+                from .encoding import predict
+
+                base = load_base(base_id, budget - 1)
+                prev = load_base(prev_id, budget - 1)
+                if len(prev) != len(base):
+                    raise CorruptObject(oid, f"its extrapolation sources {base_id} and {prev_id} differ in length")
+                return predict.extrapolate(base, prev, predict.delta_layout(oid, payload, raw_len))
+        data = _tensor_codec().decode_delta(oid, payload, raw_len, base_for)
     if len(data) != raw_len:
         raise CorruptObject(oid, f"decoded to {len(data)} bytes, record declares {raw_len}")
     return data, ref

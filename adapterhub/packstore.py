@@ -12,12 +12,14 @@ while this process was running is still found.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from . import codec
 from .errors import CorruptObject, ObjectNotFound
 from .objects import ObjectId
 from .pack import Pack, PackWriter, pack_paths
@@ -68,6 +70,7 @@ class PackedObjectStore(ObjectStore):
         self.durable = durable
         self._packs: dict[str, Pack] = {}
         self._small_ids: dict[str, Pack] = {}  # id -> small pack holding it
+        self._small_again: dict[str, list[Pack]] = {}  # id -> other small packs holding it
         self._big_packs: list[Pack] = []
         self._listing: tuple | None = None
         self._lock = threading.Lock()
@@ -107,11 +110,16 @@ class PackedObjectStore(ObjectStore):
             # Removals (gc) are rare: rebuild the id map then; additions extend it. New
             # maps are swapped in whole, so lock-free readers see an old or a new one.
             small = {} if removed else dict(self._small_ids)
+            # Ids that more than one small pack holds (concurrent commits storing one
+            # object): their other packs, for `dependencies_of`.
+            again: dict[str, list[Pack]] = {} if removed else {k: list(v) for k, v in self._small_again.items()}
             for pack in self._packs.values() if removed else added:
                 if pack.count <= SMALL_PACK_IDS:
                     for oid in pack.iter_ids():
-                        small.setdefault(oid, pack)
+                        if small.setdefault(oid, pack) is not pack:
+                            again.setdefault(oid, []).append(pack)
             self._small_ids = small
+            self._small_again = again
             self._big_packs = [p for p in self._packs.values() if p.count > SMALL_PACK_IDS]
             self._listing = stamp
             return True
@@ -140,6 +148,38 @@ class PackedObjectStore(ObjectStore):
             self.rescan()
             found = self._lookup(oid)
         return found
+
+    def dependencies_of(self, oid: str) -> tuple[ObjectId, ...]:
+        """What every stored copy of `oid` needs (its header says; see ObjectStore).
+
+        One object can be stored twice with different bases: two commits storing the same
+        new tensor at once, or a writer whose freshening lost its race with gc and wrote
+        it loose again. A read may get either copy, and gc may keep either, so what keeps
+        an object alive must keep the dependencies of all of them."""
+        records = []
+        pending = self._pending
+        if pending is not None and oid in pending:
+            records.append(pending[oid])
+        with contextlib.suppress(ObjectNotFound):
+            records.append(self.loose._read_record(oid))
+        if self._listing is None:
+            self.rescan()
+        small = self._small_ids.get(oid)
+        packs = ([small] if small is not None else []) + self._small_again.get(oid, [])
+        for pack in packs:
+            records.append(pack.read_record(oid))
+        for pack in self._big_packs:
+            i = pack.find(oid)
+            if i is not None:
+                records.append(pack.record_at(oid, *pack.location(i)))
+        if not records:
+            raise ObjectNotFound(oid)
+        deps: list[ObjectId] = []
+        for record in records:
+            for dep in codec.dependencies(oid, record):
+                if dep not in deps:
+                    deps.append(ObjectId(dep))
+        return tuple(deps)
 
     def release_pages(self) -> None:
         """Drop mapped pack pages read so far from this process (see Pack.release_pages)."""
@@ -187,6 +227,11 @@ class PackedObjectStore(ObjectStore):
         try:
             yield
             self._flush(self._pending)
+        except BaseException:
+            # Nothing of the batch was stored: forget what the base cache learnt from
+            # it, or a later delta could be chosen against a chain that does not exist.
+            self.base_cache.clear()
+            raise
         finally:
             self._pending = None
 
@@ -241,7 +286,8 @@ class PackedObjectStore(ObjectStore):
     def _write_record(self, oid: ObjectId, record: bytes) -> None:
         pending = self._pending
         if pending is not None:
-            pending[oid] = record
+            # First wins: the base cache learnt this object's chain from the first record.
+            pending.setdefault(oid, record)
             return
         self.loose._write_record(oid, record)
 

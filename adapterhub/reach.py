@@ -3,9 +3,10 @@
 gc keeps what this walk finds and `ah stats` sums over it. Only structured objects are
 read (commits, snapshots, tags, which are small); tensors and blobs are leaves whose ids
 the snapshot already lists, so marking a million adapters never decodes a tensor. A
-stored delta needs its base, so the walk also adds the dependency (delta base or
-compression dictionary) of every object it keeps, read from the record header, not
-decoded, whichever way that object is reached.
+stored delta needs its base, so the walk also adds the dependencies (delta base, the
+second source of an extrapolated delta, or compression dictionary) of every stored copy
+of every object it keeps, read from record headers, not decoded, whichever way that
+object is reached.
 
 Memory is what limits a walk over a million adapters, not time: a Python set of hex ids
 costs ~150 bytes an object (five objects an adapter). So ids are kept as raw 32 bytes:
@@ -269,8 +270,7 @@ def walk(
             leaves.add(bytes.fromhex(b))
 
     def structured_dep(oid: str) -> None:
-        dep = store.dependency_of(oid)  # a compression dictionary (bulk import): a few for all
-        if dep is not None:
+        for dep in store.dependencies_of(oid):  # a compression dictionary (bulk import): a few for all
             dicts.add(bytes.fromhex(dep))
 
     # Other objects whose dependency chains need following: dictionaries (few, shared by
@@ -304,20 +304,23 @@ def add_delta_bases(store: ObjectStore, ids: IdSet | Iterable[str], missing: set
         ids = IdSet.of_hex(ids)
     found: set[bytes] = set()
     release = getattr(store, "release_pages", None)
-    for n, oid in enumerate(ids, 1):
+    for n, start in enumerate(ids, 1):
         if release is not None and n % _RELEASE_EVERY == 0:
             release()
-        for _ in range(64):  # chains are at most 8 deep; a forged loop must still end
+        # Usually one chain (delta -> base -> ...); an extrapolated delta, or an object
+        # stored twice with different bases, branches it. Each id is expanded once.
+        todo = [start]
+        while todo:
+            oid = todo.pop()
             try:
-                base = store.dependency_of(oid)
+                deps = store.dependencies_of(oid)
             except (ObjectNotFound, CorruptObject):
                 missing.add(oid)
-                break
-            if base is None:
-                break
-            key = bytes.fromhex(base)
-            if key in found or ids.has_key(key) or (known is not None and known(key)):
-                break
-            found.add(key)
-            oid = base
+                continue
+            for dep in deps:
+                key = bytes.fromhex(dep)
+                if key in found or ids.has_key(key) or (known is not None and known(key)):
+                    continue
+                found.add(key)
+                todo.append(dep)
     return IdSet.build([b"".join(found)])

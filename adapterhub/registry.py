@@ -167,7 +167,7 @@ class Registry:
                 train_config=Path(train_config) if train_config else None,
                 params=params,
             )
-            author_f = side.submit(prov.default_author) if author is None else None
+            author_f = side.submit(prov.default_author) if not author else None
             # One batch: the new objects land together (one pack for a big checkpoint) and
             # are all on disk when the block ends, before the ref below moves.
             with self.store.batch():

@@ -58,6 +58,11 @@ class BaseCache:
                 _, (old, _, _) = self._items.popitem(last=False)
                 self._bytes -= len(old)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
 
 class ObjectStore:
     """Backend contract. Subclasses implement the four primitives below."""
@@ -163,7 +168,7 @@ class ObjectStore:
             except (ObjectNotFound, CorruptObject):
                 prev_body = None
             prev = prev_body if prev_body is not None and len(prev_body) == length else None
-        return DeltaBase(base_id, body, depth, prev)
+        return DeltaBase(base_id, body, depth, prev, prev_id if prev is not None else None)
 
     def _tensor_for_delta(self, oid: str) -> tuple[bytes | None, int, str | None]:
         """(body, depth, its delta base) of a tensor, from the base cache or a verified
@@ -171,33 +176,39 @@ class ObjectStore:
         cached = self.base_cache.get(oid)
         if cached is not None:
             return cached
-        obj_type, body, depth = self._read_verified(oid, codec.MAX_CHAIN)
+        obj_type, body, depth = self._read_verified(oid)
         if obj_type != TENSOR:
             return None, 0, None
         return body, depth, self.delta_base_of(oid) if depth else None
 
     def read(self, oid: str) -> tuple[str, bytes]:
         """(type, body) of a stored object, verified against its id."""
-        obj_type, body, _depth = self._read_verified(oid, codec.MAX_CHAIN)
+        obj_type, body, _depth = self._read_verified(oid)
         return obj_type, body
 
-    def _read_verified(self, oid: str, max_depth: int) -> tuple[str, bytes, int]:
-        """(type, body, delta-chain depth) of an object, re-hashed; its chain at most `max_depth`."""
+    def _read_verified(self, oid: str, budget: int = codec.READ_BUDGET, memo: dict | None = None) -> tuple[str, bytes, int]:
+        """(type, body, declared delta depth) of an object, re-hashed; reading at most
+        `budget` levels of bases. `memo` holds the tensors this read already decoded, so
+        a chain of extrapolated deltas (each naming two older tensors) reads each once
+        whatever the base cache admits."""
         record = self._read_record(oid)
+        memo = {} if memo is None else memo
 
-        def load_base(base_id: str, base_max_depth: int) -> bytes:
+        def load_base(base_id: str, base_budget: int) -> bytes:
+            body = memo.get(base_id)
+            if body is not None:
+                return body
             cached = self.base_cache.get(base_id)
-            if cached is not None and cached[1] <= base_max_depth:
+            if cached is not None:
                 return cached[0]
-            if base_max_depth < 0:
-                raise CorruptObject(oid, f"delta chain is deeper than {codec.MAX_CHAIN}")
             try:
-                base_type, base_body, _ = self._read_verified(base_id, base_max_depth)
+                base_type, body, _ = self._read_verified(base_id, base_budget, memo)
             except ObjectNotFound:
                 raise CorruptObject(oid, f"its delta base {base_id} is missing from the store") from None
             if base_type != TENSOR:
                 raise CorruptObject(oid, f"its delta base {base_id} is a {base_type}, not a tensor")
-            return base_body
+            memo[base_id] = body
+            return body
 
         def load_dict(dict_id: str) -> bytes:
             cached = self.__dict__.setdefault("_dicts", {}).get(dict_id)
@@ -212,15 +223,7 @@ class ObjectStore:
             self._dicts[dict_id] = dict_body
             return dict_body
 
-        def load_prev(base_id: str, prev_max_depth: int) -> bytes:
-            """The body of `base_id`'s own delta base (for an extrapolated delta)."""
-            cached = self.base_cache.get(base_id)
-            prev_id = cached[2] if cached is not None else self.delta_base_of(base_id)
-            if prev_id is None:
-                raise CorruptObject(oid, f"it is extrapolated from {base_id}, which is not a delta")
-            return load_base(prev_id, prev_max_depth)
-
-        canonical, ref = codec.decode_ex(oid, record, load_base, max_depth, load_dict, load_prev)
+        canonical, ref = codec.decode_ex(oid, record, load_base, budget, load_dict)
         obj_type, body = split_canonical(oid, canonical)
         if hash_object(obj_type, body) != oid:
             raise CorruptObject(oid, "content does not hash to its id")
@@ -230,10 +233,10 @@ class ObjectStore:
             self.base_cache.add(oid, body, depth, ref.base if ref else None)
         return obj_type, body, depth
 
-    def dependency_of(self, oid: str) -> ObjectId | None:
-        """The object a stored record cannot be decoded without (delta base or dictionary)."""
-        dep = codec.dependency(oid, self._read_record(oid))
-        return ObjectId(dep) if dep else None
+    def dependencies_of(self, oid: str) -> tuple[ObjectId, ...]:
+        """The objects a stored record cannot be decoded without (delta base, the second
+        extrapolation source, or a compression dictionary), read from its header."""
+        return tuple(ObjectId(d) for d in codec.dependencies(oid, self._read_record(oid)))
 
     def delta_base_of(self, oid: str) -> ObjectId | None:
         """The object a stored record depends on (its delta base), read from the record header."""

@@ -68,12 +68,13 @@ def test_extrapolation_is_exact_and_undone_by_the_ordinary_delta(np_dtype, st_dt
     pred = predict.extrapolate(base.tobytes(), prev.tobytes(), layout)
     assert len(pred) == base.nbytes
     h = header(TENSOR, body.nbytes)
-    record = codec.RECORD_HEADER.pack(codec.MAGIC, codec.ENC_EXTRAPOLATED, len(h) + body.nbytes)
+    record = codec.RECORD_HEADER.pack(codec.MAGIC, codec.ENC_EXTRAPOLATED, len(h) + body.nbytes) + bytes.fromhex("cd" * 32)
     record += codec._tensor_codec().encode_delta(h, body.tobytes(), layout, DeltaBase("ab" * 32, pred, 1))
+    tensors = {"ab" * 32: base.tobytes(), "cd" * 32: prev.tobytes()}
     loaded = []
-    out = codec.decode("t", record, lambda oid, d: (loaded.append((oid, d)), base.tobytes())[1],
-                       load_prev=lambda oid, d: prev.tobytes())
-    assert out == h + body.tobytes() and loaded == [("ab" * 32, 1)]
+    out = codec.decode("t", record, lambda oid, budget: (loaded.append(oid), tensors[oid])[1])
+    assert out == h + body.tobytes() and sorted(loaded) == sorted(tensors)
+    assert codec.dependencies("t", record) == ("ab" * 32, "cd" * 32)
 
 
 @pytest.mark.skipif(kernels.native is None, reason="the native codec extension is not built")
@@ -117,20 +118,41 @@ def test_writer_keeps_plain_deltas_when_steps_do_not_repeat(tmp_path):
     assert [store._read_record(i)[4] for i in ids[1:]] == [codec.ENC_DELTA] * 4
 
 
-def test_extrapolated_record_over_a_whole_base_is_refused(tmp_path):
+def _forge(store, oid: str, prev: str) -> bytes:
+    """The stored encoding-4 record of `oid` with its second source replaced by `prev`."""
+    record = bytearray(store._read_record(oid))
+    assert record[4] == codec.ENC_EXTRAPOLATED
+    record[13:45] = bytes.fromhex(prev)
+    return bytes(record)
+
+
+def test_forged_extrapolation_sources_are_refused(tmp_path):
     store = _store(tmp_path)
     run = _momentum_run(3)
     ids = _put_chain(store, run)
-    assert store._read_record(ids[2])[4] == codec.ENC_EXTRAPOLATED
-    # Forge: the same payload, but naming the whole first tensor as its base.
-    record = bytearray(store._read_record(ids[2]))
-    start = bytes(record).index(bytes.fromhex(ids[1]))
-    record[start : start + 32] = bytes.fromhex(ids[0])
-    record[start + 32] = 1  # depth 1 over a whole base
+    other = store.put(TENSOR, _momentum_run(1, size=100)[0].tobytes(), dtype="F32")
+    blob = store.put("blob", b"x" * run[0].nbytes)
+    cases = [(other, "differ in length"), (blob, "not a tensor"), ("ef" * 32, "missing"),
+             (ids[2], "deeper than|cycle")]  # itself: a cycle through the second source
+    for prev, error in cases:
+        forged_store = _store(tmp_path / f"forged-{prev[:6]}")
+        for oid in (ids[1], ids[0], other, blob):
+            forged_store._write_record(oid, store._read_record(oid))
+        forged_store._write_record(ids[2], _forge(store, ids[2], prev))
+        with pytest.raises(CorruptObject, match=error):
+            forged_store.read(ids[2])
+
+
+def test_a_wrong_but_valid_second_source_fails_the_hash_check(tmp_path):
+    store = _store(tmp_path)
+    run = _momentum_run(3)
+    ids = _put_chain(store, run)
     forged_store = _store(tmp_path / "forged")
-    forged_store._write_record(ids[0], store._read_record(ids[0]))
-    forged_store._write_record(ids[2], bytes(record))
-    with pytest.raises(CorruptObject, match="not a delta|deeper"):
+    decoy = store.put(TENSOR, run[1].tobytes(), dtype="F32")  # same length, wrong values
+    for oid in (ids[0], ids[1], decoy):
+        forged_store._write_record(oid, store._read_record(oid))
+    forged_store._write_record(ids[2], _forge(store, ids[2], ids[1]))
+    with pytest.raises(CorruptObject, match="does not hash"):
         forged_store.read(ids[2])
 
 
@@ -150,9 +172,11 @@ def test_every_truncation_of_an_extrapolated_record_is_refused(tmp_path):
     ids = _put_chain(store, run)
     record = store._read_record(ids[2])
     assert record[4] == codec.ENC_EXTRAPOLATED
+    bodies = {ids[0]: run[0].tobytes(), ids[1]: run[1].tobytes()}
+    assert codec.decode("t", record, lambda oid, budget: bodies[oid]) == header(TENSOR, run[2].nbytes) + run[2].tobytes()
     for cut in range(0, len(record), 5):
         with pytest.raises(CorruptObject):
-            codec.decode("t", record[:cut], lambda oid, d: run[1].tobytes(), load_prev=lambda oid, d: run[0].tobytes())
+            codec.decode("t", record[:cut], lambda oid, budget: bodies[oid])
 
 
 def _write_checkpoint(folder, w: np.ndarray):

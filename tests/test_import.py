@@ -120,8 +120,8 @@ def test_snapshots_and_commits_are_compressed_with_a_dictionary_gc_keeps(tmp_pat
     snap = fresh.store.get_commit(tip).snapshot
     for oid in (tip, snap):
         assert fresh.store._read_record(oid)[4] == codec.ENC_DICT
-    dict_id = fresh.store.dependency_of(tip)
-    assert fresh.store.object_type(dict_id) == "blob" and fresh.store.dependency_of(snap) == dict_id
+    (dict_id,) = fresh.store.dependencies_of(tip)
+    assert fresh.store.object_type(dict_id) == "blob" and fresh.store.dependencies_of(snap) == (dict_id,)
     # No ref names the dictionary: gc must keep it because the commits need it.
     old = time.time() - 30 * 86400
     for dirpath, _dirs, files in os.walk(reg.ah_dir / "objects"):
@@ -149,7 +149,7 @@ def test_record_whose_dictionary_is_missing(tmp_path):
     body = b'{"author":"A <a@example.com>","message":"import y","parents":[]}'
     oid = hash_object(COMMIT, body)
     store._write_record(oid, codec.encode_with_dict([header(COMMIT, len(body)), body], dict_id, zdict))
-    assert store.read(oid) == (COMMIT, body) and store.dependency_of(oid) == dict_id
+    assert store.read(oid) == (COMMIT, body) and store.dependencies_of(oid) == (dict_id,)
     store.remove(dict_id)
     with pytest.raises(CorruptObject, match=f"{oid}.*compression dictionary {dict_id} is missing"):
         LooseObjectStore(tmp_path / "objects").read(oid)
