@@ -163,6 +163,13 @@ def test_ah_show_prints_provenance(tmp_path):
     assert js["provenance"]["base_model"]["fingerprint"]["digest"] == digest
 
 
+def test_empty_author_falls_back_to_the_default(tmp_path):
+    reg, _ = make_registry(tmp_path, 0)
+    ad = write_adapter(tmp_path / "ad")
+    ah(reg.root, "commit", str(ad), "-m", "x", "--author", "", env={"AH_AUTHOR": "Default <d@e>"})
+    assert json.loads(ah(reg.root, "show", "HEAD", "--format", "json").stdout)["author"] == "Default <d@e>"
+
+
 def test_bad_base_model_folder_fails_commit_cleanly(tmp_path):
     (tmp_path / "nobase").mkdir()
     reg, _ = make_registry(tmp_path, 0)
