@@ -206,8 +206,9 @@ def _copy_records(writer, pack: Pack, keys: bytes, offsets, lengths) -> None:
 
 
 def _write_new_pack(store: PackedObjectStore, inv: _Inventory, reach: IdSet, stored_mask) -> Path:
-    """One pack of every stored reachable object: loose copies first (as a read would
-    prefer them), then each pack's, in pack order so the old pack is read sequentially."""
+    """One pack of every stored reachable object: loose copies first, then each pack's, in
+    pack order so the old pack is read sequentially. Which copy of an object stored twice
+    is kept does not matter: the walk kept the dependencies of every copy."""
     import numpy as np
 
     done = np.zeros(len(reach), dtype=bool)

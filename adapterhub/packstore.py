@@ -5,9 +5,10 @@ Writes go to loose files (one atomic rename each, no coordination with other wri
 `batch()`: its new objects are held until the batch ends and then land in ONE new pack
 (one fsync for the pack, one for its index) when they are big enough to be worth it, since
 fsyncing one loose file per tensor cost more than encoding the tensors. A read looks in the
-loose folder first, then in every pack through its index. The set of packs is re-listed
-whenever a lookup misses, so an object that gc moved from a loose file into a new pack
-while this process was running is still found.
+packs it has listed first (through their indexes), then in the loose folder, then in the
+packs again after re-listing them, so an object that gc moved from a loose file into a new
+pack while this process was running is still found. An object may be stored in more than
+one place (two writers at once); `dependencies_of` answers for every copy.
 """
 
 from __future__ import annotations
