@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .errors import NotARegistry, RegistryExists, UnknownRevision, UnsupportedFormat, UsageError
+from .errors import AhError, NotARegistry, RegistryExists, UnknownRevision, UnsupportedFormat, UsageError
 from .fsutil import atomic_write
 from .objects import COMMIT, TAG, Commit, ObjectId, Tag
 from .refs import ANY, HEADS, TAGS, RefStore, check_ref_name
@@ -28,6 +28,8 @@ from . import provenance as prov
 AH_DIR = ".ah"
 FORMAT_VERSION = 1
 DEFAULT_BRANCH = "main"
+# More packs than this after a commit: `ah gc` folds them into one (git: gc.autoPackLimit).
+AUTO_PACK_LIMIT = 50
 
 
 def find_registry(start: Path | None = None) -> Path:
@@ -189,6 +191,7 @@ class Registry:
         else:
             self.refs.update(refname, oid, expected=parent, who=commit.author, message=summary)
         self._index_sync()
+        self._auto_repack()
         short = refname[len(HEADS):] if refname and refname.startswith(HEADS) else refname
         return CommitResult(
             oid, short, commit.parents, stats.files, stats.tensors, stats.logical_bytes, stats.new_objects
@@ -336,6 +339,24 @@ class Registry:
         from . import evals
 
         return evals.load_evals(self.store, evals.EvalLists(self.ah_dir), self.resolve(rev or "HEAD"))
+
+    def _auto_repack(self) -> None:
+        """After a write: fold the packs into one when there are more than AUTO_PACK_LIMIT.
+
+        Every commit of a real checkpoint writes a pack; each open pack holds two file
+        descriptors and one more index to search, so a few hundred commits would hit the
+        usual 1024-descriptor limit. Like `git gc --auto` this runs `ah gc` with the default
+        grace period (nothing young is pruned); `AH_GC_AUTO=0` turns it off. It never fails
+        the write that triggered it (another gc running, a full disk: the next one retries).
+        """
+        if os.environ.get("AH_GC_AUTO", "1") == "0" or len(self.store.packs()) <= AUTO_PACK_LIMIT:
+            return
+        from .gc import collect_garbage
+
+        try:
+            collect_garbage(self.ah_dir, self.store, self.refs)
+        except (AhError, OSError):
+            pass
 
     def _index_sync(self) -> None:
         """Bring .ah/index.duckdb up to date after a write; never fails the write itself."""

@@ -119,3 +119,34 @@ def test_a_failed_batch_leaves_no_belief_behind(tmp_path):
     x = st.put(TENSOR, ws[3], dtype="F32", delta_base=t)
     assert st.read(x) == (TENSOR, ws[3])
     assert PackedObjectStore(root, durable=False).read(x) == (TENSOR, ws[3])  # a fresh process
+
+
+def test_commits_fold_their_packs_when_there_are_too_many(tmp_path, monkeypatch):
+    """Each commit of 16+ objects writes a pack; past the limit a commit runs gc, which
+    folds them into one (nothing is pruned: everything is young and reachable)."""
+    import adapterhub.registry as registry_module
+
+    monkeypatch.setenv("AH_AUTHOR", "T <t@e>")
+    monkeypatch.setattr(registry_module, "AUTO_PACK_LIMIT", 3)
+    reg = Registry.init(tmp_path / "reg")
+    rng = np.random.default_rng(3)
+    commits = []
+    for i in range(5):
+        folder = tmp_path / f"ck{i}"
+        folder.mkdir()
+        save_file({f"t{j}": rng.standard_normal(64).astype(np.float32) for j in range(20)},
+                  str(folder / "adapter_model.safetensors"))
+        commits.append(reg.commit(folder, f"ck{i}").id)
+        assert len(Registry(reg.root).store.packs()) <= 3
+    for i, c in enumerate(commits):
+        out = tmp_path / f"co{i}"
+        Registry(reg.root).checkout(c, out)
+        assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / f"ck{i}" / "adapter_model.safetensors").read_bytes()
+    monkeypatch.setenv("AH_GC_AUTO", "0")
+    for i in range(5, 9):
+        folder = tmp_path / f"ck{i}"
+        folder.mkdir()
+        save_file({f"t{j}": rng.standard_normal(64).astype(np.float32) for j in range(20)},
+                  str(folder / "adapter_model.safetensors"))
+        reg.commit(folder, f"ck{i}")
+    assert len(Registry(reg.root).store.packs()) > 3
