@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import redelta
 from .errors import AhError
 from .fsutil import TMP_PREFIX, atomic_write
 from .pack import Pack
@@ -205,7 +206,7 @@ def _copy_records(writer, pack: Pack, keys: bytes, offsets, lengths) -> None:
         os.close(fd)
 
 
-def _write_new_pack(store: PackedObjectStore, inv: _Inventory, reach: IdSet, stored_mask) -> Path:
+def _write_new_pack(store: PackedObjectStore, inv: _Inventory, reach: IdSet, stored_mask, rewrites=()) -> Path:
     """One pack of every stored reachable object: loose copies first, then each pack's, in
     pack order so the old pack is read sequentially. Which copy of an object stored twice
     is kept does not matter: the walk kept the dependencies of every copy."""
@@ -213,8 +214,16 @@ def _write_new_pack(store: PackedObjectStore, inv: _Inventory, reach: IdSet, sto
 
     done = np.zeros(len(reach), dtype=bool)
     with store.writer(dedup=False) as writer:
+        # Re-encoded records (--aggressive) first: they replace every stored copy.
+        for oid, record in rewrites:
+            key = bytes.fromhex(oid)
+            i = int(np.searchsorted(reach.array, key))
+            if i < len(reach.array) and reach.array[i] == key and stored_mask[i] and not done[i]:
+                writer.add(key, record)
+                done[i] = True
         loose_ids = IdSet.of_hex(inv.loose)
         found, pos = reach.positions(loose_ids.array)
+        found[found] = ~done[pos[found]]
         keys = loose_ids.array[found].tobytes()
         for k in range(len(keys) // 32):
             key = keys[32 * k : 32 * k + 32]
@@ -251,9 +260,11 @@ def collect_garbage(
     grace_s: float = DEFAULT_GRACE_S,
     now: float | None = None,
     pack_refs: bool = True,
+    aggressive: bool = False,
 ) -> GcResult:
     """Repack reachable objects into one pack, prune unreachable ones older than `grace_s`,
-    and (with `pack_refs`) fold loose refs into packed-refs."""
+    and (with `pack_refs`) fold loose refs into packed-refs. With `aggressive`, tensor
+    deltas are recomputed newest-first (redelta.py) so that branch tips read whole."""
     import numpy as np
 
     if grace_s < 0:
@@ -293,10 +304,11 @@ def collect_garbage(
         new_idx = None
         # Already one pack holding exactly what is reachable (say, right after `ah import`):
         # rewriting it would only copy every byte again.
-        if not inv.loose and len(inv.packs) == 1 and all_reachable:
+        if not aggressive and not inv.loose and len(inv.packs) == 1 and all_reachable:
             new_idx = inv.packs[0].pack.idx_path
         elif len(to_pack):
-            new_idx = _write_new_pack(store, inv, R, stored_mask)
+            rewrites = redelta.rewrites(store, redelta.plan(store, roots)) if aggressive else ()
+            new_idx = _write_new_pack(store, inv, R, stored_mask, rewrites)
         new_pack = IdSet(to_pack) if new_idx is not None else IdSet()
 
         # Refs that moved while we worked keep what they reach now.

@@ -202,3 +202,58 @@ def test_commits_gc_and_checkouts_of_an_extrapolated_run(tmp_path, monkeypatch):
         out = tmp_path / f"co{i}"
         Registry.open(reg.root).checkout(c, out)  # a fresh store each time: cold base cache
         assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / f"ck{i}" / "adapter_model.safetensors").read_bytes()
+
+
+def test_aggressive_gc_stores_tips_whole_and_history_behind_them(tmp_path, monkeypatch):
+    """`ah gc --aggressive`: the newest revision of each branch reads with no delta, older
+    ones as deltas against newer ones; every revision still checks out byte-identical, a
+    commit on the old layout made alongside still reads, and nothing needed is pruned."""
+    monkeypatch.setenv("AH_AUTHOR", "T <t@e>")
+    reg = Registry.init(tmp_path / "reg")
+    run = _momentum_run(7)
+    ids = []
+    for i, w in enumerate(run[:6]):
+        monkeypatch.setenv("AH_COMMIT_TIME", str(1_700_000_000 + i))
+        ids.append(reg.commit(_write_checkpoint(tmp_path / f"ck{i}", w), f"step {i}").id)
+    reg.create_branch("side", ids[2])
+    monkeypatch.setenv("AH_COMMIT_TIME", str(1_700_000_100))  # the newest tip
+    side = reg.commit(_write_checkpoint(tmp_path / "side", run[6]), "side", branch="side").id
+
+    def tensor(commit: str) -> str:
+        store = Registry.open(reg.root).store
+        files = store.get_snapshot(store.get_commit(commit).snapshot).files
+        return next(f for f in files if f.kind == "safetensors").tensors[0].blob
+
+    def depth(commit: str) -> int:
+        ref = codec.delta_ref("t", Registry.open(reg.root).store._read_record(tensor(commit)))
+        return ref.depth if ref else 0
+
+    assert depth(ids[5]) == 5  # forward chain: the newest is the deepest
+    # A writer racing gc encodes X against the oldest tensor (whole now: X declares depth 1)
+    # and writes it after gc made that tensor a delta (depth 3): X must still read.
+    racer = Registry.open(reg.root).store
+    x_body = (run[0] + np.float32(1e-4)).tobytes()
+    x_id = hash_object(TENSOR, x_body)
+    x_record = racer.encode_record(x_id, TENSOR, x_body, dtype="F32", delta_base=tensor(ids[0]))
+    assert codec.delta_ref(x_id, x_record).depth == 1
+    result = collect_garbage(reg.ah_dir, Registry.open(reg.root).store, reg.refs, grace_s=0, aggressive=True)
+    assert not result.missing and result.pruned == 0
+    assert depth(ids[5]) == 0 and depth(side) == 0
+    # The side branch is the newest tip, so the shared history (ids[2] and older) hangs
+    # behind it; main's own commits hang behind main's tip.
+    assert [depth(c) for c in reversed(ids)] == [0, 1, 2, 1, 2, 3]
+    store = Registry.open(reg.root).store
+    assert store.delta_base_of(tensor(ids[4])) == tensor(ids[5])
+    # A commit written on the old layout (its base's declared depth 5) still reads.
+    monkeypatch.setenv("AH_COMMIT_TIME", str(1_700_000_200))
+    late = reg.commit(_write_checkpoint(tmp_path / "late", run[6] + np.float32(1e-5)), "late").id
+    for commit, folder in [(c, tmp_path / f"ck{i}") for i, c in enumerate(ids)] + [(side, tmp_path / "side")]:
+        out = tmp_path / f"co-{commit[:8]}"
+        Registry.open(reg.root).checkout(commit, out)  # a fresh store: nothing cached
+        assert (out / "adapter_model.safetensors").read_bytes() == (folder / "adapter_model.safetensors").read_bytes()
+    assert Registry.open(reg.root).store.read(tensor(late))[0] == TENSOR
+    racer.loose._write_record(x_id, x_record)
+    assert depth(ids[0]) == 3 and Registry.open(reg.root).store.read(x_id) == (TENSOR, x_body)
+    # Running it again changes nothing that is already laid out.
+    again = collect_garbage(reg.ah_dir, Registry.open(reg.root).store, reg.refs, grace_s=0, aggressive=True)
+    assert not again.missing and depth(late) == 0

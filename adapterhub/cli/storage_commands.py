@@ -55,14 +55,18 @@ def _duration(text: str) -> float:
     "--prune", "prune", default="14d", show_default=True, metavar="AGE",
     help="Remove unreachable objects older than AGE (e.g. 14d, 12h, 30m, now); never younger than 1 minute.",
 )
+@click.option(
+    "--aggressive", is_flag=True,
+    help="Also recompute tensor deltas newest-first, so branch tips are stored whole and check out fastest (slower gc).",
+)
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 @click.pass_context
-def gc_command(ctx, prune: str, fmt: str):
+def gc_command(ctx, prune: str, aggressive: bool, fmt: str):
     """Repack reachable objects into one pack; prune unreachable ones past a grace period."""
     from ..gc import collect_garbage
 
     reg = _open(ctx)
-    result = collect_garbage(reg.ah_dir, _packed_store(reg), reg.refs, grace_s=_duration(prune))
+    result = collect_garbage(reg.ah_dir, _packed_store(reg), reg.refs, grace_s=_duration(prune), aggressive=aggressive)
     if fmt == "json":
         render.emit_json(result.__dict__)
         return
