@@ -475,7 +475,7 @@ static PyObject *native_pack_codes(PyObject *self, PyObject *args)
                 if (emask[b])
                     for (int c = 0; c < 4; c++)
                         if (emask[b] >> c & 1)
-                            esc[e++] = g[c];
+                            if (e < n_escapes) esc[e++] = g[c]; else e = n_escapes + 1;
             }
         } else {
             for (Py_ssize_t j = 0; j < full; j++) {
@@ -485,7 +485,7 @@ static PyObject *native_pack_codes(PyObject *self, PyObject *args)
                 if (emask[b])
                     for (int c = 0; c < 2; c++)
                         if (emask[b] >> c & 1)
-                            esc[e++] = g[c];
+                            if (e < n_escapes) esc[e++] = g[c]; else e = n_escapes + 1;
             }
         }
         if (full < n_packed) {
@@ -494,12 +494,19 @@ static PyObject *native_pack_codes(PyObject *self, PyObject *args)
             for (int c = 0; c < n - full * per; c++) {
                 const uint8_t v = src[full * per + c];
                 acc |= (unsigned)lut[v] << (bits * (per - 1 - c));
-                if (lut[v] == escape)
-                    esc[e++] = v;
+                if (lut[v] == escape) {
+                    if (e < n_escapes) esc[e++] = v; else e = n_escapes + 1;
+                }
             }
             pk[full] = (uint8_t)acc;
         }
         LEAVE_NOGIL()
+        if (e != n_escapes) {
+            /* Only a buffer another thread wrote to while the GIL was released gets here;
+             * the escape buffer was never written past its end. */
+            PyErr_SetString(PyExc_ValueError, "the section changed while it was being encoded");
+            goto done;
+        }
     }
     result = Py_BuildValue("(iy#OO)", bits, (const char *)table, (Py_ssize_t)k, packed, escapes);
 done:
