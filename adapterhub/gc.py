@@ -217,10 +217,15 @@ def _write_new_pack(store: PackedObjectStore, inv: _Inventory, reach: IdSet, sto
         # Re-encoded records (--aggressive) first: they replace every stored copy.
         for oid, record in rewrites:
             key = bytes.fromhex(oid)
-            i = int(np.searchsorted(reach.array, key))
-            if i < len(reach.array) and reach.array[i] == key and stored_mask[i] and not done[i]:
-                writer.add(key, record)
-                done[i] = True
+            found, pos = reach.positions(np.frombuffer(key, dtype="S32"))  # exact for trailing NULs too
+            i = int(pos[0])
+            if not (found[0] and stored_mask[i]) or done[i]:
+                # Every planned tensor is reachable and stored (it was just read), once: a
+                # record left out here would leave its old copy beside new ones that
+                # depend on it the other way round.
+                raise AhError(f"gc: re-encoded tensor {oid} is not among the objects to pack (a bug); nothing was changed")
+            writer.add(key, record)
+            done[i] = True
         loose_ids = IdSet.of_hex(inv.loose)
         found, pos = reach.positions(loose_ids.array)
         found[found] = ~done[pos[found]]

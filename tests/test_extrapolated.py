@@ -257,3 +257,23 @@ def test_aggressive_gc_stores_tips_whole_and_history_behind_them(tmp_path, monke
     # Running it again changes nothing that is already laid out.
     again = collect_garbage(reg.ah_dir, Registry.open(reg.root).store, reg.refs, grace_s=0, aggressive=True)
     assert not again.missing and depth(late) == 0
+
+
+def test_aggressive_gc_rewrites_tensors_whose_ids_end_in_zero_bytes(tmp_path, monkeypatch):
+    """numpy's `S32` drops trailing NUL bytes; a tip tensor whose id ends in 0x00 must still
+    be rewritten, or its old record (a delta on its parent) would sit beside the parent's
+    new one (a delta on it): a cycle."""
+    monkeypatch.setenv("AH_AUTHOR", "T <t@e>")
+    run = _momentum_run(4)
+    rng = np.random.default_rng(9)
+    tip = run[-1]
+    while not bytes.fromhex(hash_object(TENSOR, tip.reshape(64, -1).tobytes()))[-1:] == b"\0":
+        tip = (run[-1] + rng.standard_normal(run[-1].shape).astype(np.float32) * 1e-7).astype(np.float32)
+    run[-1] = tip
+    reg = Registry.init(tmp_path / "reg")
+    ids = [reg.commit(_write_checkpoint(tmp_path / f"ck{i}", w), f"step {i}").id for i, w in enumerate(run)]
+    collect_garbage(reg.ah_dir, Registry.open(reg.root).store, reg.refs, grace_s=0, aggressive=True)
+    for i, commit in enumerate(ids):
+        out = tmp_path / f"co{i}"
+        Registry.open(reg.root).checkout(commit, out)
+        assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / f"ck{i}" / "adapter_model.safetensors").read_bytes()
