@@ -108,7 +108,9 @@ def zstd_decompress_bounded(oid: str, payload: bytes | memoryview, raw_len: int)
     return zstd_exact(oid, payload, raw_len)
 
 
-def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, base: DeltaBase | None = None) -> bytes:
+def encode_tensor(
+    header: bytes, body: bytes | memoryview, dtype: str | None, base: DeltaBase | None = None, *, thorough: bool = False
+) -> bytes:
     """The smallest record for a tensor: plain zstd, byte planes, or a delta against `base`.
 
     `dtype` (safetensors name) says how to cut elements into planes; without one, or for
@@ -118,7 +120,9 @@ def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, ba
     Candidates are skipped when they cannot win, to keep commits fast: plain zstd is
     tried only for small tensors (fixed plane overhead can matter there; on larger float
     tensors planes always beat it), and planes only when there is no delta or the delta
-    kept more than planes of that width usually keep (PLANES_WORTH_TRYING).
+    kept more than planes of that width usually keep (PLANES_WORTH_TRYING). `thorough`
+    (gc's re-encoding, where time matters less) always tries planes too: a tensor near
+    zero (a LoRA B early in training) compresses better whole than as a delta.
     """
     raw_len = len(header) + len(body)
     from .encoding.planes import layout_for
@@ -133,7 +137,7 @@ def encode_tensor(header: bytes, body: bytes | memoryview, dtype: str | None, ba
     if base is not None and base.depth < MAX_CHAIN and len(base.body) == len(body):
         enc, against, prefix = _delta_target(body, base, layout)
         candidates.append(RECORD_HEADER.pack(MAGIC, enc, raw_len) + prefix + tc.encode_delta(header, body, layout, against))
-    if len(candidates) == 0 or min(map(len, candidates)) > PLANES_WORTH_TRYING[layout.width] * raw_len:
+    if thorough or len(candidates) == 0 or min(map(len, candidates)) > PLANES_WORTH_TRYING[layout.width] * raw_len:
         candidates.append(RECORD_HEADER.pack(MAGIC, ENC_PLANES, raw_len) + tc.encode_planes(header, body, layout))
     return min(candidates, key=len)
 

@@ -135,7 +135,7 @@ def rewrites(store: ObjectStore, layout: list[Planned]) -> Iterator[tuple[Object
                 _tensor_body(store, prev_item) if prev_item is not None else None,
                 prev_item,
             )
-        new = codec.encode_tensor(header(TENSOR, len(body)), body, item.dtype, base)
+        new = codec.encode_tensor(header(TENSOR, len(body)), body, item.dtype, base, thorough=True)
         _check(item.oid, new, body, store)
         yield item.oid, new
 
