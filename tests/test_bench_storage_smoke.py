@@ -18,16 +18,23 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks" / "bench_storage.py"
 
 
-@pytest.mark.skipif(shutil.which("git-lfs") is None, reason="git-lfs is not installed")
-def test_bench_storage_tiny_run(tmp_path):
+def _run_tiny(tmp_path: Path, revisions: int, adapters: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """bench_storage at a tiny size (needs peft and git-lfs); (process, its JSON results)."""
     pytest.importorskip("peft")
+    if shutil.which("git-lfs") is None:
+        pytest.skip("git-lfs is not installed")
     out_json = tmp_path / "storage.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--revisions", "2", "--train-size-mb", "0.3",
-         "--steps-per-revision", "1", "--scale-adapters", "60", "--json", str(out_json), "--workdir", str(tmp_path)],
+        [sys.executable, str(BENCH), "--quick", "--revisions", str(revisions), "--train-size-mb", "0.3",
+         "--steps-per-revision", "1", "--scale-adapters", str(adapters), "--json", str(out_json), "--workdir", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, out_json
+
+
+def test_bench_storage_tiny_run(tmp_path):
+    proc, out_json = _run_tiny(tmp_path, revisions=2, adapters=60)
     for title in ("fp32: 2 checkpoints", "bf16: 2 checkpoints", "scale: 60 small adapters", "targets (issue 4):"):
         assert title in proc.stdout
     results = json.loads(out_json.read_text())
@@ -41,16 +48,7 @@ def test_bench_storage_tiny_run(tmp_path):
 
 
 def test_bench_storage_reports_cold_checkouts_around_aggressive_gc(tmp_path):
-    pytest.importorskip("peft")
-    if shutil.which("git-lfs") is None:
-        pytest.skip("git-lfs is not installed")
-    out_json = tmp_path / "storage.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--revisions", "3", "--train-size-mb", "0.3",
-         "--steps-per-revision", "1", "--scale-adapters", "20", "--json", str(out_json), "--workdir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _proc, out_json = _run_tiny(tmp_path, revisions=3, adapters=20)
     ah = json.loads(out_json.read_text())["fp32"]["sequence"]["adapterhub"]
     assert ah["cold_checkout_newest_s"] > 0 and ah["cold_checkout_newest_after_aggressive_gc_s"] > 0
     # Re-encoding newest-first keeps the same objects; bytes move by the record framing only.
