@@ -28,8 +28,11 @@ from . import provenance as prov
 AH_DIR = ".ah"
 FORMAT_VERSION = 1
 DEFAULT_BRANCH = "main"
-# More packs than this after a commit: `ah gc` folds them into one (git: gc.autoPackLimit).
+# More packs than this after a commit: `ah gc` folds them into one (git: gc.autoPackLimit),
+# inline when the registry holds at most AUTO_GC_MAX_OBJECTS objects (seconds); above, a
+# gc takes minutes (~20 at a million adapters), so the commit only says so.
 AUTO_PACK_LIMIT = 50
+AUTO_GC_MAX_OBJECTS = 200_000
 
 
 def find_registry(start: Path | None = None) -> Path:
@@ -191,10 +194,10 @@ class Registry:
         else:
             self.refs.update(refname, oid, expected=parent, who=commit.author, message=summary)
         self._index_sync()
-        self._auto_repack()
+        notice = self._auto_repack()
         short = refname[len(HEADS):] if refname and refname.startswith(HEADS) else refname
         return CommitResult(
-            oid, short, commit.parents, stats.files, stats.tensors, stats.logical_bytes, stats.new_objects
+            oid, short, commit.parents, stats.files, stats.tensors, stats.logical_bytes, stats.new_objects, notice
         )
 
     # --- history ----------------------------------------------------------------------
@@ -340,23 +343,31 @@ class Registry:
 
         return evals.load_evals(self.store, evals.EvalLists(self.ah_dir), self.resolve(rev or "HEAD"))
 
-    def _auto_repack(self) -> None:
-        """After a write: fold the packs into one when there are more than AUTO_PACK_LIMIT.
+    def _auto_repack(self) -> str | None:
+        """After a write: fold the packs into one when there are more than AUTO_PACK_LIMIT;
+        returns a notice for the user when that was left to them.
 
         Every commit of a real checkpoint writes a pack; each open pack holds two file
         descriptors and one more index to search, so a few hundred commits would hit the
         usual 1024-descriptor limit. Like `git gc --auto` this runs `ah gc` with the default
-        grace period (nothing young is pruned); `AH_GC_AUTO=0` turns it off. It never fails
-        the write that triggered it (another gc running, a full disk: the next one retries).
+        grace period (nothing young is pruned), but only on registries small enough for it
+        to take seconds; `AH_GC_AUTO=0` turns it off. It never fails the write that
+        triggered it (another gc running, a full disk: the next one retries).
         """
-        if os.environ.get("AH_GC_AUTO", "1") == "0" or len(self.store.packs()) <= AUTO_PACK_LIMIT:
-            return
+        packs = self.store.packs()
+        if os.environ.get("AH_GC_AUTO", "1") == "0" or len(packs) <= AUTO_PACK_LIMIT:
+            return None
+        objects = sum(p.count for p in packs)
+        if objects > AUTO_GC_MAX_OBJECTS:
+            return (f"{len(packs)} packs: run `ah gc` to fold them into one (not run automatically "
+                    f"on a registry of {objects:,} objects, where it takes minutes)")
         from .gc import collect_garbage
 
         try:
             collect_garbage(self.ah_dir, self.store, self.refs)
         except (AhError, OSError):
             pass
+        return None
 
     def _index_sync(self) -> None:
         """Bring .ah/index.duckdb up to date after a write; never fails the write itself."""

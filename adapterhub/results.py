@@ -67,6 +67,7 @@ class CommitResult:
         parents: the new commit's parents.
         files / tensors / logical_bytes: size of the committed snapshot.
         new_objects: objects the store did not have before (unchanged tensors are reused).
+        notice: something the user should do, if any (say, run `ah gc`).
     """
 
     id: ObjectId
@@ -76,6 +77,7 @@ class CommitResult:
     tensors: int
     logical_bytes: int
     new_objects: int
+    notice: str | None = None
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,23 @@ def test_commits_fold_their_packs_when_there_are_too_many(tmp_path, monkeypatch)
                   str(folder / "adapter_model.safetensors"))
         reg.commit(folder, f"ck{i}")
     assert len(Registry(reg.root).store.packs()) > 3
+
+
+def test_a_big_registry_is_told_to_gc_rather_than_made_to_wait(tmp_path, monkeypatch):
+    import adapterhub.registry as registry_module
+
+    monkeypatch.setenv("AH_AUTHOR", "T <t@e>")
+    monkeypatch.setattr(registry_module, "AUTO_PACK_LIMIT", 2)
+    monkeypatch.setattr(registry_module, "AUTO_GC_MAX_OBJECTS", 10)
+    reg = Registry.init(tmp_path / "reg")
+    rng = np.random.default_rng(4)
+    notices = []
+    for i in range(4):
+        folder = tmp_path / f"ck{i}"
+        folder.mkdir()
+        save_file({f"t{j}": rng.standard_normal(64).astype(np.float32) for j in range(20)},
+                  str(folder / "adapter_model.safetensors"))
+        notices.append(reg.commit(folder, f"ck{i}").notice)
+    assert notices[:2] == [None, None]
+    assert all("run `ah gc`" in n for n in notices[2:])
+    assert len(Registry(reg.root).store.packs()) == 4  # nothing was folded behind the user's back
