@@ -124,7 +124,8 @@ def read_delta_ref(oid: str, payload: memoryview, raw_len: int) -> DeltaRef:
 
 
 def decode_delta(oid: str, payload: memoryview, raw_len: int, load_base: Callable[[str, int], bytes]) -> bytes:
-    """Canonical bytes of a delta record; `load_base(base_id, max_depth)` reads the base."""
+    """Canonical bytes of a delta record; `load_base(base_id, depth)` reads the base (the
+    codec's loader ignores the declared depth and spends its own read budget)."""
     header, body_len, pos = _read_head(oid, payload, raw_len)
     ref = read_delta_ref(oid, payload, raw_len)
     pos += OID_BYTES + 1
