@@ -121,6 +121,14 @@ def test_a_failed_batch_leaves_no_belief_behind(tmp_path):
     assert PackedObjectStore(root, durable=False).read(x) == (TENSOR, ws[3])  # a fresh process
 
 
+def _pack_sized_checkpoint(folder, rng):
+    """A checkpoint of 20 small tensors: enough new objects for its commit to write a pack."""
+    folder.mkdir()
+    save_file({f"t{j}": rng.standard_normal(64).astype(np.float32) for j in range(20)},
+              str(folder / "adapter_model.safetensors"))
+    return folder
+
+
 def test_commits_fold_their_packs_when_there_are_too_many(tmp_path, monkeypatch):
     """Each commit of 16+ objects writes a pack; past the limit a commit runs gc, which
     folds them into one (nothing is pruned: everything is young and reachable)."""
@@ -132,11 +140,7 @@ def test_commits_fold_their_packs_when_there_are_too_many(tmp_path, monkeypatch)
     rng = np.random.default_rng(3)
     commits = []
     for i in range(5):
-        folder = tmp_path / f"ck{i}"
-        folder.mkdir()
-        save_file({f"t{j}": rng.standard_normal(64).astype(np.float32) for j in range(20)},
-                  str(folder / "adapter_model.safetensors"))
-        commits.append(reg.commit(folder, f"ck{i}").id)
+        commits.append(reg.commit(_pack_sized_checkpoint(tmp_path / f"ck{i}", rng), f"ck{i}").id)
         assert len(Registry(reg.root).store.packs()) <= 3
     for i, c in enumerate(commits):
         out = tmp_path / f"co{i}"
@@ -144,11 +148,7 @@ def test_commits_fold_their_packs_when_there_are_too_many(tmp_path, monkeypatch)
         assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / f"ck{i}" / "adapter_model.safetensors").read_bytes()
     monkeypatch.setenv("AH_GC_AUTO", "0")
     for i in range(5, 9):
-        folder = tmp_path / f"ck{i}"
-        folder.mkdir()
-        save_file({f"t{j}": rng.standard_normal(64).astype(np.float32) for j in range(20)},
-                  str(folder / "adapter_model.safetensors"))
-        reg.commit(folder, f"ck{i}")
+        reg.commit(_pack_sized_checkpoint(tmp_path / f"ck{i}", rng), f"ck{i}")
     assert len(Registry(reg.root).store.packs()) > 3
 
 
@@ -162,11 +162,7 @@ def test_a_big_registry_is_told_to_gc_rather_than_made_to_wait(tmp_path, monkeyp
     rng = np.random.default_rng(4)
     notices = []
     for i in range(4):
-        folder = tmp_path / f"ck{i}"
-        folder.mkdir()
-        save_file({f"t{j}": rng.standard_normal(64).astype(np.float32) for j in range(20)},
-                  str(folder / "adapter_model.safetensors"))
-        notices.append(reg.commit(folder, f"ck{i}").notice)
+        notices.append(reg.commit(_pack_sized_checkpoint(tmp_path / f"ck{i}", rng), f"ck{i}").notice)
     assert notices[:2] == [None, None]
     assert all("run `ah gc`" in n for n in notices[2:])
     assert len(Registry(reg.root).store.packs()) == 4  # nothing was folded behind the user's back
