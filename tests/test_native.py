@@ -409,6 +409,75 @@ def test_threads_encode_and_decode_alike():
     assert all(r == want for r in records) and all(x == h + b for x in bodies)
 
 
+def _outcome(name: str, record: bytes, base_body: bytes, want: bytes) -> str:
+    """What reading a record under a kernel set ends in: "ok", our error message, or
+    "refused: damaged zstd data". A zstd frame has no checksum here: a damaged one may
+    inflate to other bytes (the store's re-hash refuses them) or fail inside zstd, and
+    which of the two, and zstd's wording, differ between zstd builds (the system's
+    libzstd for the C path, the zstandard wheel's own copy for the Python path)."""
+    with using(name):
+        try:
+            got = codec.decode("x", record, lambda oid, depth: base_body)
+        except CorruptObject as exc:
+            message = str(exc)
+        else:
+            return "ok" if got == want else "refused: damaged zstd data"
+    if "bad zstd frame" in message or "zstd frame does not decompress" in message:
+        return "refused: damaged zstd data"
+    return message
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_damaged_records_fail_alike(dtype):
+    """decode_sections (a whole record in one C call) reports every damage as frames.py
+    does: cut at many lengths, or one byte flipped anywhere after the record header."""
+    a, b = _float_checkpoints(3_001, dtype)
+    b += b"\x01\x02\x03"  # a tail section too
+    a += b"\x01\x02\x07"
+    h = header(TENSOR, len(b))
+    cases = []
+    for base in (None, DeltaBase("cd" * 32, a, 0)):
+        record = _record("native", h, b, dtype, base)
+        assert _outcome("native", record, a, h + b) == _outcome("numpy", record, a, h + b) == "ok"
+        start = codec.RECORD_HEADER.size
+        cases += [record[:cut] for cut in range(start, len(record), max(1, len(record) // 150))]
+        for flip in range(start, len(record), 5):
+            damaged = bytearray(record)
+            damaged[flip] ^= 0x5A
+            cases.append(bytes(damaged))
+    outcomes = [_outcome("native", c, a, h + b) for c in cases]
+    assert outcomes == [_outcome("numpy", c, a, h + b) for c in cases]
+    errors = set(outcomes) - {"ok"}
+    assert len(errors) >= 5 and any("truncated" in e for e in errors)
+
+
+def test_whole_record_calls_fall_back_without_libzstd(monkeypatch):
+    """Without libzstd.so.1 the native set keeps its kernels and composes sections in
+    Python (frames.py): the same records, read back alike."""
+    a, b = _float_checkpoints(20_000, "F32")
+    h = header(TENSOR, len(b))
+    base = DeltaBase("cd" * 32, a, 0)
+    with using("native"):
+        assert kernels.encode_sections is not None
+        whole = codec.encode_tensor(h, b, "F32", base)
+    monkeypatch.setattr(native, "has_zstd", lambda: False)
+    with using("native"):
+        assert kernels.encode_sections is None and kernels.decode_sections is None
+        assert codec.encode_tensor(h, b, "F32", base) == whole
+        assert codec.decode("x", whole, lambda oid, depth: a) == h + b
+
+
+def test_decode_sections_refuses_bad_arguments():
+    with pytest.raises(ValueError):
+        native.decode_sections(b"\x00\x00", 3, 0, 4, True)  # position past the payload
+    with pytest.raises(ValueError):
+        native.decode_sections(b"\x00\x00", 0, 8, 3, True)  # no such plane width
+    with pytest.raises(ValueError):
+        native.decode_sections(b"\x00\x00", 0, 8, 4, True, b"", b"short")  # base of another length
+    with pytest.raises(ValueError):
+        native.encode_sections(b"\x00" * 8, 4, True, b"short")
+
+
 def test_no_native_environment_selects_numpy():
     code = "from adapterhub.encoding import kernels; print(kernels.active, kernels.native is not None)"
     env = dict(os.environ, AH_NO_NATIVE="1")

@@ -18,6 +18,10 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <dlfcn.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Below this many bytes releasing and re-taking the GIL costs more than the loop. */
@@ -343,13 +347,8 @@ PyDoc_STRVAR(survey_doc,
 "the section, every stride-th byte from the first, stride = max(1, n // 4096):\n"
 "(m*log2(m) - sum(c*log2(c)))/m over the sample's byte counts c in byte-value order.");
 
-static PyObject *native_survey(PyObject *self, PyObject *arg)
+static void survey_c(const uint8_t *p, Py_ssize_t n, int *fill_out, double *entropy_out)
 {
-    Py_buffer buf;
-    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const uint8_t *p = buf.buf;
-    Py_ssize_t n = buf.len;
     int fill = -1;
     double entropy = 0.0;
     if (n > 0) {
@@ -383,6 +382,18 @@ static PyObject *native_survey(PyObject *self, PyObject *arg)
         }
         entropy = ((double)m * log2((double)m) - acc) / (double)m;
     }
+    *fill_out = fill;
+    *entropy_out = entropy;
+}
+
+static PyObject *native_survey(PyObject *self, PyObject *arg)
+{
+    Py_buffer buf;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int fill;
+    double entropy;
+    survey_c(buf.buf, buf.len, &fill, &entropy);
     PyBuffer_Release(&buf);
     return Py_BuildValue("(id)", fill, entropy);
 }
@@ -396,21 +407,15 @@ PyDoc_STRVAR(pack_codes_doc,
 "smaller value); packed: the codes, 8/bits a byte, first code in the high bits, zero\n"
 "padded; escapes: the bytes that got the all-ones code, in order.");
 
-static PyObject *native_pack_codes(PyObject *self, PyObject *args)
+/* What pack_codes decides before writing anything: the code width (`bits`; 0 chooses),
+ * the table of the k most frequent values, the byte -> code map, and how many bytes will
+ * need the escape code (returned). */
+static Py_ssize_t codes_plan(const uint8_t *src, Py_ssize_t n, int bits_in, int *bits_out, uint8_t table[16], int *k_out,
+                             uint8_t lut[256])
 {
-    Py_buffer buf;
-    int bits = 0;
-    if (!PyArg_ParseTuple(args, "y*|i", &buf, &bits))
-        return NULL;
-    PyObject *result = NULL, *packed = NULL, *escapes = NULL;
-    if (bits != 0 && bits != 2 && bits != 4) {
-        PyErr_Format(PyExc_ValueError, "code width must be 2 or 4, not %d", bits);
-        goto done;
-    }
-    const uint8_t *src = buf.buf;
-    Py_ssize_t n = buf.len;
     Py_ssize_t counts[256];
     histogram(src, n, counts);
+    int bits = bits_in;
     if (bits == 0) {
         Py_ssize_t top[3] = {0, 0, 0};
         for (int v = 0; v < 256; v++) {
@@ -421,10 +426,9 @@ static PyObject *native_pack_codes(PyObject *self, PyObject *args)
         }
         bits = (double)(top[0] + top[1] + top[2]) >= 0.9 * (double)n ? 2 : 4;
     }
-    const int per = 8 / bits, escape = (1 << bits) - 1;
+    const int escape = (1 << bits) - 1;
     /* The table: the most frequent values present, most frequent first, ties to the
      * smaller value (numpy's stable argsort), by insertion in one pass over the values. */
-    uint8_t table[16];
     int k = 0;
     for (int v = 0; v < 256; v++) {
         Py_ssize_t c = counts[v];
@@ -443,63 +447,95 @@ static PyObject *native_pack_codes(PyObject *self, PyObject *args)
         }
         table[pos] = (uint8_t)v;
     }
-    uint8_t lut[256];
-    memset(lut, escape, sizeof lut);
+    memset(lut, escape, 256);
     Py_ssize_t n_escapes = n;
     for (int c = 0; c < k; c++) {
         lut[table[c]] = (uint8_t)c;
         n_escapes -= counts[table[c]];
     }
-    Py_ssize_t n_packed = (n + per - 1) / per;
-    packed = PyBytes_FromStringAndSize(NULL, n_packed);
+    *bits_out = bits;
+    *k_out = k;
+    return n_escapes;
+}
+
+/* Write the packed codes (ceil(n / (8/bits)) bytes) and the escaped bytes planned by
+ * codes_plan. Returns the escapes written: n_escapes, unless `src` changed since the plan
+ * (another thread wrote to it), which never writes past `esc + n_escapes`. */
+static Py_ssize_t codes_fill(const uint8_t *src, Py_ssize_t n, int bits, const uint8_t lut[256], uint8_t *pk,
+                             uint8_t *esc, Py_ssize_t n_escapes)
+{
+    const int per = 8 / bits, escape = (1 << bits) - 1;
+    const Py_ssize_t full = n / per, n_packed = (n + per - 1) / per;
+    /* Per packed byte value: which of its codes are the escape (bit c: code c). */
+    uint8_t emask[256];
+    for (int v = 0; v < 256; v++) {
+        emask[v] = 0;
+        for (int c = 0; c < per; c++)
+            emask[v] |= (uint8_t)((((v >> (bits * (per - 1 - c))) & escape) == escape) << c);
+    }
+    Py_ssize_t e = 0;
+    if (bits == 2) {
+        for (Py_ssize_t j = 0; j < full; j++) {
+            const uint8_t *g = src + 4 * j;
+            const uint8_t b = (uint8_t)(lut[g[0]] << 6 | lut[g[1]] << 4 | lut[g[2]] << 2 | lut[g[3]]);
+            pk[j] = b;
+            if (emask[b])
+                for (int c = 0; c < 4; c++)
+                    if (emask[b] >> c & 1)
+                        if (e < n_escapes) esc[e++] = g[c]; else e = n_escapes + 1;
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < full; j++) {
+            const uint8_t *g = src + 2 * j;
+            const uint8_t b = (uint8_t)(lut[g[0]] << 4 | lut[g[1]]);
+            pk[j] = b;
+            if (emask[b])
+                for (int c = 0; c < 2; c++)
+                    if (emask[b] >> c & 1)
+                        if (e < n_escapes) esc[e++] = g[c]; else e = n_escapes + 1;
+        }
+    }
+    if (full < n_packed) {
+        /* The last, partial group: zero codes pad it. */
+        unsigned acc = 0;
+        for (int c = 0; c < n - full * per; c++) {
+            const uint8_t v = src[full * per + c];
+            acc |= (unsigned)lut[v] << (bits * (per - 1 - c));
+            if (lut[v] == escape) {
+                if (e < n_escapes) esc[e++] = v; else e = n_escapes + 1;
+            }
+        }
+        pk[full] = (uint8_t)acc;
+    }
+    return e;
+}
+
+static PyObject *native_pack_codes(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    int bits = 0;
+    if (!PyArg_ParseTuple(args, "y*|i", &buf, &bits))
+        return NULL;
+    PyObject *result = NULL, *packed = NULL, *escapes = NULL;
+    if (bits != 0 && bits != 2 && bits != 4) {
+        PyErr_Format(PyExc_ValueError, "code width must be 2 or 4, not %d", bits);
+        goto done;
+    }
+    const uint8_t *src = buf.buf;
+    Py_ssize_t n = buf.len;
+    uint8_t table[16], lut[256];
+    int k;
+    Py_ssize_t n_escapes = codes_plan(src, n, bits, &bits, table, &k, lut);
+    const int per = 8 / bits;
+    packed = PyBytes_FromStringAndSize(NULL, (n + per - 1) / per);
     escapes = PyBytes_FromStringAndSize(NULL, n_escapes);
     if (packed == NULL || escapes == NULL)
         goto done;
     {
         uint8_t *pk = (uint8_t *)PyBytes_AS_STRING(packed), *esc = (uint8_t *)PyBytes_AS_STRING(escapes);
-        const Py_ssize_t full = n / per;
-        /* Per packed byte value: which of its codes are the escape (bit c: code c). */
-        uint8_t emask[256];
-        for (int v = 0; v < 256; v++) {
-            emask[v] = 0;
-            for (int c = 0; c < per; c++)
-                emask[v] |= (uint8_t)((((v >> (bits * (per - 1 - c))) & escape) == escape) << c);
-        }
-        Py_ssize_t e = 0;
+        Py_ssize_t e;
         ENTER_NOGIL(n)
-        if (bits == 2) {
-            for (Py_ssize_t j = 0; j < full; j++) {
-                const uint8_t *g = src + 4 * j;
-                const uint8_t b = (uint8_t)(lut[g[0]] << 6 | lut[g[1]] << 4 | lut[g[2]] << 2 | lut[g[3]]);
-                pk[j] = b;
-                if (emask[b])
-                    for (int c = 0; c < 4; c++)
-                        if (emask[b] >> c & 1)
-                            if (e < n_escapes) esc[e++] = g[c]; else e = n_escapes + 1;
-            }
-        } else {
-            for (Py_ssize_t j = 0; j < full; j++) {
-                const uint8_t *g = src + 2 * j;
-                const uint8_t b = (uint8_t)(lut[g[0]] << 4 | lut[g[1]]);
-                pk[j] = b;
-                if (emask[b])
-                    for (int c = 0; c < 2; c++)
-                        if (emask[b] >> c & 1)
-                            if (e < n_escapes) esc[e++] = g[c]; else e = n_escapes + 1;
-            }
-        }
-        if (full < n_packed) {
-            /* The last, partial group: zero codes pad it. */
-            unsigned acc = 0;
-            for (int c = 0; c < n - full * per; c++) {
-                const uint8_t v = src[full * per + c];
-                acc |= (unsigned)lut[v] << (bits * (per - 1 - c));
-                if (lut[v] == escape) {
-                    if (e < n_escapes) esc[e++] = v; else e = n_escapes + 1;
-                }
-            }
-            pk[full] = (uint8_t)acc;
-        }
+        e = codes_fill(src, n, bits, lut, pk, esc, n_escapes);
         LEAVE_NOGIL()
         if (e != n_escapes) {
             /* Only a buffer another thread wrote to while the GIL was released gets here;
@@ -531,6 +567,39 @@ PyDoc_STRVAR(count_escapes_doc,
 "-1 when the codes after the last one (padding) are not zero, -2 when a code (padding\n"
 "included) is neither below k nor the escape. packed holds ceil(expect/(8/bits)) bytes.");
 
+/* count_escapes for valid arguments (bits 2 or 4, 0 <= k < 2^bits, expect >= 0). */
+static Py_ssize_t count_escapes_c(const uint8_t *pk, Py_ssize_t n, int bits, int k, Py_ssize_t expect)
+{
+    const int per = 8 / bits, escape = (1 << bits) - 1;
+    if (expect % per && n) {
+        unsigned last = pk[n - 1];
+        for (int c = (int)(expect % per); c < per; c++)
+            if ((last >> (bits * (per - 1 - c))) & escape)
+                return -1;
+    }
+    /* Per byte value: escapes in it (low byte) and invalid codes in it (above). */
+    uint16_t info[256];
+    for (int v = 0; v < 256; v++) {
+        unsigned esc = 0, bad = 0;
+        for (int c = 0; c < per; c++) {
+            int code = (v >> (bits * (per - 1 - c))) & escape;
+            if (code == escape)
+                esc++;
+            else if (code >= k)
+                bad++;
+        }
+        info[v] = (uint16_t)(esc | (bad << 8));
+    }
+    Py_ssize_t result = 0;
+    unsigned bad = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        uint16_t f = info[pk[j]];
+        result += f & 0xFF;
+        bad |= f >> 8;
+    }
+    return bad ? -2 : result;
+}
+
 static PyObject *native_count_escapes(PyObject *self, PyObject *args)
 {
     Py_buffer buf;
@@ -544,40 +613,10 @@ static PyObject *native_count_escapes(PyObject *self, PyObject *args)
         PyBuffer_Release(&buf);
         return NULL;
     }
-    const int per = 8 / bits, escape = (1 << bits) - 1;
-    const uint8_t *pk = buf.buf;
-    Py_ssize_t n = buf.len, result = 0;
-    if (expect % per && n) {
-        unsigned last = pk[n - 1];
-        for (int c = (int)(expect % per); c < per; c++)
-            if ((last >> (bits * (per - 1 - c))) & escape)
-                result = -1;
-    }
-    if (result == 0) {
-        /* Per byte value: escapes in it (low byte) and invalid codes in it (above). */
-        uint16_t info[256];
-        for (int v = 0; v < 256; v++) {
-            unsigned esc = 0, bad = 0;
-            for (int c = 0; c < per; c++) {
-                int code = (v >> (bits * (per - 1 - c))) & escape;
-                if (code == escape)
-                    esc++;
-                else if (code >= k)
-                    bad++;
-            }
-            info[v] = (uint16_t)(esc | (bad << 8));
-        }
-        unsigned bad = 0;
-        ENTER_NOGIL(n)
-        for (Py_ssize_t j = 0; j < n; j++) {
-            uint16_t f = info[pk[j]];
-            result += f & 0xFF;
-            bad |= f >> 8;
-        }
-        LEAVE_NOGIL()
-        if (bad)
-            result = -2;
-    }
+    Py_ssize_t result;
+    ENTER_NOGIL(buf.len)
+    result = count_escapes_c(buf.buf, buf.len, bits, k, expect);
+    LEAVE_NOGIL()
     PyBuffer_Release(&buf);
     return PyLong_FromSsize_t(result);
 }
@@ -625,23 +664,14 @@ static ALWAYS_INLINE int unpack_loop(const uint8_t *restrict pk, Py_ssize_t n_pa
     return 0;
 }
 
-static PyObject *native_unpack_codes(PyObject *self, PyObject *args)
+/* unpack_codes for codes count_escapes accepted; table holds k <= 15 values. Returns 1
+ * when the escapes run out before the escape codes do. */
+static int unpack_codes_c(const uint8_t *pk, Py_ssize_t n_packed, const uint8_t *esc, Py_ssize_t n_esc,
+                          const uint8_t *table_in, int k, int bits, uint8_t *dst, Py_ssize_t expect)
 {
-    Py_buffer pbuf, ebuf, tbuf;
-    int bits;
-    Py_ssize_t expect;
-    if (!PyArg_ParseTuple(args, "y*y*y*in", &pbuf, &ebuf, &tbuf, &bits, &expect))
-        return NULL;
-    PyObject *out = NULL;
-    if (check_code_args(bits, (int)(tbuf.len < 16 ? tbuf.len : 16)) < 0 || tbuf.len > 15)
-        goto done;
     const int per = 8 / bits, escape = (1 << bits) - 1;
-    if (expect < 0 || pbuf.len != (expect + per - 1) / per) {
-        PyErr_SetString(PyExc_ValueError, "packed codes do not match the section size");
-        goto done;
-    }
     uint8_t table[16] = {0};
-    memcpy(table, tbuf.buf, tbuf.len);
+    memcpy(table, table_in, (size_t)k);
     /* Per packed byte value: its `per` decoded bytes, and which of its codes escape. */
     uint8_t dec[256][4], esc_mask[256];
     for (int v = 0; v < 256; v++) {
@@ -652,19 +682,34 @@ static PyObject *native_unpack_codes(PyObject *self, PyObject *args)
             esc_mask[v] |= (uint8_t)((code == (unsigned)escape) << c);
         }
     }
+    if (bits == 2)
+        return unpack_loop(pk, n_packed, esc, n_esc, dec, esc_mask, dst, expect, 4);
+    return unpack_loop(pk, n_packed, esc, n_esc, dec, esc_mask, dst, expect, 2);
+}
+
+static PyObject *native_unpack_codes(PyObject *self, PyObject *args)
+{
+    Py_buffer pbuf, ebuf, tbuf;
+    int bits;
+    Py_ssize_t expect;
+    if (!PyArg_ParseTuple(args, "y*y*y*in", &pbuf, &ebuf, &tbuf, &bits, &expect))
+        return NULL;
+    PyObject *out = NULL;
+    if (check_code_args(bits, (int)(tbuf.len < 16 ? tbuf.len : 16)) < 0 || tbuf.len > 15)
+        goto done;
+    const int per = 8 / bits;
+    if (expect < 0 || pbuf.len != (expect + per - 1) / per) {
+        PyErr_SetString(PyExc_ValueError, "packed codes do not match the section size");
+        goto done;
+    }
     out = PyBytes_FromStringAndSize(NULL, expect);
     if (out == NULL)
         goto done;
     {
-        const uint8_t *pk = pbuf.buf, *esc = ebuf.buf;
-        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
-        Py_ssize_t n_esc = ebuf.len;
         int short_escapes;
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
         ENTER_NOGIL(expect)
-        if (bits == 2)
-            short_escapes = unpack_loop(pk, pbuf.len, esc, n_esc, dec, esc_mask, dst, expect, 4);
-        else
-            short_escapes = unpack_loop(pk, pbuf.len, esc, n_esc, dec, esc_mask, dst, expect, 2);
+        short_escapes = unpack_codes_c(pbuf.buf, pbuf.len, ebuf.buf, ebuf.len, tbuf.buf, (int)tbuf.len, bits, dst, expect);
         LEAVE_NOGIL()
         if (short_escapes) {
             Py_CLEAR(out);
@@ -743,6 +788,559 @@ static PyObject *native_extrapolation_score(PyObject *self, PyObject *args)
     return out;
 }
 
+/* ---- zstd, loaded at run time ------------------------------------------------------------ */
+
+/* The whole-record calls below need zstd from C. The zstandard wheel links its own copy
+ * privately, and no zstd.h is installed here, so the system's libzstd.so.1 is opened at
+ * import with dlopen and its stable API (the functions and parameter numbers of zstd.h's
+ * stable section, unchanged since 1.4) is declared here. Without the library the module
+ * still loads: has_zstd() says False and the codec keeps its per-section Python path. */
+
+typedef struct ZSTD_CCtx_s ZSTD_CCtx;
+typedef struct ZSTD_DCtx_s ZSTD_DCtx;
+
+enum {
+    ZSTD_c_compressionLevel = 100, ZSTD_c_windowLog = 101, ZSTD_c_hashLog = 102, ZSTD_c_chainLog = 103,
+    ZSTD_c_searchLog = 104, ZSTD_c_minMatch = 105, ZSTD_c_targetLength = 106, ZSTD_c_strategy = 107,
+    ZSTD_c_contentSizeFlag = 200, ZSTD_fast = 1,
+};
+#define ZSTD_CONTENTSIZE_UNKNOWN (0ULL - 1)
+#define ZSTD_CONTENTSIZE_ERROR (0ULL - 2)
+
+static struct {
+    int ok;
+    unsigned version;
+    ZSTD_CCtx *(*createCCtx)(void);
+    size_t (*CCtx_setParameter)(ZSTD_CCtx *, int, int);
+    size_t (*compress2)(ZSTD_CCtx *, void *, size_t, const void *, size_t);
+    size_t (*compressBound)(size_t);
+    unsigned (*isError)(size_t);
+    const char *(*getErrorName)(size_t);
+    ZSTD_DCtx *(*createDCtx)(void);
+    size_t (*decompressDCtx)(ZSTD_DCtx *, void *, size_t, const void *, size_t);
+    unsigned long long (*getFrameContentSize)(const void *, size_t);
+    unsigned (*versionNumber)(void);
+} zl;
+
+static void load_zstd(void)
+{
+    void *h = dlopen("libzstd.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (h == NULL)
+        return;
+#define SYM(field, name) if ((*(void **)&zl.field = dlsym(h, name)) == NULL) return;
+    SYM(createCCtx, "ZSTD_createCCtx")
+    SYM(CCtx_setParameter, "ZSTD_CCtx_setParameter")
+    SYM(compress2, "ZSTD_compress2")
+    SYM(compressBound, "ZSTD_compressBound")
+    SYM(isError, "ZSTD_isError")
+    SYM(getErrorName, "ZSTD_getErrorName")
+    SYM(createDCtx, "ZSTD_createDCtx")
+    SYM(decompressDCtx, "ZSTD_decompressDCtx")
+    SYM(getFrameContentSize, "ZSTD_getFrameContentSize")
+    SYM(versionNumber, "ZSTD_versionNumber")
+#undef SYM
+    zl.version = zl.versionNumber();
+    zl.ok = zl.version >= 10400;
+}
+
+/* One compression and one decompression context per thread, made on first use. The
+ * compression context holds frames.py's plane parameters (zstd.PLANE_PARAMS on level 1,
+ * every parameter set as python-zstandard's from_level(1, ...) sets them). */
+static __thread ZSTD_CCtx *tl_cctx;
+static __thread ZSTD_DCtx *tl_dctx;
+
+static ZSTD_CCtx *plane_cctx(void)
+{
+    if (tl_cctx == NULL) {
+        ZSTD_CCtx *c = zl.createCCtx();
+        if (c == NULL)
+            return NULL;
+        static const int params[][2] = {
+            {ZSTD_c_windowLog, 19}, {ZSTD_c_chainLog, 12}, {ZSTD_c_hashLog, 6}, {ZSTD_c_searchLog, 1},
+            {ZSTD_c_minMatch, 7}, {ZSTD_c_targetLength, 0}, {ZSTD_c_strategy, ZSTD_fast}, {ZSTD_c_contentSizeFlag, 1},
+        };
+        for (size_t i = 0; i < sizeof params / sizeof params[0]; i++)
+            zl.CCtx_setParameter(c, params[i][0], params[i][1]);
+        tl_cctx = c;
+    }
+    return tl_cctx;
+}
+
+/* ---- whole sections: frames.py in one call --------------------------------------------- */
+
+/* A growing byte string; `failed` once an allocation did not succeed (every later
+ * append is then a no-op and the caller reports MemoryError). */
+typedef struct {
+    uint8_t *p;
+    size_t len, cap;
+    int failed;
+} Buf;
+
+static int buf_reserve(Buf *b, size_t extra)
+{
+    if (b->failed)
+        return -1;
+    if (b->len + extra <= b->cap)
+        return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra)
+        cap *= 2;
+    uint8_t *p = realloc(b->p, cap);
+    if (p == NULL) {
+        b->failed = 1;
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static void buf_put(Buf *b, const void *src, size_t n)
+{
+    if (n && buf_reserve(b, n) == 0) {
+        memcpy(b->p + b->len, src, n);
+        b->len += n;
+    }
+}
+
+static void buf_byte(Buf *b, uint8_t v)
+{
+    buf_put(b, &v, 1);
+}
+
+static void buf_varint(Buf *b, size_t v)
+{
+    uint8_t tmp[10];
+    int n = 0;
+    do {
+        uint8_t byte = v & 0x7F;
+        v >>= 7;
+        tmp[n++] = v ? (uint8_t)(byte | 0x80) : byte;
+    } while (v);
+    buf_put(b, tmp, n);
+}
+
+/* Per-thread scratch memory, kept between calls: a fresh malloc per section meant page
+ * faults on every call, and page faults of two threads serialise on the process's memory
+ * map (two encoding threads measured slower than one). Buffers above SCRATCH_KEEP are
+ * released at the end of each call so a huge tensor does not pin its size per thread. */
+enum { SC_PLANES, SC_FRAME, SC_CODES, SC_ESCAPES, SC_SLOTS };
+#define SCRATCH_KEEP ((size_t)8 << 20)
+static __thread Buf tl_scratch[SC_SLOTS];
+static __thread Buf tl_out, tl_plain, tl_coded;
+
+static uint8_t *scratch(int slot, size_t n)
+{
+    Buf *b = &tl_scratch[slot];
+    b->len = 0;
+    b->failed = 0;
+    return buf_reserve(b, n + 1) == 0 ? b->p : NULL;
+}
+
+static void trim_buf(Buf *b)
+{
+    if (b->cap > SCRATCH_KEEP) {
+        free(b->p);
+        b->p = NULL;
+        b->cap = 0;
+    }
+    b->len = 0;
+    b->failed = 0;
+}
+
+static void trim_scratch(void)
+{
+    for (int i = 0; i < SC_SLOTS; i++)
+        trim_buf(&tl_scratch[i]);
+    trim_buf(&tl_out);
+    trim_buf(&tl_plain);
+    trim_buf(&tl_coded);
+}
+
+enum { S_RAW = 0, S_ZSTD = 1, S_FILL = 2, S_CODES = 3 };
+/* frames.py's constants, for the same choices. */
+#define RAW_ENTROPY_BITS 7.8
+#define CODES_FIRST_LO 0.45
+#define CODES_FIRST_HI 2.0
+#define CODES_TRIAL_BITS 2.4
+
+/* frames._plain + _put_plain: the section as fill, zstd frame or raw, whichever is smallest. */
+static void put_plain(Buf *out, const uint8_t *s, size_t n, int fill, double entropy)
+{
+    if (n > 2 && fill >= 0) {
+        buf_byte(out, S_FILL);
+        buf_byte(out, (uint8_t)fill);
+        return;
+    }
+    if (n > 16 && entropy < RAW_ENTROPY_BITS) {
+        ZSTD_CCtx *c = plane_cctx();
+        size_t bound = zl.compressBound(n);
+        uint8_t *frame = c ? scratch(SC_FRAME, bound) : NULL;
+        if (frame == NULL) {
+            out->failed = 1;
+            return;
+        }
+        size_t got = zl.compress2(c, frame, bound, s, n);
+        if (!zl.isError(got) && got < n) {
+            buf_byte(out, S_ZSTD);
+            buf_varint(out, got);
+            buf_put(out, frame, got);
+            return;
+        }
+    }
+    buf_byte(out, S_RAW);
+    buf_varint(out, n);
+    buf_put(out, s, n);
+}
+
+static void put_plain_surveyed(Buf *out, const uint8_t *s, size_t n)
+{
+    int fill;
+    double entropy;
+    survey_c(s, (Py_ssize_t)n, &fill, &entropy);
+    put_plain(out, s, n, fill, entropy);
+}
+
+/* frames._code_section: mode 3 with a chosen code width. */
+static void put_codes(Buf *out, const uint8_t *s, size_t n)
+{
+    uint8_t table[16], lut[256];
+    int bits, k;
+    Py_ssize_t n_escapes = codes_plan(s, (Py_ssize_t)n, 0, &bits, table, &k, lut);
+    size_t per = 8 / (size_t)bits, n_packed = (n + per - 1) / per;
+    uint8_t *pk = scratch(SC_CODES, n_packed + (size_t)n_escapes);
+    if (pk == NULL) {
+        out->failed = 1;
+        return;
+    }
+    uint8_t *esc = pk + n_packed;
+    if (codes_fill(s, (Py_ssize_t)n, bits, lut, pk, esc, n_escapes) != n_escapes) {
+        out->failed = 1; /* the input changed under us: see native_pack_codes */
+        return;
+    }
+    buf_byte(out, S_CODES);
+    buf_byte(out, (uint8_t)bits);
+    buf_byte(out, (uint8_t)k);
+    buf_put(out, table, (size_t)k);
+    put_plain_surveyed(out, pk, n_packed);
+    put_plain_surveyed(out, esc, (size_t)n_escapes);
+}
+
+/* frames.encode_section: append one section in its smallest form. */
+static void put_section(Buf *out, const uint8_t *s, size_t n)
+{
+    int fill;
+    double entropy;
+    survey_c(s, (Py_ssize_t)n, &fill, &entropy);
+    Buf *coded = &tl_coded, *plain = &tl_plain;
+    if (n >= 64 && fill < 0 && CODES_FIRST_LO <= entropy && entropy <= CODES_FIRST_HI) {
+        coded->len = 0;
+        put_codes(coded, s, n);
+        out->failed |= coded->failed;
+        if (!coded->failed && coded->len <= n) {
+            buf_put(out, coded->p, coded->len);
+            return;
+        }
+    }
+    plain->len = 0;
+    put_plain(plain, s, n, fill, entropy);
+    out->failed |= plain->failed;
+    if (n >= 64 && !plain->failed && (double)(plain->len * 8) < CODES_TRIAL_BITS * (double)n) {
+        coded->len = 0;
+        put_codes(coded, s, n);
+        out->failed |= coded->failed;
+        if (!coded->failed && coded->len < plain->len) {
+            buf_put(out, coded->p, coded->len);
+            return;
+        }
+    }
+    buf_put(out, plain->p, plain->len);
+}
+
+PyDoc_STRVAR(encode_sections_doc,
+"encode_sections(body, width, rotate, base=None, kind=1) -> bytes\n\n"
+"What tensor._planes_body appends after the layout byte, in one call without the GIL:\n"
+"the `width` plane sections of split(body, width, rotate, base, kind), then the tail\n"
+"section (bytes past the last whole element) if any, each chosen as frames.encode_section\n"
+"chooses (zstd through libzstd: see has_zstd).");
+
+static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"body", "width", "rotate", "base", "kind", NULL};
+    Py_buffer body, base = {0};
+    int width, rotate, kind = KIND_ORD;
+    PyObject *base_obj = Py_None, *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*ip|Oi", kwlist, &body, &width, &rotate, &base_obj, &kind))
+        return NULL;
+    int has_base = base_obj != Py_None;
+    Buf *out = &tl_out;
+    uint8_t *planes = NULL;
+    if (!zl.ok) {
+        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
+        goto done;
+    }
+    if (check_layout(width, kind, has_base) < 0)
+        goto done;
+    if (has_base) {
+        if (PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0)
+            goto done;
+        if (base.len != body.len) {
+            PyErr_SetString(PyExc_ValueError, "a delta base must have the tensor's length");
+            goto done;
+        }
+    }
+    {
+        Py_ssize_t n = body.len / width;
+        const uint8_t *src = body.buf, *bsrc = has_base ? base.buf : NULL;
+        int mode = split_mode(rotate, has_base ? kind : KIND_NONE);
+        Py_BEGIN_ALLOW_THREADS
+        out->len = 0;
+        out->failed = 0;
+        planes = scratch(SC_PLANES, (size_t)(n * width));
+        if (planes == NULL || buf_reserve(out, (size_t)body.len / 2 + 64) < 0) {
+            out->failed = 1;
+        } else {
+            if (width == 2)
+                split_2(src, bsrc, planes, n, mode);
+            else if (width == 4)
+                split_4(src, bsrc, planes, n, mode);
+            else
+                split_8(src, bsrc, planes, n, mode);
+            for (int i = 0; i < width; i++)
+                put_section(out, planes + (size_t)i * n, (size_t)n);
+            if (body.len > n * width)
+                put_section(out, src + n * width, (size_t)(body.len - n * width));
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (out->failed)
+        PyErr_NoMemory();
+    else
+        result = PyBytes_FromStringAndSize((const char *)out->p, (Py_ssize_t)out->len);
+done:
+    trim_scratch();
+    PyBuffer_Release(&body);
+    if (base.obj)
+        PyBuffer_Release(&base);
+    return result;
+}
+
+/* ---- reading sections: frames.decode_section in C --------------------------------------- */
+
+/* Why a record cannot be read; the message is frames.py's for the same damage. */
+typedef struct {
+    char msg[160];
+} Fault;
+
+static int fault(Fault *f, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(f->msg, sizeof f->msg, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* zstd.zstd_exact: inflate one frame that must be exactly `expect` bytes, never more. */
+static int zstd_exact_c(const uint8_t *frame, size_t len, uint8_t *dst, size_t expect, Fault *f)
+{
+    unsigned long long declared = zl.getFrameContentSize(frame, len);
+    if (declared == ZSTD_CONTENTSIZE_ERROR)
+        return fault(f, "bad zstd frame: not a zstd frame header");
+    if (declared != ZSTD_CONTENTSIZE_UNKNOWN && declared != expect)
+        return fault(f, "zstd frame declares %llu bytes where %zu are expected", declared, expect);
+    if (tl_dctx == NULL && (tl_dctx = zl.createDCtx()) == NULL)
+        return fault(f, "out of memory for a zstd context");
+    uint8_t one;
+    size_t got = zl.decompressDCtx(tl_dctx, expect ? dst : &one, expect, frame, len);
+    if (zl.isError(got))
+        return fault(f, "zstd frame does not decompress: %s", zl.getErrorName(got));
+    if (got != expect)
+        return fault(f, "zstd frame inflated to %zu bytes, %zu expected", got, expect);
+    return 0;
+}
+
+static int get_varint_c(const uint8_t *d, size_t len, size_t *pos, size_t *value, Fault *f)
+{
+    uint64_t v = 0;
+    int overflow = 0;
+    for (int shift = 0; shift < 70; shift += 7) {
+        if (*pos >= len)
+            return fault(f, "stored record is truncated (in a length field)");
+        uint8_t byte = d[(*pos)++];
+        uint64_t part = byte & 0x7F;
+        if (shift >= 64 || (shift > 0 && part >> (64 - shift)))
+            overflow |= part != 0;
+        else
+            v |= part << shift;
+        if (!(byte & 0x80)) {
+            /* A length past 2^64 runs past any record: report it as that. */
+            *value = overflow ? SIZE_MAX : (size_t)v;
+            return 0;
+        }
+    }
+    return fault(f, "stored record has an overlong length field");
+}
+
+static int read_section(const uint8_t *d, size_t len, size_t *pos, uint8_t *dst, size_t expect, int nested, Fault *f);
+
+/* frames._decode_codes: mode 3 after its mode byte. */
+static int read_codes(const uint8_t *d, size_t len, size_t *pos, uint8_t *dst, size_t expect, Fault *f)
+{
+    size_t p = *pos;
+    if (p + 2 > len)
+        return fault(f, "stored record is truncated (in a code section)");
+    int bits = d[p], k = d[p + 1];
+    if ((bits != 2 && bits != 4) || k >= (1 << bits) || p + 2 + (size_t)k > len)
+        return fault(f, "stored record has a bad code table");
+    const uint8_t *table = d + p + 2;
+    size_t per = 8 / (size_t)bits, n_packed = (expect + per - 1) / per;
+    *pos = p + 2 + (size_t)k;
+    uint8_t *packed = scratch(SC_CODES, n_packed), *esc;
+    if (packed == NULL)
+        return fault(f, "out of memory");
+    if (read_section(d, len, pos, packed, n_packed, 1, f) < 0)
+        return -1;
+    Py_ssize_t n_escapes = count_escapes_c(packed, (Py_ssize_t)n_packed, bits, k, (Py_ssize_t)expect);
+    if (n_escapes == -1)
+        return fault(f, "stored record has non-zero padding after its last code");
+    if (n_escapes < 0)
+        return fault(f, "stored record has a code outside its code table");
+    if ((esc = scratch(SC_ESCAPES, (size_t)n_escapes)) == NULL)
+        return fault(f, "out of memory");
+    if (read_section(d, len, pos, esc, (size_t)n_escapes, 1, f) < 0)
+        return -1;
+    unpack_codes_c(packed, (Py_ssize_t)n_packed, esc, n_escapes, table, k, bits, dst, (Py_ssize_t)expect);
+    return 0;
+}
+
+/* frames.decode_section: exactly `expect` bytes into dst, *pos moved past the section. */
+static int read_section(const uint8_t *d, size_t len, size_t *pos, uint8_t *dst, size_t expect, int nested, Fault *f)
+{
+    if (*pos >= len)
+        return fault(f, "stored record is truncated (missing a section)");
+    int mode = d[(*pos)++];
+    if (mode == S_FILL) {
+        if (*pos >= len)
+            return fault(f, "stored record is truncated (in a fill section)");
+        memset(dst, d[(*pos)++], expect);
+        return 0;
+    }
+    if (mode == S_CODES && !nested)
+        return read_codes(d, len, pos, dst, expect, f);
+    if (mode != S_RAW && mode != S_ZSTD)
+        return fault(f, "unknown section mode %d", mode);
+    size_t length;
+    if (get_varint_c(d, len, pos, &length, f) < 0)
+        return -1;
+    if (length > len - *pos)
+        return fault(f, "stored record is truncated (a section runs past its end)");
+    const uint8_t *chunk = d + *pos;
+    *pos += length;
+    if (mode == S_RAW) {
+        if (length != expect)
+            return fault(f, "raw section holds %zu bytes, %zu expected", length, expect);
+        memcpy(dst, chunk, length);
+        return 0;
+    }
+    return zstd_exact_c(chunk, length, dst, expect, f);
+}
+
+static PyObject *corrupt_record_error;
+
+PyDoc_STRVAR(decode_sections_doc,
+"decode_sections(payload, pos, body_len, width, rotate, head=b'', base=None, kind=1) -> bytes\n\n"
+"Inverse of encode_sections, in one call without the GIL: head + the body_len bytes whose\n"
+"plane and tail sections start at payload[pos] and must end exactly at its end (with base:\n"
+"the difference of `kind` against it undone). Damage raises CorruptRecord with the message\n"
+"frames.py gives for it.");
+
+static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"payload", "pos", "body_len", "width", "rotate", "head", "base", "kind", NULL};
+    Py_buffer payload, head = {0}, base = {0};
+    Py_ssize_t pos_in, body_len;
+    int width, rotate, kind = KIND_ORD;
+    PyObject *base_obj = Py_None, *out = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nnip|y*Oi", kwlist, &payload, &pos_in, &body_len, &width, &rotate,
+                                     &head, &base_obj, &kind))
+        return NULL;
+    int has_base = base_obj != Py_None;
+    uint8_t *planes = NULL;
+    if (!zl.ok) {
+        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
+        goto done;
+    }
+    if (check_layout(width, kind, has_base) < 0)
+        goto done;
+    if (pos_in < 0 || pos_in > payload.len || body_len < 0) {
+        PyErr_SetString(PyExc_ValueError, "position or length out of range");
+        goto done;
+    }
+    if (has_base) {
+        if (PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0)
+            goto done;
+        if (base.len != body_len) {
+            PyErr_SetString(PyExc_ValueError, "a delta base must have the tensor's length");
+            goto done;
+        }
+    }
+    out = PyBytes_FromStringAndSize(NULL, head.len + body_len);
+    if (out == NULL)
+        goto done;
+    {
+        Py_ssize_t n = body_len / width, tail_len = body_len - n * width;
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+        const uint8_t *d = payload.buf, *bsrc = has_base ? base.buf : NULL;
+        size_t len = (size_t)payload.len, pos = (size_t)pos_in;
+        int mode = split_mode(rotate, has_base ? kind : KIND_NONE), rc = 0;
+        Fault f = {{0}};
+        memcpy(dst, head.buf, head.len);
+        Py_BEGIN_ALLOW_THREADS
+        planes = scratch(SC_PLANES, (size_t)(n * width));
+        if (planes == NULL)
+            rc = fault(&f, "out of memory");
+        const uint8_t *pptr[8];
+        for (int i = 0; rc == 0 && i < width; i++) {
+            pptr[i] = planes + (size_t)i * n;
+            rc = read_section(d, len, &pos, planes + (size_t)i * n, (size_t)n, 0, &f);
+        }
+        if (rc == 0 && tail_len)
+            rc = read_section(d, len, &pos, dst + head.len + n * width, (size_t)tail_len, 0, &f);
+        if (rc == 0 && pos != len)
+            rc = fault(&f, "stored record has %zu stray bytes after its data", len - pos);
+        if (rc == 0) {
+            if (width == 2)
+                join_2(pptr, bsrc, dst + head.len, n, mode);
+            else if (width == 4)
+                join_4(pptr, bsrc, dst + head.len, n, mode);
+            else
+                join_8(pptr, bsrc, dst + head.len, n, mode);
+        }
+        Py_END_ALLOW_THREADS
+        if (rc < 0) {
+            Py_CLEAR(out);
+            PyErr_SetString(corrupt_record_error, f.msg);
+        }
+    }
+done:
+    trim_scratch();
+    PyBuffer_Release(&payload);
+    if (head.obj)
+        PyBuffer_Release(&head);
+    if (base.obj)
+        PyBuffer_Release(&base);
+    return out;
+}
+
+PyDoc_STRVAR(has_zstd_doc,
+"has_zstd() -> bool\n\nWhether libzstd.so.1 was found, so that encode_sections and decode_sections work.");
+
+static PyObject *native_has_zstd(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(zl.ok);
+}
+
 /* ---- module ---------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -753,6 +1351,9 @@ static PyMethodDef methods[] = {
     {"count_escapes", native_count_escapes, METH_VARARGS, count_escapes_doc},
     {"unpack_codes", native_unpack_codes, METH_VARARGS, unpack_codes_doc},
     {"extrapolation_score", native_extrapolation_score, METH_VARARGS, extrapolation_score_doc},
+    {"encode_sections", (PyCFunction)(void (*)(void))native_encode_sections, METH_VARARGS | METH_KEYWORDS, encode_sections_doc},
+    {"decode_sections", (PyCFunction)(void (*)(void))native_decode_sections, METH_VARARGS | METH_KEYWORDS, decode_sections_doc},
+    {"has_zstd", native_has_zstd, METH_NOARGS, has_zstd_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -763,5 +1364,16 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    corrupt_record_error = PyErr_NewExceptionWithDoc("adapterhub.encoding._native.CorruptRecord",
+                                                     "A stored record's sections are damaged (the message says how).",
+                                                     PyExc_ValueError, NULL);
+    if (corrupt_record_error == NULL || PyModule_AddObjectRef(m, "CorruptRecord", corrupt_record_error) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    load_zstd();
+    return m;
 }

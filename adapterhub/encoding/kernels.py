@@ -17,6 +17,13 @@ depends on which one ran. `use()` switches at run time (tests).
 Kernels: split, join, survey, pack_codes, count_escapes, unpack_codes,
 extrapolation_score; see reference.py
 for what each computes.
+
+Besides the kernels, the native set has two whole-record calls, `encode_sections` and
+`decode_sections`: all of a tensor's plane and tail sections (frames.py's choices, zstd
+included) in one call without the GIL. They need zstd from C (the system's libzstd.so.1,
+`_native.has_zstd()`); they are None under numpy or without it, and tensor.py then
+composes the same sections from frames.py in Python. Per-section Python was most of a
+commit's time on ~45 kB LoRA tensors, and held the GIL so that threads could not help.
 """
 
 from __future__ import annotations
@@ -49,11 +56,19 @@ def use(name: str) -> str:
     else:
         raise ValueError(f"unknown kernel set {name!r}")
     globals().update({k: getattr(mod, k) for k in NAMES})
+    whole = name == "native" and mod.has_zstd()
+    globals().update(
+        encode_sections=mod.encode_sections if whole else None,
+        decode_sections=mod.decode_sections if whole else None,
+    )
     active = name
     return before
 
 
 # The extension when it is built, whatever AH_NO_NATIVE says (tests compare it with numpy).
 native = _load_native()
+# What decode_sections raises for a damaged record (tensor.py turns it into CorruptObject).
+CorruptRecord = native.CorruptRecord if native is not None else ValueError
+encode_sections = decode_sections = None
 active = "numpy"
 use("native" if native is not None and os.environ.get("AH_NO_NATIVE", "") in ("", "0") else "numpy")

@@ -33,6 +33,9 @@ def _planes_body(
     """Layout byte, the plane sections of `body` (of its difference from `base` when
     given) and the tail section (the bytes past the last whole element, never diffed)."""
     out.append(layout.to_byte())
+    if kernels.encode_sections is not None:
+        out += kernels.encode_sections(body, layout.width, layout.rotate, base, kind)
+        return
     planes = memoryview(kernels.split(body, layout.width, layout.rotate, base, kind))
     n = len(body) // layout.width
     for i in range(layout.width):
@@ -103,12 +106,26 @@ def _read_planes(oid: str, payload: memoryview, pos: int, layout: PlaneLayout, b
     return planes, tail
 
 
+def _join_sections(
+    oid: str, payload: memoryview, pos: int, body_len: int, layout: PlaneLayout, header: bytes,
+    base: bytes | None = None, kind: int = deltas.ORD,
+) -> bytes:
+    """header + the body whose sections run from `pos` to the payload's end (the
+    difference against `base` undone): one native call when there is one."""
+    if kernels.decode_sections is not None:
+        try:
+            return kernels.decode_sections(payload, pos, body_len, layout.width, layout.rotate, header, base, kind)
+        except kernels.CorruptRecord as exc:
+            raise CorruptObject(oid, str(exc)) from None
+    planes, tail = _read_planes(oid, payload, pos, layout, body_len)
+    n = body_len // layout.width
+    return kernels.join(planes, layout.width, layout.rotate, n, base, kind, header, tail)
+
+
 def decode_planes(oid: str, payload: memoryview, raw_len: int) -> bytes:
     header, body_len, pos = _read_head(oid, payload, raw_len)
     layout, pos = _read_layout(oid, payload, pos)
-    planes, tail = _read_planes(oid, payload, pos, layout, body_len)
-    n = body_len // layout.width
-    return kernels.join(planes, layout.width, layout.rotate, n, head=header, tail=tail)
+    return _join_sections(oid, payload, pos, body_len, layout, header)
 
 
 def read_delta_ref(oid: str, payload: memoryview, raw_len: int) -> DeltaRef:
@@ -135,9 +152,7 @@ def decode_delta(oid: str, payload: memoryview, raw_len: int, load_base: Callabl
     if kind not in deltas.KINDS:
         raise CorruptObject(oid, f"stored delta record names an unknown delta kind {kind}")
     layout, pos = _read_layout(oid, payload, pos + 1)
-    planes, tail = _read_planes(oid, payload, pos, layout, body_len)
     base_body = load_base(ref.base, ref.depth - 1)
     if len(base_body) != body_len:
         raise CorruptObject(oid, f"delta base {ref.base} has {len(base_body)} bytes, {body_len} expected")
-    n = body_len // layout.width
-    return kernels.join(planes, layout.width, layout.rotate, n, base_body, kind, header, tail)
+    return _join_sections(oid, payload, pos, body_len, layout, header, base_body, kind)
