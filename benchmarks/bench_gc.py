@@ -43,6 +43,7 @@ def measured_gc(root: Path, drop_every: int = 0) -> dict:
     """gc of the registry at `root` (optionally after deleting every `drop_every`-th
     packed branch), with its peak resident memory."""
     from adapterhub.gc import collect_garbage
+    from adapterhub.packed_refs import PackedRefs, render as render_packed_refs
     from adapterhub.registry import Registry
 
     if drop_every:
@@ -50,8 +51,8 @@ def measured_gc(root: Path, drop_every: int = 0) -> dict:
         for path in (root / ".ah" / "objects").rglob("*"):
             os.utime(path, (day_ago, day_ago))
         path = root / ".ah" / "packed-refs"
-        lines = path.read_bytes().splitlines(keepends=True)
-        path.write_bytes(b"".join([lines[0]] + [l for i, l in enumerate(lines[1:]) if i % drop_every != drop_every // 2]))
+        kept = [e for i, e in enumerate(PackedRefs(path).iter_prefix("")) if i % drop_every != drop_every // 2]
+        path.write_bytes(render_packed_refs(kept))
     reg = Registry.open(root)
     peak = {"RssAnon": 0, "RssFile": 0}
     done = threading.Event()

@@ -8,7 +8,7 @@ import pytest
 
 from adapterhub.errors import CorruptObject, RefConflict, RefExists, RefLocked, UnknownRevision
 from adapterhub.objects import BLOB, hash_object
-from adapterhub.packed_refs import HEADER, render
+from adapterhub.packed_refs import HEADER_V1, HEADER_V2, render
 from adapterhub.refs import HEADS, TAGS, RefStore
 from adapterhub.registry import Registry
 from conftest import run_ah
@@ -30,8 +30,8 @@ def test_pack_refs_moves_loose_refs_into_one_sorted_file(refs):
     assert refs.pack_refs() == 4
     assert not (refs.ah_dir / HEADS / "main").exists()
     assert not (refs.ah_dir / HEADS / "users").exists()  # emptied folders pruned
-    text = (refs.ah_dir / "packed-refs").read_bytes()
-    assert text.startswith(HEADER) and text.count(b"\n") == 5
+    data = (refs.ah_dir / "packed-refs").read_bytes()
+    assert data.startswith(HEADER_V2) and all(bytes.fromhex(_id(i)) in data for i in range(4))
     for i, n in enumerate(names):
         assert refs.read(n) == _id(i)
     assert list(refs.list(HEADS)) == sorted((n, _id(i)) for i, n in enumerate(names) if n.startswith(HEADS))
@@ -122,19 +122,19 @@ def test_a_large_packed_refs_file_resolves_fast(tmp_path):
     "content, match",
     [
         (b"garbage\n", "does not start with"),
-        (HEADER + b"0" * 64 + b" refs/heads/a", "truncated"),
-        (HEADER + b"zz" * 32 + b" refs/heads/a\n", "object id"),
-        (HEADER + b"short refs/heads/a\n", "malformed line"),
+        (HEADER_V1 + b"0" * 64 + b" refs/heads/a", "truncated"),
+        (HEADER_V1 + b"zz" * 32 + b" refs/heads/a\n", "object id"),
+        (HEADER_V1 + b"short refs/heads/a\n", "malformed line"),
     ],
 )
-def test_damaged_packed_refs_file_is_refused(refs, content, match):
+def test_damaged_version_1_packed_refs_file_is_refused(refs, content, match):
     (refs.ah_dir / "packed-refs").write_bytes(content)
     with pytest.raises(CorruptObject, match=match):
         RefStore(refs.ah_dir).read(HEADS + "a")
 
 
-def test_unsorted_packed_refs_file_is_refused_when_listed(refs):
-    (refs.ah_dir / "packed-refs").write_bytes(HEADER + b"%s refs/heads/b\n%s refs/heads/a\n" % (_id(1).encode(), _id(2).encode()))
+def test_unsorted_version_1_packed_refs_file_is_refused_when_listed(refs):
+    (refs.ah_dir / "packed-refs").write_bytes(HEADER_V1 + b"%s refs/heads/b\n%s refs/heads/a\n" % (_id(1).encode(), _id(2).encode()))
     with pytest.raises(CorruptObject, match="not sorted"):
         list(RefStore(refs.ah_dir).list(HEADS))
 
