@@ -17,6 +17,33 @@ from typing import Iterable
 TMP_PREFIX = ".tmp-"
 
 
+_sync_file_range = None  # libc's sync_file_range once looked up; False where there is none
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing `length` bytes at `offset` of `fd` to disk now,
+    without waiting (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`); a no-op elsewhere.
+
+    Durability still comes only from the fsync that follows: this makes that fsync short.
+    A pack written while its records are being encoded, kicked every few hundred kB, is
+    mostly on disk when the batch ends; fsyncing 3.7 MB written in one go waited 3-6 ms
+    on this machine's disk, 0.5-0.9 ms after kicks (/tmp/ovh/wb.py in the issue-4 notes).
+    """
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _sync_file_range = fn
+        except (ImportError, OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # errors: only speed is at stake
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

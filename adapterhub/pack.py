@@ -43,7 +43,7 @@ import blake3
 
 from . import codec
 from .errors import CorruptObject, ObjectNotFound
-from .fsutil import TMP_PREFIX, atomic_write, fsync_dir
+from .fsutil import TMP_PREFIX, atomic_write, fsync_dir, start_writeback
 from .objects import ObjectId
 
 PACK_MAGIC = b"AHPK"
@@ -63,6 +63,9 @@ ENTRY_BYTES_V1 = OID_LEN + 8 + 8 + 8
 ENTRY_BYTES = OID_LEN + 4 + 4
 LARGE = 1 << 31
 IDX_TAIL = 32 + 32
+# A durable writer asks the kernel to start writing every this many bytes it appended
+# (fsutil.start_writeback), so the fsync in `finish` waits for the last stretch only.
+WRITEBACK_STEP = 256 << 10
 # Indexes bigger than this are searched with numpy when the process has it loaded.
 _NUMPY_SEARCH_MIN = 4096
 
@@ -422,6 +425,7 @@ class PackWriter:
         self._offsets = array("Q")
         self._lengths = array("Q")
         self._keys: set[bytes] | None = set() if dedup else None
+        self._kicked = 0  # bytes already handed to start_writeback
         self._write(PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION))
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -446,6 +450,10 @@ class PackWriter:
         self._offsets.append(self._pos)
         self._lengths.append(len(record))
         self._write(record)
+        if self.durable and self._pos - self._kicked >= WRITEBACK_STEP:
+            self._fh.flush()
+            start_writeback(self._fh.fileno(), self._kicked, self._pos - self._kicked)
+            self._kicked = self._pos
         return True
 
     def finish(self) -> Path | None:
@@ -476,6 +484,10 @@ class PackWriter:
         idx_path = self.pack_dir / f"{name}.idx"
         os.replace(self._tmp, pack_path)
         self._tmp = None
+        if self.durable:
+            # The pack's rename is on disk before the index that makes it visible is
+            # renamed: after a power cut an index never names a pack that is not there.
+            fsync_dir(self.pack_dir)
         first = ids.view(np.uint8)[::OID_LEN]
         fan = np.cumsum(np.bincount(first, minlength=256)).astype("<u4")
         large: list[int] = []
@@ -495,10 +507,9 @@ class PackWriter:
         for p in parts:
             h.update(p)
         parts.append(h.digest())
-        # Index last: a pack is visible only through its index, so readers never see half of one.
+        # Index last: a pack is visible only through its index, so readers never see half of
+        # one. atomic_write fsyncs the index, renames it and fsyncs the folder again.
         atomic_write(idx_path, parts, durable=self.durable)
-        if self.durable:
-            fsync_dir(self.pack_dir)
         return idx_path
 
     def abort(self) -> None:

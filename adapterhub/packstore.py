@@ -2,9 +2,9 @@
 
 Writes go to loose files (one atomic rename each, no coordination with other writers);
 `ah gc` and `ah import` move objects into packs (`adapterhub.pack`). A commit writes inside
-`batch()`: its new objects are held until the batch ends and then land in ONE new pack
-(one fsync for the pack, one for its index) when they are big enough to be worth it, since
-fsyncing one loose file per tensor cost more than encoding the tensors. A read looks in the
+`batch()`: its new objects land in ONE new pack when they are big enough to be worth it
+(fsyncing one loose file per tensor cost more than encoding the tensors), streamed into the
+pack's temp file while the commit is still encoding and made visible when the batch ends. A read looks in the
 packs it has listed first (through their indexes), then in the loose folder, then in the
 packs again after re-listing them, so an object that gc moved from a loose file into a new
 pack while this process was running is still found. An object may be stored in more than
@@ -68,6 +68,7 @@ class PackedObjectStore(ObjectStore):
         self.root = Path(root)
         self.loose = LooseObjectStore(self.root, durable=durable)
         self.pack_dir = self.root / PACK_DIR
+        self._pack_dir_str = os.fspath(self.pack_dir)
         self.durable = durable
         self._packs: dict[str, Pack] = {}
         self._small_ids: dict[str, Pack] = {}  # id -> small pack holding it
@@ -75,8 +76,12 @@ class PackedObjectStore(ObjectStore):
         self._big_packs: list[Pack] = []
         self._listing: tuple | None = None
         self._lock = threading.Lock()
-        # id -> record of objects written inside `batch()`, not yet on disk.
+        # id -> record of objects written inside `batch()`, not yet visible on disk.
         self._pending: dict[str, bytes] | None = None
+        self._pending_bytes = 0
+        # The batch's pack, opened once the batch is sure to become one (_write_record).
+        self._stream: PackWriter | None = None
+        self._batch_lock = threading.Lock()
         self._last_read: tuple[str, bytes] | None = None  # (id, record) last read from a pack
 
     # --- packs ---------------------------------------------------------------------------
@@ -90,7 +95,7 @@ class PackedObjectStore(ObjectStore):
         """Re-list the pack folder; True when the set of packs changed."""
         with self._lock:
             try:
-                st = os.stat(self.pack_dir)
+                st = os.stat(self._pack_dir_str)
                 stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
             except FileNotFoundError:
                 stamp = None
@@ -217,7 +222,8 @@ class PackedObjectStore(ObjectStore):
         They go into one new pack (complete and indexed before this returns, so a ref
         moved afterwards never names an object a reader cannot find), or as loose files
         when they are few and small (BATCH_PACK_MIN_*). Leaving the block with an exception
-        writes nothing: no orphan objects from a refused or failed commit. Writes from
+        stores nothing (the pack's temp file is removed): no orphan objects from a refused
+        or failed commit. Writes from
         any thread of this store join the batch (commits encode tensors on a pool);
         nested batches join the outer one.
         """
@@ -225,33 +231,57 @@ class PackedObjectStore(ObjectStore):
             yield
             return
         self._pending = {}
+        self._pending_bytes = 0
         try:
             yield
             self._flush(self._pending)
         except BaseException:
+            if self._stream is not None:
+                self._stream.abort()
             # Nothing of the batch was stored: forget what the base cache learnt from
             # it, or a later delta could be chosen against a chain that does not exist.
             self.base_cache.clear()
             raise
         finally:
             self._pending = None
+            self._stream = None
 
     def _flush(self, pending: dict[str, bytes]) -> None:
-        small = sum(len(r) for r in pending.values()) < BATCH_PACK_MIN_BYTES
-        if small and len(pending) < BATCH_PACK_MIN_OBJECTS:
+        stream = self._stream
+        if stream is None:  # few and small: loose files (BATCH_PACK_MIN_*)
             for oid, record in pending.items():
                 self.loose._write_record(ObjectId(oid), record)
             return
-        with self.writer() as writer:
-            for oid, record in pending.items():
-                writer.add(oid, record)
-            writer.finish()
+        stream.finish()
         self.add_pack_written()
+
+    def _hold(self, oid: ObjectId, record: bytes) -> None:
+        """Add a record to the open batch. Once the batch is big enough to become a pack,
+        its records stream into the pack's temp file as they come (the first at once),
+        so the disk writes them while the rest of the commit is still being encoded and
+        the fsync at the end has little left to wait for. The pack is invisible to
+        readers until `_flush` finishes it; the records stay in `_pending` for them."""
+        pending = self._pending
+        with self._batch_lock:
+            if oid in pending:
+                return  # first wins: the base cache learnt this object's chain from it
+            pending[oid] = record
+            self._pending_bytes += len(record)
+            if self._stream is not None:
+                self._stream.add(oid, record)
+            elif self._pending_bytes >= BATCH_PACK_MIN_BYTES or len(pending) >= BATCH_PACK_MIN_OBJECTS:
+                self._stream = self.writer(dedup=False)  # `pending` already holds each id once
+                for held_id, held in pending.items():
+                    self._stream.add(held_id, held)
 
     # --- contract primitives -------------------------------------------------------------
     def has(self, oid: str) -> bool:
         pending = self._pending
         if pending is not None and oid in pending:
+            return True
+        # The packs as listed cost no system call: ask them first. Then the loose folder,
+        # then the packs after a re-list (gc may have moved a loose object into a new pack).
+        if self._listing is not None and self._lookup(oid) is not None:
             return True
         return self.loose.has(oid) or self._find_in_packs(oid) is not None
 
@@ -285,10 +315,8 @@ class PackedObjectStore(ObjectStore):
         return pack.read_record(oid)
 
     def _write_record(self, oid: ObjectId, record: bytes) -> None:
-        pending = self._pending
-        if pending is not None:
-            # First wins: the base cache learnt this object's chain from the first record.
-            pending.setdefault(oid, record)
+        if self._pending is not None:
+            self._hold(oid, record)
             return
         self.loose._write_record(oid, record)
 

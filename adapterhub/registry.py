@@ -76,7 +76,9 @@ class Registry:
         # Build in a temp folder and rename, so a killed init never leaves half a registry.
         tmp = root / f".ah-init-{os.getpid()}"
         tmp.mkdir()
-        for sub in ("objects", "refs/heads", "refs/tags", "logs"):
+        # objects/pack from the start (as git init): a commit's pack writer opens its temp
+        # file there while still encoding, and a refused commit then leaves no new folder.
+        for sub in ("objects/pack", "refs/heads", "refs/tags", "logs"):
             (tmp / sub).mkdir(parents=True)
         atomic_write(tmp / "config.json", (json.dumps({"format_version": FORMAT_VERSION}, indent=2) + "\n").encode())
         atomic_write(tmp / "HEAD", f"ref: {HEADS}{default_branch}\n".encode())

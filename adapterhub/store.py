@@ -279,22 +279,29 @@ class LooseObjectStore(ObjectStore):
     def __init__(self, root: Path, *, durable: bool = True):
         self.root = Path(root)
         self.durable = durable
+        self._prefix = os.path.join(os.fspath(self.root), "")  # "<root>/"
 
     def _path(self, oid: str) -> Path:
         return self.root / oid[:2] / oid[2:]
 
+    def _path_str(self, oid: str) -> str:
+        # Plain strings on the per-object paths: a commit asks `has` once per tensor, nearly
+        # always for an object that is not there, and pathlib spent 15 of its 20 us a miss.
+        return f"{self._prefix}{oid[:2]}/{oid[2:]}"
+
     def has(self, oid: str) -> bool:
-        return self._path(oid).is_file()
+        return os.path.isfile(self._path_str(oid))
 
     def _read_record(self, oid: str) -> bytes:
         try:
-            return self._path(oid).read_bytes()
+            with open(self._path_str(oid), "rb") as fh:
+                return fh.read()
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFound(oid) from None
 
     def _freshen(self, oid: ObjectId) -> bool:
         try:
-            os.utime(self._path(oid))
+            os.utime(self._path_str(oid))
         except FileNotFoundError:
             return False
         return True
