@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from .errors import MalformedSafetensors
@@ -57,12 +59,26 @@ class SafetensorsLayout:
     tensors: tuple[TensorSpan, ...]  # in data-offset order
 
 
+# Layouts already checked, by (header bytes, file size): everything the checks read. A
+# commit parses each file twice (check_file before storing anything, then store_folder),
+# and a training run's checkpoints share one header revision after revision, so most
+# parses are a dict probe instead of ~1 ms of JSON and checks for a 117-tensor LoRA file.
+_CHECKED: OrderedDict[tuple[bytes, int], "SafetensorsLayout"] = OrderedDict()
+_CHECKED_MAX_BYTES = 8 << 20  # header bytes kept, all layouts together
+_CHECKED_MAX_HEADER = 1 << 20  # bigger headers are parsed every time rather than kept
+_checked_bytes = 0
+_checked_lock = threading.Lock()
+
+
 def _reject_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise MalformedSafetensors(f"duplicate tensor name {key!r} in safetensors header")
-        seen[key] = value
+    # dict() in C, then compare sizes: a Python loop over every pair cost more than the parse.
+    seen = dict(pairs)
+    if len(seen) != len(pairs):
+        names: set = set()
+        for key, _ in pairs:
+            if key in names:
+                raise MalformedSafetensors(f"duplicate tensor name {key!r} in safetensors header")
+            names.add(key)
     return seen
 
 
@@ -77,6 +93,28 @@ def parse_layout(data: bytes | memoryview, name: str = "<file>") -> SafetensorsL
     if 8 + n > size:
         raise MalformedSafetensors(f"{name}: header length {n} runs past the end of the file ({size} bytes)")
     header = bytes(data[8 : 8 + n])
+    key = (header, size)
+    with _checked_lock:
+        layout = _CHECKED.get(key)
+        if layout is not None:
+            _CHECKED.move_to_end(key)
+            return layout
+    layout = _check(header, size, name)
+    if n <= _CHECKED_MAX_HEADER:
+        global _checked_bytes
+        with _checked_lock:
+            if key not in _CHECKED:
+                _CHECKED[key] = layout
+                _checked_bytes += n
+            while _checked_bytes > _CHECKED_MAX_BYTES:
+                (old, _), _ = _CHECKED.popitem(last=False)
+                _checked_bytes -= len(old)
+    return layout
+
+
+def _check(header: bytes, size: int, name: str) -> SafetensorsLayout:
+    """The layout a header describes in a file of `size` bytes, every rule checked."""
+    n = len(header)
     try:
         meta = json.loads(header.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except MalformedSafetensors as exc:

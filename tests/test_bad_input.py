@@ -219,6 +219,28 @@ def test_parse_layout_accepts_real_file(tmp_path):
     assert len(layout.tensors) == 2 and all(t.name.endswith(".weight") for t in layout.tensors)
 
 
+def test_parse_layout_reuses_a_checked_header_only_for_the_same_file_size():
+    # Layouts are remembered by (header, file size): a good header seen before must not
+    # let a file with trailing bytes or a cut-off data region through.
+    header = {"a": _f32([0, 16]), "b": _f32([16, 32])}
+    good = _raw_safetensors(header, bytes(32))
+    first = parse_layout(good)
+    assert parse_layout(bytearray(good)) is first  # remembered
+    with pytest.raises(MalformedSafetensors, match="trailing bytes"):
+        parse_layout(good + b"\0")
+    with pytest.raises(MalformedSafetensors, match="out of range"):
+        parse_layout(good[:-4])
+    assert [(t.name, t.start, t.end) for t in parse_layout(good).tensors] == [
+        ("a", len(good) - 32, len(good) - 16), ("b", len(good) - 16, len(good))]
+
+
+def test_parse_layout_names_a_duplicate_inner_key():
+    # A key given twice inside a tensor's entry is refused like a duplicate tensor name.
+    dup = _raw_safetensors(b'{"a": {"dtype": "F32", "dtype": "F16", "shape": [4], "data_offsets": [0, 16]}}', _DATA16)
+    with pytest.raises(MalformedSafetensors, match="duplicate tensor name 'dtype'"):
+        parse_layout(dup)
+
+
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_commit_refuses_malformed_safetensors(reg, tmp_path, case):
     data, fragment = MALFORMED[case]
