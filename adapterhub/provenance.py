@@ -71,20 +71,30 @@ def load_train_config(path: Path) -> dict:
 
 
 def code_version(cwd: Path | None = None) -> dict | None:
-    """Git commit and dirty flag of the repo around `cwd`, if there is one."""
+    """Git commit and dirty flag of the repo around `cwd`, if there is one (and it has a
+    commit): changes to tracked files make it dirty, untracked files do not.
+
+    One `git status --porcelain=v2 --branch` answers both (its `# branch.oid` line names
+    HEAD's commit): a git process costs ~5-10 ms, and this runs on every commit.
+    """
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode != 0:
-            return None
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
             cwd=cwd, capture_output=True, text=True, timeout=30,
         )
-        return {"git_commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return None
+    if status.returncode != 0:
+        return None
+    commit, dirty = None, False
+    for line in status.stdout.splitlines():
+        if line.startswith("# branch.oid "):
+            commit = line[len("# branch.oid "):].strip()
+        elif line and not line.startswith("#"):
+            dirty = True
+    if not commit or commit == "(initial)":
+        return None  # no commit yet
+    return {"git_commit": commit, "dirty": dirty}
 
 
 def environment() -> dict:

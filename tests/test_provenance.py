@@ -176,3 +176,34 @@ def test_bad_base_model_folder_fails_commit_cleanly(tmp_path):
     p = ah(reg.root, "commit", str(write_adapter(tmp_path / "ad")), "-m", "x", "--base-model", str(tmp_path / "nobase"),
            check=False)
     assert p.returncode == 2 and "no .safetensors" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_code_version_names_head_and_tracked_changes_only(tmp_path):
+    import subprocess
+
+    from adapterhub.provenance import code_version
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    git("init", "-q")
+    assert code_version(repo) is None  # a repo without a commit names none
+    (repo / "train.py").write_text("print(1)\n")
+    git("add", "train.py")
+    git("-c", "user.name=T", "-c", "user.email=t@e", "commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD").strip()
+    assert code_version(repo) == {"git_commit": head, "dirty": False}
+    (repo / "notes.txt").write_text("untracked\n")
+    assert code_version(repo) == {"git_commit": head, "dirty": False}  # untracked: not dirty
+    (repo / "train.py").write_text("print(2)\n")
+    assert code_version(repo) == {"git_commit": head, "dirty": True}
+    git("add", "train.py")
+    assert code_version(repo) == {"git_commit": head, "dirty": True}  # staged counts too
+    if not any((p / ".git").exists() for p in (outside, *outside.parents)):
+        assert code_version(outside) is None
