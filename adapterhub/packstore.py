@@ -182,7 +182,7 @@ class PackedObjectStore(ObjectStore):
             raise ObjectNotFound(oid)
         deps: list[ObjectId] = []
         for record in records:
-            for dep in codec.dependencies(oid, record):
+            for dep in codec.dependencies(oid, record, self.find_prefix):
                 if dep not in deps:
                     deps.append(ObjectId(dep))
         return tuple(deps)
@@ -284,6 +284,17 @@ class PackedObjectStore(ObjectStore):
         if self._listing is not None and self._lookup(oid) is not None:
             return True
         return self.loose.has(oid) or self._find_in_packs(oid) is not None
+
+    def _stored(self, oid: str) -> bool:
+        # `has` without its re-list of the packs: one stat (the loose path) per new object
+        # instead of two. Missed: an object gc moved from loose into a pack this process has
+        # not listed yet; put then writes it again (see ObjectStore._stored).
+        pending = self._pending
+        if pending is not None and oid in pending:
+            return True
+        if self._listing is None:
+            self.rescan()
+        return self._lookup(oid) is not None or self.loose.has(oid)
 
     def _read_record(self, oid: str) -> bytes:
         pending = self._pending

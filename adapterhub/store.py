@@ -93,6 +93,14 @@ class ObjectStore:
     def iter_ids(self) -> Iterator[ObjectId]:
         raise NotImplementedError
 
+    def _stored(self, oid: str) -> bool:
+        """Whether `put` can skip storing `oid`: `has`, except that a backend may miss an
+        object another process stored since it last looked (a pack gc or a concurrent
+        commit just wrote). `put` then stores a second copy, which every reader and gc
+        already accept, so a store may answer this without the system calls `has` needs
+        to be exact."""
+        return self.has(oid)
+
     def _freshen(self, oid: ObjectId) -> bool:
         """Mark an existing object as just written (a put found it already stored).
 
@@ -125,7 +133,7 @@ class ObjectStore:
     ) -> tuple[ObjectId, bool]:
         """Like put, and also say whether the object was new to this store."""
         oid = hash_object(obj_type, body)
-        if self.has(oid) and self._freshen(oid):
+        if self._stored(oid) and self._freshen(oid):
             return oid, False
         record = self.encode_record(oid, obj_type, body, dtype=dtype, delta_base=delta_base)
         self._write_record(oid, record)
@@ -223,7 +231,13 @@ class ObjectStore:
             self._dicts[dict_id] = dict_body
             return dict_body
 
-        canonical, ref = codec.decode_ex(oid, record, load_base, budget, load_dict)
+        def verify(canonical: bytes) -> bool:  # which encoding-5 dictionary candidate is the one
+            try:
+                return hash_object(*split_canonical(oid, canonical)) == oid
+            except CorruptObject:
+                return False
+
+        canonical, ref = codec.decode_ex(oid, record, load_base, budget, load_dict, self._dict_candidates, verify)
         obj_type, body = split_canonical(oid, canonical)
         if hash_object(obj_type, body) != oid:
             raise CorruptObject(oid, "content does not hash to its id")
@@ -233,10 +247,36 @@ class ObjectStore:
             self.base_cache.add(oid, body, depth, ref.base if ref else None)
         return obj_type, body, depth
 
+    def _dict_candidates(self, prefix: str) -> Iterator[tuple[str, bytes | Exception]]:
+        """(id, verified body) of each blob whose id starts with `prefix` (an encoding-5
+        record names its dictionary so), dictionaries read before first, then the others
+        the store lists; a match that is not a self-contained blob comes with the error."""
+        known = self.__dict__.setdefault("_dicts", {})
+        tried = set()
+        for dict_id, body in list(known.items()):
+            if dict_id.startswith(prefix):
+                tried.add(dict_id)
+                yield dict_id, body
+        for dict_id in self.find_prefix(prefix):
+            if dict_id in tried:
+                continue
+            try:
+                if not codec.self_contained(dict_id, self._read_record(dict_id)):
+                    raise CorruptObject(dict_id, "is stored in an encoding that needs another object")
+                dict_type, body, _ = self._read_verified(dict_id, 0)
+                if dict_type != BLOB:
+                    raise CorruptObject(dict_id, f"is a {dict_type}, not a blob")
+            except (ObjectNotFound, CorruptObject) as exc:
+                yield dict_id, exc
+                continue
+            known[dict_id] = body
+            yield dict_id, body
+
     def dependencies_of(self, oid: str) -> tuple[ObjectId, ...]:
         """The objects a stored record cannot be decoded without (delta base, the second
-        extrapolation source, or a compression dictionary), read from its header."""
-        return tuple(ObjectId(d) for d in codec.dependencies(oid, self._read_record(oid)))
+        extrapolation source, or a compression dictionary: every match of its prefix),
+        read from its header."""
+        return tuple(ObjectId(d) for d in codec.dependencies(oid, self._read_record(oid), self.find_prefix))
 
     def delta_base_of(self, oid: str) -> ObjectId | None:
         """The object a stored record depends on (its delta base), read from the record header."""

@@ -117,6 +117,29 @@ def test_writes_go_loose_and_a_pack_written_by_another_process_is_found(packed, 
     assert other.read(oid) == (TENSOR, b"\x01\x02" * 64)
 
 
+def test_put_may_store_again_what_another_process_packed_but_has_is_exact(packed, tmp_path):
+    # put's existence check skips the re-list of the packs that `has` makes (one system
+    # call less per new tensor): an object another process packed since this store looked
+    # is stored again, a duplicate copy readers and gc accept, never lost.
+    store, bodies, _ = packed
+    other = PackedObjectStore(tmp_path / "objects")
+    store.has(sorted(bodies)[0])  # lists the packs
+    body = b"\x03\x04" * 64
+    with other.writer() as w:
+        oid, rec, raw = _record(TENSOR, body)
+        w.add(oid, rec)
+        w.finish()
+    assert store.put(TENSOR, body) == oid  # may write a loose copy: never an error
+    assert store.has(oid) and store.read(oid) == (TENSOR, body)
+    again = PackedObjectStore(tmp_path / "objects")
+    assert again.read(oid) == (TENSOR, body)
+    # An object this store already knows (listed pack, loose, or its own batch) is not
+    # written twice.
+    before = sorted(os.listdir(tmp_path / "objects"))
+    assert store.put_ex(BLOB, bodies[sorted(bodies)[5]])[1] is False
+    assert sorted(os.listdir(tmp_path / "objects")) == before
+
+
 def test_empty_writer_and_aborted_writer_leave_nothing(tmp_path):
     with PackWriter(tmp_path / "pack") as w:
         assert w.finish() is None
