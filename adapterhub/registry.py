@@ -163,8 +163,10 @@ class Registry:
         # One batch: the new objects land together (one pack for a big checkpoint) and are
         # all on disk when the block ends, before the ref below moves.
         # Provenance (git subprocesses, a base-model fingerprint) waits on other programs
-        # and on the disk; it runs on a thread while the tensors are hashed and encoded.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ah-provenance") as side:
+        # and on the disk; it runs on a thread while the tensors are hashed and encoded,
+        # and the default author (another git process) on a second one beside it: on a
+        # small commit, waiting for the two one after the other was most of its time.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ah-provenance") as side:
             record_f = side.submit(
                 prov.collect,
                 folder,

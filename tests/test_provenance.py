@@ -207,3 +207,26 @@ def test_code_version_names_head_and_tracked_changes_only(tmp_path):
     assert code_version(repo) == {"git_commit": head, "dirty": True}  # staged counts too
     if not any((p / ".git").exists() for p in (outside, *outside.parents)):
         assert code_version(outside) is None
+
+
+def test_default_author_reads_git_identity_with_local_winning(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+
+    from adapterhub.provenance import default_author
+
+    monkeypatch.delenv("AH_AUTHOR", raising=False)
+    glob = tmp_path / "global.gitconfig"
+    glob.write_text("[user]\n\tname = Global Name\n\temail = global@example.com\n")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(glob))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    assert default_author() == "Global Name <global@example.com>"
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(["git", "config", "user.name", "Local Name"], check=True)
+    assert default_author() == "Local Name <global@example.com>"  # the repo's own config wins
+    glob.write_text("[user]\n\tname = Only Name\n")
+    subprocess.run(["git", "config", "--unset", "user.name"], check=True)
+    assert default_author() == f"Only Name <Only Name@{socket.gethostname()}>"
