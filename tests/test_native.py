@@ -20,7 +20,8 @@ from hypothesis import given, settings, strategies as st
 
 from adapterhub import codec
 from adapterhub.encoding import delta as deltas
-from adapterhub.encoding import frames, kernels, reference
+from adapterhub.encoding import frames, kernels, predict, reference
+from adapterhub.encoding.planes import PlaneLayout
 from adapterhub.encoding.tensor import DeltaBase
 from adapterhub.errors import CorruptObject
 from adapterhub.objects import TENSOR, header
@@ -465,6 +466,39 @@ def test_whole_record_calls_fall_back_without_libzstd(monkeypatch):
         assert kernels.encode_sections is None and kernels.decode_sections is None
         assert codec.encode_tensor(h, b, "F32", base) == whole
         assert codec.decode("x", whole, lambda oid, depth: a) == h + b
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    picks=st.lists(st.integers(0, 255), min_size=0, max_size=120),
+    width=st.sampled_from(WIDTHS),
+    rotate=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fused_extrapolation_matches_the_materialized_prediction(picks, width, rotate, seed):
+    """encode_sections/decode_sections with `prev` diff against 2*base - prev computed
+    inside their pass: the same bytes as against predict.Extrapolation.materialize(), on
+    sign, carry and wrap-around edge words, with a tail."""
+    rng = np.random.default_rng(seed)
+    n = len(picks)
+    body = _special_bytes(picks)
+    base = _special_bytes(list(rng.integers(0, 255, n)))
+    prev = _special_bytes(list(rng.integers(0, 255, n)))
+    layout = PlaneLayout(width, rotate)
+    predicted = predict.Extrapolation(base, prev, layout).materialize()
+    fused = native.encode_sections(body, width, rotate, base, deltas.ORD, prev)
+    assert fused == native.encode_sections(body, width, rotate, predicted, deltas.ORD)
+    assert native.decode_sections(fused, 0, n, width, rotate, b"h", base, deltas.ORD, prev) == b"h" + body
+    assert native.decode_sections(fused, 0, n, width, rotate, b"h", predicted, deltas.ORD) == b"h" + body
+
+
+def test_prev_is_refused_without_an_ord_base():
+    with pytest.raises(ValueError, match="needs a base"):
+        native.encode_sections(b"\x00" * 8, 4, True, None, deltas.ORD, b"\x00" * 8)
+    with pytest.raises(ValueError, match="needs a base"):
+        native.encode_sections(b"\x00" * 8, 4, True, b"\x00" * 8, deltas.XOR, b"\x00" * 8)
+    with pytest.raises(ValueError, match="length"):
+        native.decode_sections(b"", 0, 8, 4, True, b"", b"\x00" * 8, deltas.ORD, b"\x00" * 4)
 
 
 def test_decode_sections_refuses_bad_arguments():

@@ -59,6 +59,8 @@ enum {
     M_XOR_ROT,   /* floats: rot(x ^ y) */
     M_ORD_INT,   /* integers: zz(x - y) */
     M_ORD_FLOAT, /* floats: zz(ord(x) - ord(y)) */
+    M_EXT_INT,   /* integers: zz(x - (2y - p)), p a second, older base (encoding 4) */
+    M_EXT_FLOAT, /* floats: zz(ord(x) - (2 ord(y) - ord(p))) */
 };
 
 static int split_mode(int rotate, int kind)
@@ -94,7 +96,9 @@ static int split_mode(int rotate, int kind)
         case M_XOR: return (T)(x ^ y);                                                          \
         case M_XOR_ROT: return rot_##W((T)(x ^ y));                                             \
         case M_ORD_INT: return zz_##W((T)(x - y));                                              \
-        default: return zz_##W((T)(ord_##W(x) - ord_##W(y)));                                  \
+        case M_ORD_FLOAT: return zz_##W((T)(ord_##W(x) - ord_##W(y)));                          \
+        case M_EXT_INT: return zz_##W((T)(x - y));                                              \
+        default: return zz_##W((T)(ord_##W(x) - y));                                           \
         }                                                                                       \
     }                                                                                           \
     static ALWAYS_INLINE T decode_##W(T v, T y, const int mode)                                 \
@@ -105,32 +109,51 @@ static int split_mode(int rotate, int kind)
         case M_XOR: return (T)(v ^ y);                                                          \
         case M_XOR_ROT: return (T)(unrot_##W(v) ^ y);                                           \
         case M_ORD_INT: return (T)(unzz_##W(v) + y);                                            \
-        default: return ord_##W((T)(unzz_##W(v) + ord_##W(y)));                                \
+        case M_ORD_FLOAT: return ord_##W((T)(unzz_##W(v) + ord_##W(y)));                        \
+        case M_EXT_INT: return (T)(unzz_##W(v) + y);                                            \
+        default: return ord_##W((T)(unzz_##W(v) + y));                                         \
         }                                                                                       \
     }                                                                                           \
+    /* The difference's reference for element i: the base word, or for the extrapolated \
+     * modes the prediction 2y - p (value order for floats, where encode/decode expect it). */ \
+    static ALWAYS_INLINE T ref_##W(const uint8_t *base, const uint8_t *prev, Py_ssize_t i, const int mode) \
+    {                                                                                           \
+        if (mode < M_XOR)                                                                       \
+            return 0;                                                                           \
+        T y = load_##W(base + i * W);                                                           \
+        if (mode == M_EXT_INT)                                                                  \
+            return (T)((T)(y << 1) - load_##W(prev + i * W));                                   \
+        if (mode == M_EXT_FLOAT)                                                                \
+            return (T)((T)(ord_##W(y) << 1) - ord_##W(load_##W(prev + i * W)));                \
+        return y;                                                                               \
+    }                                                                                           \
     static ALWAYS_INLINE void split_loop_##W(const uint8_t *restrict src, const uint8_t *restrict base, \
-                                             uint8_t *restrict out, Py_ssize_t n, const int mode) \
+                                             const uint8_t *restrict prev, uint8_t *restrict out, \
+                                             Py_ssize_t n, const int mode)                      \
     {                                                                                           \
         for (Py_ssize_t i = 0; i < n; i++) {                                                    \
-            T y = mode >= M_XOR ? load_##W(base + i * W) : 0;                                   \
+            T y = ref_##W(base, prev, i, mode);                                                 \
             T v = encode_##W(load_##W(src + i * W), y, mode);                                   \
             for (int p = 0; p < W; p++)                                                         \
                 out[p * n + i] = (uint8_t)(v >> (8 * p));                                       \
         }                                                                                       \
     }                                                                                           \
-    static void split_##W(const uint8_t *src, const uint8_t *base, uint8_t *out, Py_ssize_t n, int mode) \
+    static void split_##W(const uint8_t *src, const uint8_t *base, const uint8_t *prev, uint8_t *out, Py_ssize_t n, int mode) \
     {                                                                                           \
         switch (mode) {                                                                         \
-        case M_COPY: split_loop_##W(src, base, out, n, M_COPY); break;                          \
-        case M_ROT: split_loop_##W(src, base, out, n, M_ROT); break;                            \
-        case M_XOR: split_loop_##W(src, base, out, n, M_XOR); break;                            \
-        case M_XOR_ROT: split_loop_##W(src, base, out, n, M_XOR_ROT); break;                    \
-        case M_ORD_INT: split_loop_##W(src, base, out, n, M_ORD_INT); break;                    \
-        default: split_loop_##W(src, base, out, n, M_ORD_FLOAT); break;                         \
+        case M_COPY: split_loop_##W(src, base, prev, out, n, M_COPY); break;                          \
+        case M_ROT: split_loop_##W(src, base, prev, out, n, M_ROT); break;                            \
+        case M_XOR: split_loop_##W(src, base, prev, out, n, M_XOR); break;                            \
+        case M_XOR_ROT: split_loop_##W(src, base, prev, out, n, M_XOR_ROT); break;                    \
+        case M_ORD_INT: split_loop_##W(src, base, prev, out, n, M_ORD_INT); break;                    \
+        case M_ORD_FLOAT: split_loop_##W(src, base, prev, out, n, M_ORD_FLOAT); break;          \
+        case M_EXT_INT: split_loop_##W(src, base, prev, out, n, M_EXT_INT); break;              \
+        default: split_loop_##W(src, base, prev, out, n, M_EXT_FLOAT); break;                   \
         }                                                                                       \
     }                                                                                           \
     static ALWAYS_INLINE void join_loop_##W(const uint8_t *const *planes, const uint8_t *restrict base, \
-                                            uint8_t *restrict out, Py_ssize_t n, const int mode) \
+                                            const uint8_t *restrict prev, uint8_t *restrict out, \
+                                            Py_ssize_t n, const int mode)                       \
     {                                                                                           \
         const uint8_t *pl[W];                                                                   \
         for (int p = 0; p < W; p++)                                                             \
@@ -139,20 +162,22 @@ static int split_mode(int rotate, int kind)
             T v = 0;                                                                            \
             for (int p = 0; p < W; p++)                                                         \
                 v |= (T)((T)pl[p][i] << (8 * p));                                               \
-            T y = mode >= M_XOR ? load_##W(base + i * W) : 0;                                   \
+            T y = ref_##W(base, prev, i, mode);                                                 \
             T x = LE(decode_##W(v, y, mode));                                                   \
             memcpy(out + i * W, &x, W);                                                         \
         }                                                                                       \
     }                                                                                           \
-    static void join_##W(const uint8_t *const *planes, const uint8_t *base, uint8_t *out, Py_ssize_t n, int mode) \
+    static void join_##W(const uint8_t *const *planes, const uint8_t *base, const uint8_t *prev, uint8_t *out, Py_ssize_t n, int mode) \
     {                                                                                           \
         switch (mode) {                                                                         \
-        case M_COPY: join_loop_##W(planes, base, out, n, M_COPY); break;                        \
-        case M_ROT: join_loop_##W(planes, base, out, n, M_ROT); break;                          \
-        case M_XOR: join_loop_##W(planes, base, out, n, M_XOR); break;                          \
-        case M_XOR_ROT: join_loop_##W(planes, base, out, n, M_XOR_ROT); break;                  \
-        case M_ORD_INT: join_loop_##W(planes, base, out, n, M_ORD_INT); break;                  \
-        default: join_loop_##W(planes, base, out, n, M_ORD_FLOAT); break;                       \
+        case M_COPY: join_loop_##W(planes, base, prev, out, n, M_COPY); break;                        \
+        case M_ROT: join_loop_##W(planes, base, prev, out, n, M_ROT); break;                          \
+        case M_XOR: join_loop_##W(planes, base, prev, out, n, M_XOR); break;                          \
+        case M_XOR_ROT: join_loop_##W(planes, base, prev, out, n, M_XOR_ROT); break;                  \
+        case M_ORD_INT: join_loop_##W(planes, base, prev, out, n, M_ORD_INT); break;                  \
+        case M_ORD_FLOAT: join_loop_##W(planes, base, prev, out, n, M_ORD_FLOAT); break;        \
+        case M_EXT_INT: join_loop_##W(planes, base, prev, out, n, M_EXT_INT); break;            \
+        default: join_loop_##W(planes, base, prev, out, n, M_EXT_FLOAT); break;                 \
         }                                                                                       \
     }
 
@@ -212,11 +237,11 @@ static PyObject *native_split(PyObject *self, PyObject *args, PyObject *kwargs)
         int mode = split_mode(rotate, has_base ? kind : KIND_NONE);
         ENTER_NOGIL(n * width)
         if (width == 2)
-            split_2(src, bsrc, dst, n, mode);
+            split_2(src, bsrc, NULL, dst, n, mode);
         else if (width == 4)
-            split_4(src, bsrc, dst, n, mode);
+            split_4(src, bsrc, NULL, dst, n, mode);
         else
-            split_8(src, bsrc, dst, n, mode);
+            split_8(src, bsrc, NULL, dst, n, mode);
         LEAVE_NOGIL()
     }
 done:
@@ -287,11 +312,11 @@ static PyObject *native_join(PyObject *self, PyObject *args, PyObject *kwargs)
         memcpy(dst, head.buf, head.len);
         ENTER_NOGIL(n * width)
         if (width == 2)
-            join_2(pptr, bsrc, dst + head.len, n, mode);
+            join_2(pptr, bsrc, NULL, dst + head.len, n, mode);
         else if (width == 4)
-            join_4(pptr, bsrc, dst + head.len, n, mode);
+            join_4(pptr, bsrc, NULL, dst + head.len, n, mode);
         else
-            join_8(pptr, bsrc, dst + head.len, n, mode);
+            join_8(pptr, bsrc, NULL, dst + head.len, n, mode);
         LEAVE_NOGIL()
         memcpy(dst + head.len + n * width, tail.buf, tail.len);
     }
@@ -1057,20 +1082,49 @@ static void put_section(Buf *out, const uint8_t *s, size_t n)
     buf_put(out, plain->p, plain->len);
 }
 
+/* The loop mode of a difference: split_mode's, or an extrapolated one with `prev`. */
+static int delta_mode(int rotate, int kind, int has_prev)
+{
+    if (has_prev)
+        return rotate ? M_EXT_FLOAT : M_EXT_INT;
+    return split_mode(rotate, kind);
+}
+
+/* The optional `prev` argument: only next to a base, only for ORD differences, and of
+ * the tensor's length. Leaves prev->obj NULL when it is None. */
+static int get_prev(PyObject *prev_obj, Py_buffer *prev, int has_base, int kind, Py_ssize_t len)
+{
+    if (prev_obj == Py_None)
+        return 0;
+    if (!has_base || kind != KIND_ORD) {
+        PyErr_SetString(PyExc_ValueError, "prev extrapolates a base: it needs a base and kind 1 (ORD)");
+        return -1;
+    }
+    if (PyObject_GetBuffer(prev_obj, prev, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (prev->len != len) {
+        PyErr_SetString(PyExc_ValueError, "prev must have the tensor's length");
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(encode_sections_doc,
-"encode_sections(body, width, rotate, base=None, kind=1) -> bytes\n\n"
+"encode_sections(body, width, rotate, base=None, kind=1, prev=None) -> bytes\n\n"
 "What tensor._planes_body appends after the layout byte, in one call without the GIL:\n"
 "the `width` plane sections of split(body, width, rotate, base, kind), then the tail\n"
+"section (with prev, an older tensor of the same length: the ORD difference against\n"
+"the extrapolation 2*base - prev, which predict.extrapolate would build), then the tail\n"
 "section (bytes past the last whole element) if any, each chosen as frames.encode_section\n"
 "chooses (zstd through libzstd: see has_zstd).");
 
 static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"body", "width", "rotate", "base", "kind", NULL};
-    Py_buffer body, base = {0};
+    static char *kwlist[] = {"body", "width", "rotate", "base", "kind", "prev", NULL};
+    Py_buffer body, base = {0}, prev = {0};
     int width, rotate, kind = KIND_ORD;
-    PyObject *base_obj = Py_None, *result = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*ip|Oi", kwlist, &body, &width, &rotate, &base_obj, &kind))
+    PyObject *base_obj = Py_None, *prev_obj = Py_None, *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*ip|OiO", kwlist, &body, &width, &rotate, &base_obj, &kind, &prev_obj))
         return NULL;
     int has_base = base_obj != Py_None;
     Buf *out = &tl_out;
@@ -1089,10 +1143,12 @@ static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject
             goto done;
         }
     }
+    if (get_prev(prev_obj, &prev, has_base, kind, body.len) < 0)
+        goto done;
     {
         Py_ssize_t n = body.len / width;
-        const uint8_t *src = body.buf, *bsrc = has_base ? base.buf : NULL;
-        int mode = split_mode(rotate, has_base ? kind : KIND_NONE);
+        const uint8_t *src = body.buf, *bsrc = has_base ? base.buf : NULL, *psrc = prev.obj ? prev.buf : NULL;
+        int mode = delta_mode(rotate, has_base ? kind : KIND_NONE, psrc != NULL);
         Py_BEGIN_ALLOW_THREADS
         out->len = 0;
         out->failed = 0;
@@ -1101,11 +1157,11 @@ static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject
             out->failed = 1;
         } else {
             if (width == 2)
-                split_2(src, bsrc, planes, n, mode);
+                split_2(src, bsrc, psrc, planes, n, mode);
             else if (width == 4)
-                split_4(src, bsrc, planes, n, mode);
+                split_4(src, bsrc, psrc, planes, n, mode);
             else
-                split_8(src, bsrc, planes, n, mode);
+                split_8(src, bsrc, psrc, planes, n, mode);
             for (int i = 0; i < width; i++)
                 put_section(out, planes + (size_t)i * n, (size_t)n);
             if (body.len > n * width)
@@ -1122,6 +1178,8 @@ done:
     PyBuffer_Release(&body);
     if (base.obj)
         PyBuffer_Release(&base);
+    if (prev.obj)
+        PyBuffer_Release(&prev);
     return result;
 }
 
@@ -1230,7 +1288,7 @@ static int read_section(const uint8_t *d, size_t len, size_t *pos, uint8_t *dst,
         return read_codes(d, len, pos, dst, expect, f);
     if (mode != S_RAW && mode != S_ZSTD)
         return fault(f, "unknown section mode %d", mode);
-    size_t length;
+    size_t length = 0;
     if (get_varint_c(d, len, pos, &length, f) < 0)
         return -1;
     if (length > len - *pos)
@@ -1249,21 +1307,22 @@ static int read_section(const uint8_t *d, size_t len, size_t *pos, uint8_t *dst,
 static PyObject *corrupt_record_error;
 
 PyDoc_STRVAR(decode_sections_doc,
-"decode_sections(payload, pos, body_len, width, rotate, head=b'', base=None, kind=1) -> bytes\n\n"
+"decode_sections(payload, pos, body_len, width, rotate, head=b'', base=None, kind=1, prev=None) -> bytes\n\n"
 "Inverse of encode_sections, in one call without the GIL: head + the body_len bytes whose\n"
 "plane and tail sections start at payload[pos] and must end exactly at its end (with base:\n"
-"the difference of `kind` against it undone). Damage raises CorruptRecord with the message\n"
+"the difference of `kind` against it undone; with prev too, the ORD difference against\n"
+"2*base - prev). Damage raises CorruptRecord with the message\n"
 "frames.py gives for it.");
 
 static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"payload", "pos", "body_len", "width", "rotate", "head", "base", "kind", NULL};
-    Py_buffer payload, head = {0}, base = {0};
+    static char *kwlist[] = {"payload", "pos", "body_len", "width", "rotate", "head", "base", "kind", "prev", NULL};
+    Py_buffer payload, head = {0}, base = {0}, prev = {0};
     Py_ssize_t pos_in, body_len;
     int width, rotate, kind = KIND_ORD;
-    PyObject *base_obj = Py_None, *out = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nnip|y*Oi", kwlist, &payload, &pos_in, &body_len, &width, &rotate,
-                                     &head, &base_obj, &kind))
+    PyObject *base_obj = Py_None, *prev_obj = Py_None, *out = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nnip|y*OiO", kwlist, &payload, &pos_in, &body_len, &width, &rotate,
+                                     &head, &base_obj, &kind, &prev_obj))
         return NULL;
     int has_base = base_obj != Py_None;
     uint8_t *planes = NULL;
@@ -1285,15 +1344,17 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
             goto done;
         }
     }
+    if (get_prev(prev_obj, &prev, has_base, kind, body_len) < 0)
+        goto done;
     out = PyBytes_FromStringAndSize(NULL, head.len + body_len);
     if (out == NULL)
         goto done;
     {
         Py_ssize_t n = body_len / width, tail_len = body_len - n * width;
         uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
-        const uint8_t *d = payload.buf, *bsrc = has_base ? base.buf : NULL;
+        const uint8_t *d = payload.buf, *bsrc = has_base ? base.buf : NULL, *psrc = prev.obj ? prev.buf : NULL;
         size_t len = (size_t)payload.len, pos = (size_t)pos_in;
-        int mode = split_mode(rotate, has_base ? kind : KIND_NONE), rc = 0;
+        int mode = delta_mode(rotate, has_base ? kind : KIND_NONE, psrc != NULL), rc = 0;
         Fault f = {{0}};
         memcpy(dst, head.buf, head.len);
         Py_BEGIN_ALLOW_THREADS
@@ -1311,11 +1372,11 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
             rc = fault(&f, "stored record has %zu stray bytes after its data", len - pos);
         if (rc == 0) {
             if (width == 2)
-                join_2(pptr, bsrc, dst + head.len, n, mode);
+                join_2(pptr, bsrc, psrc, dst + head.len, n, mode);
             else if (width == 4)
-                join_4(pptr, bsrc, dst + head.len, n, mode);
+                join_4(pptr, bsrc, psrc, dst + head.len, n, mode);
             else
-                join_8(pptr, bsrc, dst + head.len, n, mode);
+                join_8(pptr, bsrc, psrc, dst + head.len, n, mode);
         }
         Py_END_ALLOW_THREADS
         if (rc < 0) {
@@ -1330,6 +1391,8 @@ done:
         PyBuffer_Release(&head);
     if (base.obj)
         PyBuffer_Release(&base);
+    if (prev.obj)
+        PyBuffer_Release(&prev);
     return out;
 }
 

@@ -16,6 +16,8 @@ Nothing new enters the dependency graph: `prev` is needed anyway to decode the b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from . import delta as deltas
 from . import kernels
 from .planes import PlaneLayout
@@ -27,19 +29,40 @@ SAMPLE = 1024
 MARGIN_PARTS = 20
 
 
-def extrapolate(base: bytes | memoryview, prev: bytes | memoryview, layout: PlaneLayout) -> bytes:
-    """`2 * base - prev` element by element in value order, as tensor bytes (same length).
+@dataclass(frozen=True)
+class Extrapolation:
+    """The delta base `2 * base - prev`, element by element in value order, wrapping
+    like the deltas do, not yet computed.
 
-    Two passes of the delta kernels, no arithmetic of its own: the ORD difference
-    `base - prev` (split) added back onto `base` (join) is exactly `2 * base - prev`,
-    wrapping like the deltas do. Bytes past the last whole element are copied from `base`
-    (a valid tensor has none).
+    The native whole-record calls (kernels.encode_sections / decode_sections) compute it
+    inside the one pass that diffs against it, so a commit or a read of an extrapolated
+    record spends no extra passes or full-size temporaries on it; anything else asks for
+    its bytes (`materialize`). Its length is the tensor's.
     """
-    n = len(base) // layout.width
-    step = kernels.split(base, layout.width, layout.rotate, base=prev, kind=deltas.ORD)
-    planes = [step[i * n : (i + 1) * n] for i in range(layout.width)]
-    tail = memoryview(base)[n * layout.width :]
-    return kernels.join(planes, layout.width, layout.rotate, n, base=base, kind=deltas.ORD, tail=tail)
+
+    base: bytes | memoryview
+    prev: bytes | memoryview
+    layout: PlaneLayout
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def materialize(self) -> bytes:
+        """The prediction as tensor bytes: two passes of the delta kernels, no arithmetic
+        of their own (the ORD difference `base - prev` added back onto `base` is exactly
+        `2 * base - prev`). Bytes past the last whole element are copied from `base` (a
+        valid tensor has none)."""
+        n = len(self.base) // self.layout.width
+        width, rotate = self.layout.width, self.layout.rotate
+        step = kernels.split(self.base, width, rotate, base=self.prev, kind=deltas.ORD)
+        planes = [step[i * n : (i + 1) * n] for i in range(width)]
+        tail = memoryview(self.base)[n * width :]
+        return kernels.join(planes, width, rotate, n, base=self.base, kind=deltas.ORD, tail=tail)
+
+
+def extrapolate(base: bytes | memoryview, prev: bytes | memoryview, layout: PlaneLayout) -> Extrapolation:
+    """The base an extrapolated delta (encoding 4) differs from: `2 * base - prev`."""
+    return Extrapolation(base, prev, layout)
 
 
 def extrapolation_pays(body: bytes | memoryview, base: bytes | memoryview, prev: bytes | memoryview, layout: PlaneLayout) -> bool:

@@ -22,19 +22,33 @@ from . import delta as deltas
 from . import kernels
 from .frames import decode_section, encode_section
 from .planes import PlaneLayout
+from .predict import Extrapolation
 
 _MAX_HEADER = 32
 OID_BYTES = 32
 
 
+def _base_args(base, kind: int, whole_record_call) -> tuple:
+    """(base, prev) for the kernels: an Extrapolation goes to the whole-record native
+    call as its two sources (computed inside that call's pass), and is otherwise
+    materialized into bytes for the per-section kernels."""
+    if not isinstance(base, Extrapolation):
+        return base, None
+    if whole_record_call is not None and kind == deltas.ORD:
+        return base.base, base.prev
+    return base.materialize(), None
+
+
 def _planes_body(
-    out: bytearray, body: bytes | memoryview, layout: PlaneLayout, base: bytes | memoryview | None = None, kind: int = deltas.ORD
+    out: bytearray, body: bytes | memoryview, layout: PlaneLayout, base=None, kind: int = deltas.ORD
 ) -> None:
     """Layout byte, the plane sections of `body` (of its difference from `base` when
-    given) and the tail section (the bytes past the last whole element, never diffed)."""
+    given: tensor bytes or an Extrapolation) and the tail section (the bytes past the
+    last whole element, never diffed)."""
     out.append(layout.to_byte())
+    base, prev = _base_args(base, kind, kernels.encode_sections)
     if kernels.encode_sections is not None:
-        out += kernels.encode_sections(body, layout.width, layout.rotate, base, kind)
+        out += kernels.encode_sections(body, layout.width, layout.rotate, base, kind, prev)
         return
     planes = memoryview(kernels.split(body, layout.width, layout.rotate, base, kind))
     n = len(body) // layout.width
@@ -108,13 +122,15 @@ def _read_planes(oid: str, payload: memoryview, pos: int, layout: PlaneLayout, b
 
 def _join_sections(
     oid: str, payload: memoryview, pos: int, body_len: int, layout: PlaneLayout, header: bytes,
-    base: bytes | None = None, kind: int = deltas.ORD,
+    base=None, kind: int = deltas.ORD,
 ) -> bytes:
     """header + the body whose sections run from `pos` to the payload's end (the
-    difference against `base` undone): one native call when there is one."""
+    difference against `base`, bytes or an Extrapolation, undone): one native call
+    when there is one."""
+    base, prev = _base_args(base, kind, kernels.decode_sections)
     if kernels.decode_sections is not None:
         try:
-            return kernels.decode_sections(payload, pos, body_len, layout.width, layout.rotate, header, base, kind)
+            return kernels.decode_sections(payload, pos, body_len, layout.width, layout.rotate, header, base, kind, prev)
         except kernels.CorruptRecord as exc:
             raise CorruptObject(oid, str(exc)) from None
     planes, tail = _read_planes(oid, payload, pos, layout, body_len)
