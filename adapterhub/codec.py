@@ -6,7 +6,8 @@ Record layout (docs/format/store.md), all integers little-endian:
     encoding  1 byte   0 = zstd frame of the canonical bytes, 1 = tensor byte planes,
                        2 = tensor delta against a base, 3 = zstd frame with a dictionary,
                        4 = tensor delta against the extrapolation of two named older
-                       tensors (docs/format/encodings.md)
+                       tensors, 5 = bare zstd frame with a dictionary named by an id
+                       prefix (docs/format/encodings.md)
     raw_len   8 bytes  length of the canonical bytes (header + body)
     payload   the rest
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Callable
+from typing import Callable, Iterable
 
 import zstandard
 
@@ -47,10 +48,15 @@ ENC_PLANES = 1
 ENC_DELTA = 2
 ENC_DICT = 3
 ENC_EXTRAPOLATED = 4
-ENCODINGS = (ENC_ZSTD, ENC_PLANES, ENC_DELTA, ENC_DICT, ENC_EXTRAPOLATED)
+ENC_DICT_PREFIX = 5
+ENCODINGS = (ENC_ZSTD, ENC_PLANES, ENC_DELTA, ENC_DICT, ENC_EXTRAPOLATED, ENC_DICT_PREFIX)
 # Encodings whose payload is a delta record (tensor.py layout) naming one base.
 DELTA_ENCODINGS = (ENC_DELTA, ENC_EXTRAPOLATED)
 DICT_ID_BYTES = 32
+# Encoding 5 names its dictionary by this many leading id bytes: 24 fewer bytes a record
+# than the whole id, with no accidental collision among 2^64 values (a forged one costs
+# readers a second candidate to try, never a wrong result: see dict_candidates).
+DICT_PREFIX_BYTES = 8
 SOURCE_ID_BYTES = 32
 RECORD_HEADER = struct.Struct("<4sBQ")
 # The largest object we will ever inflate: far above any adapter tensor, far below
@@ -75,32 +81,108 @@ def encode(canonical_parts: list[bytes | memoryview]) -> bytes:
     return b"".join(out)
 
 
+# --- dictionary records (encodings 3 and 5) ---------------------------------------------
+# Encoding 3 (read only): the 32-byte id of a raw-content dictionary, then a standard zstd
+# frame. Encoding 5 (written): the first DICT_PREFIX_BYTES of the dictionary's id, then a
+# zstd frame without magic number, dictionary id, content size or checksum (raw_len in
+# the record header is the size; the store's hash is the checksum), with a dictionary
+# that is either a full zstd dictionary (entropy tables + content) or raw content.
+def _bare_frame_params() -> zstandard.ZstdCompressionParameters:
+    return zstandard.ZstdCompressionParameters.from_level(
+        ZSTD_LEVEL, format=zstandard.FORMAT_ZSTD1_MAGICLESS, write_content_size=False, write_dict_id=False,
+        write_checksum=False,
+    )
+
+
+def _zdict(enc: int, dict_data: bytes) -> zstandard.ZstdCompressionDict:
+    # Encoding 3 always read its dictionary as raw content; encoding 5 lets a dictionary
+    # that starts with zstd's dictionary magic carry trained entropy tables.
+    kind = zstandard.DICT_TYPE_RAWCONTENT if enc == ENC_DICT else zstandard.DICT_TYPE_AUTO
+    return zstandard.ZstdCompressionDict(dict_data, dict_type=kind)
+
+
+def bare_frame_compressor(dict_data: bytes) -> zstandard.ZstdCompressor:
+    """A new compressor of encoding-5 frames with this dictionary (importer.py scores
+    candidate dictionaries with it; records use the cached one below)."""
+    return zstandard.ZstdCompressor(compression_params=_bare_frame_params(), dict_data=_zdict(ENC_DICT_PREFIX, dict_data))
+
+
 def _dict_compressor(dict_id: str, dict_data: bytes) -> zstandard.ZstdCompressor:
     # One per thread and dictionary: loading a dictionary costs more than a small frame.
     cache = _local.__dict__.setdefault("dict_cctx", {})
     cctx = cache.get(dict_id)
     if cctx is None:
-        zdict = zstandard.ZstdCompressionDict(dict_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        cctx = cache[dict_id] = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=zdict, write_content_size=True)
+        cctx = cache[dict_id] = bare_frame_compressor(dict_data)
     return cctx
 
 
-def _dict_decompressor(dict_id: str, dict_data: bytes) -> zstandard.ZstdDecompressor:
+def _dict_decompressor(enc: int, dict_id: str, dict_data: bytes) -> zstandard.ZstdDecompressor:
     cache = _local.__dict__.setdefault("dict_dctx", {})
-    dctx = cache.get(dict_id)
+    dctx = cache.get((enc, dict_id))
     if dctx is None:
-        zdict = zstandard.ZstdCompressionDict(dict_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        dctx = cache[dict_id] = zstandard.ZstdDecompressor(dict_data=zdict)
+        fmt = zstandard.FORMAT_ZSTD1 if enc == ENC_DICT else zstandard.FORMAT_ZSTD1_MAGICLESS
+        dctx = cache[(enc, dict_id)] = zstandard.ZstdDecompressor(dict_data=_zdict(enc, dict_data), format=fmt)
     return dctx
 
 
 def encode_with_dict(canonical_parts: list[bytes | memoryview], dict_id: str, dict_data: bytes) -> bytes:
-    """Encoding 3: a zstd frame primed with a dictionary (a `blob` object) that holds
-    bytes like these: for many small, alike JSON objects (one commit and one snapshot per
-    imported adapter) the keys, tensor names and versions they share cost nearly nothing."""
+    """Encoding 5: a bare zstd frame primed with a dictionary (a `blob` object) that holds
+    bytes like these, named by a prefix of its id: for many small, alike JSON objects (one
+    commit and one snapshot per imported adapter) the keys, tensor names, shared ids and
+    versions they share cost nearly nothing, and so does naming the dictionary."""
     data = b"".join(bytes(p) for p in canonical_parts)
     frame = _dict_compressor(dict_id, dict_data).compress(data)
-    return RECORD_HEADER.pack(MAGIC, ENC_DICT, len(data)) + bytes.fromhex(dict_id) + frame
+    return RECORD_HEADER.pack(MAGIC, ENC_DICT_PREFIX, len(data)) + bytes.fromhex(dict_id)[:DICT_PREFIX_BYTES] + frame
+
+
+def _bare_frame_exact(oid: str, frame: memoryview, raw_len: int, dctx: zstandard.ZstdDecompressor) -> bytes:
+    """Inflate an encoding-5 frame (no declared size) to exactly `raw_len` bytes; never more."""
+    try:
+        data = dctx.decompress(frame, max_output_size=max(raw_len, 1))
+    except zstandard.ZstdError as exc:
+        raise CorruptObject(oid, f"zstd frame does not decompress: {exc}") from None
+    if len(data) != raw_len:
+        raise CorruptObject(oid, f"zstd frame inflated to {len(data)} bytes, {raw_len} expected")
+    return data
+
+
+def _decode_prefixed(
+    oid: str,
+    payload: memoryview,
+    raw_len: int,
+    dict_candidates: Callable[[str], Iterable[tuple[str, bytes | Exception]]] | None,
+    verify: Callable[[bytes], bool] | None,
+) -> bytes:
+    """Encoding 5: try each dictionary whose id starts with the record's prefix until one
+    decodes to bytes that `verify` accepts (hash to the object's id)."""
+    prefix = _dict_prefix(oid, payload)
+    if dict_candidates is None:
+        raise CorruptObject(oid, f"record needs its compression dictionary {prefix}..., which cannot be read here")
+    failed = []
+    for dict_id, dict_data in dict_candidates(prefix):
+        if isinstance(dict_data, Exception):  # a match that is no usable dictionary
+            failed.append(f"{dict_id} ({getattr(dict_data, 'reason', dict_data)})")
+            continue
+        try:
+            data = _bare_frame_exact(oid, payload[DICT_PREFIX_BYTES:], raw_len,
+                                     _dict_decompressor(ENC_DICT_PREFIX, dict_id, dict_data))
+        except CorruptObject as exc:
+            failed.append(f"{dict_id} ({exc.reason})")
+            continue
+        if verify is None or verify(data):
+            return data
+        failed.append(f"{dict_id} (decodes to other content)")
+    if not failed:
+        raise CorruptObject(oid, f"its compression dictionary {prefix}... is missing from the store "
+                                 "(no readable blob has an id starting so)")
+    raise CorruptObject(oid, f"no blob whose id starts with {prefix} decodes it (its compression dictionary): "
+                             + "; ".join(failed))
+
+
+def _dict_prefix(oid: str, payload: memoryview) -> str:
+    if len(payload) < DICT_PREFIX_BYTES:
+        raise CorruptObject(oid, "stored record is truncated (no dictionary id prefix)")
+    return bytes(payload[:DICT_PREFIX_BYTES]).hex()
 
 
 def zstd_decompress_bounded(oid: str, payload: bytes | memoryview, raw_len: int) -> bytes:
@@ -170,15 +252,34 @@ def _split_record(oid: str, record: bytes | memoryview) -> tuple[int, int, memor
     return enc, raw_len, memoryview(record)[RECORD_HEADER.size :]
 
 
+def self_contained(oid: str, record: bytes | memoryview) -> bool:
+    """Whether a record decodes without reading another object (encodings 0 and 1): what
+    a dictionary must be, so that finding one never needs a dictionary (no cycles)."""
+    return _split_record(oid, record)[0] in (ENC_ZSTD, ENC_PLANES)
+
+
 def raw_length(oid: str, record: bytes | memoryview) -> int:
     """Length of the canonical bytes a record holds (header check only, no decoding)."""
     return _split_record(oid, record)[1]
 
 
-def dependencies(oid: str, record: bytes | memoryview) -> tuple[str, ...]:
+def dependencies(
+    oid: str, record: bytes | memoryview, find_prefix: Callable[[str], Iterable[str]] | None = None
+) -> tuple[str, ...]:
     """The objects a record cannot be decoded without: a delta's base (and, extrapolated,
-    the second tensor it extrapolates from), or a dictionary. Header reads only."""
+    the second tensor it extrapolates from), or a dictionary. Header reads only, except
+    that a dictionary named by a prefix (encoding 5) is every object `find_prefix` (the
+    store's) lists for it: any of them may be the one, so what keeps the record keeps all
+    (in practice one); none is damage (CorruptObject), as a missing dictionary is."""
     enc, raw_len, payload = _split_record(oid, record)
+    if enc == ENC_DICT_PREFIX:
+        prefix = _dict_prefix(oid, payload)
+        if find_prefix is None:
+            raise TypeError("encoding-5 records need find_prefix to list their dependencies")
+        found = tuple(find_prefix(prefix))
+        if not found:
+            raise CorruptObject(oid, f"its compression dictionary {prefix}... is missing from the store")
+        return found
     if enc == ENC_DELTA:
         return (_tensor_codec().read_delta_ref(oid, payload, raw_len).base,)
     if enc == ENC_EXTRAPOLATED:
@@ -221,6 +322,8 @@ def decode_ex(
     load_base: Callable[[str, int], bytes] | None = None,
     budget: int = READ_BUDGET,
     load_dict: Callable[[str], bytes] | None = None,
+    dict_candidates: Callable[[str], Iterable[tuple[str, bytes | Exception]]] | None = None,
+    verify: Callable[[bytes], bool] | None = None,
 ) -> tuple[bytes, DeltaRef | None]:
     """(canonical bytes, the delta base it named or None) of a stored record, not yet
     hash-checked: the store does that.
@@ -229,7 +332,10 @@ def decode_ex(
     of a tensor it names (its base; for an extrapolated record also the second source),
     reading at most `budget` more levels of records: each level spends one, so even a
     hand-made cycle of deltas ends. A dictionary record needs `load_dict(dict_id)`, which
-    returns the dictionary blob's verified body.
+    returns the dictionary blob's verified body (encoding 3), or `dict_candidates(prefix)`:
+    the (id, verified body) of each object whose id starts with `prefix` (or, for one that
+    is no readable self-contained blob, the error saying why), of which the first whose
+    result `verify` (the store's hash check) accepts is used (encoding 5).
     """
     enc, raw_len, payload = _split_record(oid, record)
     if enc == ENC_ZSTD:
@@ -238,8 +344,10 @@ def decode_ex(
         dict_id = _dict_id(oid, payload)
         if load_dict is None:
             raise CorruptObject(oid, f"record needs its compression dictionary {dict_id}, which cannot be read here")
-        dctx = _dict_decompressor(dict_id, load_dict(dict_id))
+        dctx = _dict_decompressor(ENC_DICT, dict_id, load_dict(dict_id))
         return zstd_exact(oid, payload[DICT_ID_BYTES:], raw_len, dctx), None
+    if enc == ENC_DICT_PREFIX:
+        return _decode_prefixed(oid, payload, raw_len, dict_candidates, verify), None
     ref = None
     if enc == ENC_PLANES:
         data = _tensor_codec().decode_planes(oid, payload, raw_len)

@@ -119,7 +119,7 @@ def test_snapshots_and_commits_are_compressed_with_a_dictionary_gc_keeps(tmp_pat
     tip = fresh.resolve("user029")
     snap = fresh.store.get_commit(tip).snapshot
     for oid in (tip, snap):
-        assert fresh.store._read_record(oid)[4] == codec.ENC_DICT
+        assert fresh.store._read_record(oid)[4] == codec.ENC_DICT_PREFIX
     (dict_id,) = fresh.store.dependencies_of(tip)
     assert fresh.store.object_type(dict_id) == "blob" and fresh.store.dependencies_of(snap) == (dict_id,)
     # No ref names the dictionary: gc must keep it because the commits need it.
@@ -136,7 +136,10 @@ def test_snapshots_and_commits_are_compressed_with_a_dictionary_gc_keeps(tmp_pat
     assert sha256_tree(out) == sha256_tree(folders[29])
 
 
-def test_record_whose_dictionary_is_missing(tmp_path):
+def test_encoding_3_record_whose_dictionary_is_missing(tmp_path):
+    """Encoding 3 is no longer written (encoding 5 replaced it) but old registries hold it."""
+    import zstandard
+
     from adapterhub import codec
     from adapterhub.errors import CorruptObject
     from adapterhub.objects import BLOB, COMMIT, hash_object, header
@@ -148,7 +151,10 @@ def test_record_whose_dictionary_is_missing(tmp_path):
     dict_id = store.put(BLOB, zdict)
     body = b'{"author":"A <a@example.com>","message":"import y","parents":[]}'
     oid = hash_object(COMMIT, body)
-    store._write_record(oid, codec.encode_with_dict([header(COMMIT, len(body)), body], dict_id, zdict))
+    raw = zstandard.ZstdCompressionDict(zdict, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    frame = zstandard.ZstdCompressor(level=3, dict_data=raw, write_content_size=True).compress(header(COMMIT, len(body)) + body)
+    record = codec.RECORD_HEADER.pack(codec.MAGIC, codec.ENC_DICT, len(header(COMMIT, len(body))) + len(body))
+    store._write_record(oid, record + bytes.fromhex(dict_id) + frame)
     assert store.read(oid) == (COMMIT, body) and store.dependencies_of(oid) == (dict_id,)
     store.remove(dict_id)
     with pytest.raises(CorruptObject, match=f"{oid}.*compression dictionary {dict_id} is missing"):
