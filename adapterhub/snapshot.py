@@ -27,28 +27,16 @@ from .store import ObjectStore
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SAFETENSORS_SUFFIX = ".safetensors"
-# Threads for hashing/compressing tensors: BLAKE3, zstd and numpy release the GIL, but
-# only for long enough on big tensors. On a LoRA checkpoint of 32-90 kB tensors the
-# Python work per tensor (holding the GIL) dominates and two threads measured 30% slower
-# than one; on 256 kB tensors they were 25% faster. So a file is encoded on the pool only
-# when it is big and its tensors are, on average, at least PARALLEL_MIN_TENSOR_BYTES.
-WORKERS = min(4, os.cpu_count() or 1)
+# Threads for encoding a file's tensors (store.put_tensors runs only the codec on them,
+# which releases the GIL) and for decoding them at checkout. Files under
+# PARALLEL_MIN_BYTES (a few-kB adapter of a bulk import) stay on one thread: starting the
+# pool costs more. At checkout a file's tensors are read one per task, which pays only
+# when they are, on average, at least PARALLEL_MIN_TENSOR_BYTES. AH_THREADS sets the
+# count (1: one thread), like git's pack.threads.
+WORKERS = max(1, int(os.environ.get("AH_THREADS", "0") or 0) or min(4, os.cpu_count() or 1))
 PARALLEL_MIN_BYTES = 1 << 20
 PARALLEL_MIN_TENSOR_BYTES = 128 << 10
 
-
-class _Done:
-    """An already computed result with a Future's `result()`, for work run inline."""
-
-    def __init__(self, value):
-        self._value = value
-
-    def result(self):
-        return self._value
-
-
-def _run_now(fn, *args) -> _Done:
-    return _Done(fn(*args))
 
 Progress = Callable[[int], None]
 
@@ -173,13 +161,17 @@ def store_folder(
 
     counter_lock = threading.Lock()
 
-    def put(obj_type: str, body, dtype: str | None = None, base: TensorEntry | None = None) -> ObjectId:
+    def put(obj_type: str, body) -> ObjectId:
         nonlocal new
-        same = base is not None and base.dtype == dtype
-        oid, created = store.put_ex(obj_type, body, dtype=dtype, delta_base=base.blob if same else None)
+        oid, created = store.put_ex(obj_type, body)
         with counter_lock:
             new += created
         return oid
+
+    def delta_base_id(rel: str, spec) -> str | None:
+        """The parent's same-named tensor, when it has the same dtype."""
+        base = bases.get((rel, spec.name))
+        return base.blob if base is not None and base.dtype == spec.dtype else None
 
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         for rel, full in files:
@@ -193,18 +185,18 @@ def store_folder(
             if lower.endswith(SAFETENSORS_SUFFIX):
                 layout = _parse_safetensors(data, rel)
                 view = memoryview(data)
-                # Threads pay off on big files of big tensors only (see WORKERS); for a
-                # few-kB adapter (bulk import) starting them costs more than encoding inline.
-                big = len(data) >= PARALLEL_MIN_BYTES and len(data) >= PARALLEL_MIN_TENSOR_BYTES * len(layout.tensors)
-                submit = pool.submit if big else _run_now
-                futures = [
-                    submit(put, TENSOR, view[s.start : s.end], s.dtype, bases.get((rel, s.name)))
-                    for s in layout.tensors
-                ]
-                header_id = put(BLOB, layout.header)
-                tensors = tuple(
-                    TensorEntry(s.name, s.dtype, s.shape, f.result()) for s, f in zip(layout.tensors, futures)
+                # Threads pay off on big files only; for a few-kB adapter (bulk import)
+                # starting them costs more than encoding inline (see WORKERS).
+                big = len(data) >= PARALLEL_MIN_BYTES
+                stored = store.put_tensors(
+                    [(view[s.start : s.end], s.dtype, delta_base_id(rel, s)) for s in layout.tensors],
+                    pool if big else None,
+                    WORKERS,
                 )
+                with counter_lock:
+                    new += sum(created for _, created in stored)
+                header_id = put(BLOB, layout.header)
+                tensors = tuple(TensorEntry(s.name, s.dtype, s.shape, oid) for s, (oid, _) in zip(layout.tensors, stored))
                 ntensors += len(tensors)
                 entries.append(FileEntry(rel, "safetensors", len(data), header_id, tensors))
             else:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Iterator
 
@@ -141,6 +142,52 @@ class ObjectStore:
             ref = codec.delta_ref(oid, record)
             self.base_cache.add(oid, bytes(body), ref.depth if ref else 0, ref.base if ref else None)
         return oid, True
+
+    def put_tensors(
+        self, items: list[tuple[bytes | memoryview, str | None, str | None]], pool: Executor | None = None, workers: int = 1
+    ) -> list[tuple[ObjectId, bool]]:
+        """put_ex of many tensors, given as (body, dtype, delta base id), in three phases.
+
+        Hashing, existence checks and delta-base lookups run here one by one, then only
+        the codec runs on `workers` threads of `pool` (each taking every workers-th
+        tensor: one hand-off per thread, not per tensor), then the records are written in
+        order. The codec is one GIL-free C call per tensor with a little Python around it,
+        so its threads overlap; with the lookups and writes inside the threads they did not
+        (two threads measured slower than one on ~45 kB LoRA tensors).
+        """
+        oids = [hash_object(TENSOR, body) for body, _, _ in items]
+        results: list[tuple[ObjectId, bool]] = []
+        todo: list[int] = []
+        seen: set[str] = set()
+        for i, oid in enumerate(oids):
+            new = oid not in seen and not (self._stored(oid) and self._freshen(oid))
+            seen.add(oid)
+            results.append((oid, new))
+            if new:
+                todo.append(i)
+        jobs = []
+        for i in todo:
+            body, dtype, base_id = items[i]
+            base = self._delta_base(oids[i], base_id, len(body)) if base_id and dtype is not None else None
+            jobs.append((header(TENSOR, len(body)), body, dtype, base))
+
+        def encode_some(some: list) -> list[bytes]:
+            return [codec.encode_tensor(*job) if job[2] is not None else codec.encode(job[:2]) for job in some]
+
+        if pool is None or workers < 2 or len(jobs) < 2:
+            records = encode_some(jobs)
+        else:
+            parts = [pool.submit(encode_some, jobs[k::workers]) for k in range(workers)]
+            records = [None] * len(jobs)
+            for k, part in enumerate(parts):
+                records[k::workers] = part.result()
+        for i, record in zip(todo, records):
+            body, dtype, _ = items[i]
+            self._write_record(oids[i], record)
+            if dtype is not None:
+                ref = codec.delta_ref(oids[i], record)
+                self.base_cache.add(oids[i], bytes(body), ref.depth if ref else 0, ref.base if ref else None)
+        return results
 
     def encode_record(
         self, oid: str, obj_type: str, body: bytes | memoryview, *, dtype: str | None = None, delta_base: str | None = None
