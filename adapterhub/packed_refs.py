@@ -280,16 +280,12 @@ def _put_varint(out: bytearray, value: int) -> None:
 
 
 def _shared_len(a: bytes, b: bytes) -> int:
-    """Length of the common prefix of a and b (a binary search over slice compares:
-    a handful of C-speed compares instead of a Python loop per byte)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """Length of the common prefix of a and b: the highest differing bit of the two as
+    big-endian integers says where (a few C-speed operations instead of a Python loop
+    per byte; render runs this once per ref)."""
+    n = min(len(a), len(b))
+    x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    return n - 1 - (x.bit_length() - 1) // 8 if x else n
 
 
 def render(entries: Iterable[tuple[str, str]]) -> bytes:
@@ -301,17 +297,23 @@ def render(entries: Iterable[tuple[str, str]]) -> bytes:
     for i, (name, oid) in enumerate(items):
         if name == prev:
             raise ValueError(f"duplicate ref {name.decode()!r}")
-        if not is_oid(oid):
+        raw = bytes.fromhex(oid) if len(oid) == _OID_LEN else b""
+        if len(raw) != _ID_BYTES:
             raise ValueError(f"not an object id: {oid!r}")
         if i % RESTART_INTERVAL == 0:
             restarts.append(len(out))
             shared = 0
         else:
             shared = _shared_len(prev, name)
-        _put_varint(out, shared)
-        _put_varint(out, len(name) - shared)
+        rest = len(name) - shared
+        if shared < 0x80 and rest < 0x80:  # nearly always: two one-byte lengths
+            out.append(shared)
+            out.append(rest)
+        else:
+            _put_varint(out, shared)
+            _put_varint(out, rest)
         out += name[shared:]
-        out += bytes.fromhex(oid)
+        out += raw
         prev = name
     if len(out) >= 1 << 32:
         raise ValueError("packed-refs would exceed 4 GiB (restart offsets are 32-bit)")
