@@ -37,6 +37,42 @@ _FOLD_IDS = 1 << 20
 _RELEASE_EVERY = 1 << 8
 
 
+@contextlib.contextmanager
+def _prefix_lookups_memoized(store: ObjectStore):
+    """Within the block, `store.find_prefix` answers each prefix from the first lookup
+    that found something.
+
+    Records of encoding 5 name their dictionary by an id prefix, and their dependencies
+    are every object the store lists for it: a listing per commit and snapshot (a
+    re-scan of the pack folder, a loose fan-out folder and a search in every pack)
+    measured 17% of a gc of 20,000 imported adapters. Within one walk the answer is
+    remembered. That is safe for gc: an object that starts matching a prefix after the
+    first lookup was written during the walk, so it is younger than the walk and the
+    grace period keeps it. Empty answers are not remembered (a record whose dictionary
+    appears later still finds it). `dependencies_of` looks `find_prefix` up on the store
+    at each call, so an instance attribute overrides it; nested blocks share one memo.
+    """
+    if "find_prefix" in getattr(store, "__dict__", {}):
+        yield
+        return
+    find = store.find_prefix
+    memo: dict[str, list] = {}
+
+    def find_prefix(prefix: str):
+        found = memo.get(prefix)
+        if found is None:
+            found = find(prefix)
+            if found:
+                memo[prefix] = found
+        return found
+
+    store.find_prefix = find_prefix
+    try:
+        yield
+    finally:
+        del store.find_prefix
+
+
 class IdSet:
     """An immutable set of object ids: one sorted, duplicate-free numpy `S32` array.
 
@@ -278,7 +314,7 @@ def walk(
     dicts: set[bytes] = set()
     others = _IdBuffer()
     scattered = getattr(store, "scattered_reads", contextlib.nullcontext)
-    with scattered():
+    with scattered(), _prefix_lookups_memoized(store):
         for oid in roots:
             visit(oid)
         out.leaves = leaves.done()
@@ -304,6 +340,12 @@ def add_delta_bases(store: ObjectStore, ids: IdSet | Iterable[str], missing: set
         ids = IdSet.of_hex(ids)
     found: set[bytes] = set()
     release = getattr(store, "release_pages", None)
+    with _prefix_lookups_memoized(store):
+        _add_chains(store, ids, found, missing, known, release)
+    return IdSet.build([b"".join(found)])
+
+
+def _add_chains(store: ObjectStore, ids: IdSet, found: set[bytes], missing: set[str], known, release) -> None:
     for n, start in enumerate(ids, 1):
         if release is not None and n % _RELEASE_EVERY == 0:
             release()
@@ -323,4 +365,3 @@ def add_delta_bases(store: ObjectStore, ids: IdSet | Iterable[str], missing: set
                     continue
                 found.add(key)
                 todo.append(dep)
-    return IdSet.build([b"".join(found)])

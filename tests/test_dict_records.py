@@ -264,3 +264,26 @@ def test_too_few_samples_fall_back_to_raw_content(tmp_path, monkeypatch):
     body = codec.decode(snap_id, dict(enc.records)[snap_id])
     store._write_record(snap_id, codec.encode_with_dict([body], dict_id, data))
     assert LooseObjectStore(store.root).read(snap_id)[0] == SNAPSHOT
+
+
+def test_a_walk_lists_each_dictionary_prefix_once(tmp_path, monkeypatch):
+    from adapterhub.packstore import PackedObjectStore
+    from adapterhub.reach import ref_roots, walk
+
+    reg, dict_id, cid, folder = _registry_with_dictionary(tmp_path)
+    reg.commit(write_adapter(tmp_path / "c", seed=5), "third")
+    calls = []
+    listing = PackedObjectStore.find_prefix
+
+    def counted(self, prefix):
+        calls.append(prefix)
+        return listing(self, prefix)
+
+    monkeypatch.setattr(PackedObjectStore, "find_prefix", counted)
+    store = Registry.open(reg.root).store
+    result = walk(store, ref_roots(reg.refs), reg.ah_dir)
+    assert result.ids.has_key(bytes.fromhex(dict_id)) and result.commits == 3
+    assert calls == [dict_id[: 2 * codec.DICT_PREFIX_BYTES]]  # four records, one listing
+    assert "find_prefix" not in store.__dict__  # the memo ends with the walk
+    store.dependencies_of(cid)
+    assert len(calls) == 2
