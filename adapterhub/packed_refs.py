@@ -91,7 +91,11 @@ class PackedRefs:
         for name, oid in reader.scan(key):
             if not name.startswith(key):
                 return
-            yield name.decode(), oid
+            try:
+                text = name.decode()
+            except UnicodeDecodeError:
+                raise reader.corrupt(f"holds a name that is not UTF-8: {name!r}") from None
+            yield text, oid
 
     def has_under(self, refname: str) -> str | None:
         """A packed ref below `refname/` (a name/folder conflict), or None."""

@@ -162,3 +162,13 @@ def test_a_registry_with_damaged_packed_refs_reports_it_on_resolve(tmp_path):
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(CorruptObject, match="packed-refs"):
         RefStore(reg.ah_dir).read(HEADS + "u7")
+
+
+def test_a_name_that_is_not_utf8_is_a_corrupt_object(tmp_path):
+    data = bytearray(render([("refs/heads/a", _id(1)), ("refs/heads/b", _id(2))]))
+    data[len(HEADER_V2) + 2 + len(b"refs/heads/")] = 0xFF  # first name's last byte
+    path = tmp_path / "packed-refs"
+    for content in (bytes(data), HEADER_V1 + b"%s refs/heads/\xff\n" % _id(1).encode()):
+        path.write_bytes(content)
+        with pytest.raises(CorruptObject, match="not UTF-8"):
+            list(PackedRefs(path).iter_prefix("refs/"))
