@@ -44,6 +44,56 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # errors: only speed is at stake
 
 
+# One writev per this many bytes gathered: on this machine 60 MB written as 32 kB chunks
+# took 50-57 ms with a write() each and 19 ms gathered into ~1 MiB writev calls (the cost
+# is per system call, not per byte).
+GATHER_BYTES = 1 << 20
+_IOV_MAX = 1024
+
+
+class GatherWriter:
+    """Buffers for one file descriptor, written with one `os.writev` per ~GATHER_BYTES.
+
+    Pack records and checked-out tensors come as many 30-100 kB pieces; a system call
+    each cost more than copying the bytes. Nothing is copied here: the writer keeps a
+    reference to each buffer until it is written, so a caller must not change a buffer
+    after handing it over (bytes never change; `write(..., now=True)` for one that may).
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._bufs: list = []
+        self._size = 0
+
+    def write(self, data, *, now: bool = False) -> int:
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if n:
+            self._bufs.append(data)
+            self._size += n
+            if now or self._size >= GATHER_BYTES or len(self._bufs) >= _IOV_MAX:
+                self.flush()
+        return n
+
+    def flush(self) -> None:
+        bufs = self._bufs
+        while bufs:
+            done = os.writev(self.fd, bufs[:_IOV_MAX])
+            # A regular file takes everything but after a signal or on a full disk; then
+            # go on from the first byte not written.
+            i = 0
+            while i < len(bufs):
+                n = bufs[i].nbytes if isinstance(bufs[i], memoryview) else len(bufs[i])
+                if done < n:
+                    break
+                done -= n
+                i += 1
+            bufs = bufs[i:]
+            if bufs and done:
+                bufs[0] = memoryview(bufs[0]).cast("B")[done:]
+        self._bufs = []
+        self._size = 0
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -70,17 +120,21 @@ def atomic_write(
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
-        if user_file:
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
+        try:
+            if user_file:
+                os.fchmod(fd, 0o666 & ~_umask())
+            out = GatherWriter(fd)
             if isinstance(chunks, (bytes, bytearray, memoryview)):
-                fh.write(chunks)
+                out.write(chunks, now=True)
             else:
                 for chunk in chunks:
-                    fh.write(chunk)
+                    # Only bytes wait to be gathered: a producer may refill anything else.
+                    out.write(chunk, now=not isinstance(chunk, bytes))
+                out.flush()
             if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         tmp = None
         if durable:

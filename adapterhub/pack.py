@@ -43,7 +43,7 @@ import blake3
 
 from . import codec
 from .errors import CorruptObject, ObjectNotFound
-from .fsutil import TMP_PREFIX, atomic_write, fsync_dir, start_writeback
+from .fsutil import TMP_PREFIX, GatherWriter, atomic_write, fsync_dir, start_writeback
 from .objects import ObjectId
 
 PACK_MAGIC = b"AHPK"
@@ -418,7 +418,8 @@ class PackWriter:
         self.durable = durable
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pack", dir=self.pack_dir)
         self._tmp = Path(tmp)
-        self._fh = os.fdopen(fd, "wb")
+        self._fd = fd
+        self._out = GatherWriter(fd)  # records are many small pieces: one writev per ~1 MiB
         self._hash = blake3.blake3()
         self._pos = 0
         self._ids = bytearray()
@@ -429,7 +430,7 @@ class PackWriter:
         self._write(PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION))
 
     def _write(self, data: bytes | memoryview) -> None:
-        self._fh.write(data)
+        self._out.write(data)
         self._hash.update(data)
         self._pos += len(data)
 
@@ -438,7 +439,8 @@ class PackWriter:
 
     def add(self, oid: str | bytes, record: bytes | memoryview) -> bool:
         """Append one record (with `dedup`, skipped when this pack already has the id);
-        True if added. `oid` is hex or the raw 32 bytes."""
+        True if added. `oid` is hex or the raw 32 bytes. The record is written later (one
+        writev per ~1 MiB, fsutil.GatherWriter): its bytes must not change after this."""
         key = oid if isinstance(oid, bytes) else bytes.fromhex(oid)
         if len(key) != OID_LEN:
             raise ValueError(f"not an object id: {oid!r}")
@@ -451,8 +453,8 @@ class PackWriter:
         self._lengths.append(len(record))
         self._write(record)
         if self.durable and self._pos - self._kicked >= WRITEBACK_STEP:
-            self._fh.flush()
-            start_writeback(self._fh.fileno(), self._kicked, self._pos - self._kicked)
+            self._out.flush()
+            start_writeback(self._fd, self._kicked, self._pos - self._kicked)
             self._kicked = self._pos
         return True
 
@@ -474,11 +476,11 @@ class PackWriter:
             raise ValueError("a pack writer without dedup was given the same id twice")
         self._write(struct.pack("<Q", n))
         checksum = self._hash.digest()
-        self._fh.write(checksum)
-        self._fh.flush()
+        self._out.write(checksum)
+        self._out.flush()
         if self.durable:
-            os.fsync(self._fh.fileno())
-        self._fh.close()
+            os.fsync(self._fd)
+        self._close()
         name = f"pack-{checksum.hex()}"
         pack_path = self.pack_dir / f"{name}.pack"
         idx_path = self.pack_dir / f"{name}.idx"
@@ -512,9 +514,14 @@ class PackWriter:
         atomic_write(idx_path, parts, durable=self.durable)
         return idx_path
 
+    def _close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
     def abort(self) -> None:
         if self._tmp is not None:
-            self._fh.close()
+            self._close()
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
 

@@ -1,0 +1,88 @@
+"""fsutil: gathered writes land byte for byte whatever the kernel takes per call, and
+atomic_write never reuses a buffer a producer may refill."""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+import pytest
+
+from adapterhub import fsutil
+from adapterhub.fsutil import GatherWriter, atomic_write
+
+
+def _pieces(n: int, size: int) -> list[bytes]:
+    return [bytes([i % 251]) * (size + i % 7) for i in range(n)]
+
+
+@pytest.mark.parametrize("limit", [None, 1, 4097, 70_000])
+def test_gathered_writes_survive_short_writes(tmp_path, monkeypatch, limit):
+    # writev may take fewer bytes than offered (a signal, a full disk): the rest follows,
+    # from the first byte not written, including the middle of a buffer.
+    real = os.writev
+
+    def short(fd, bufs):
+        if limit is None:
+            return real(fd, bufs)
+        flat, size = [], 0
+        for b in bufs:  # just enough of the front buffers to take `limit` bytes
+            flat.append(bytes(memoryview(b).cast("B")))
+            size += len(flat[-1])
+            if size >= limit:
+                break
+        return os.write(fd, b"".join(flat)[:limit])
+
+    monkeypatch.setattr(os, "writev", short)
+    # More than IOV_MAX buffers and several flushes; fewer bytes where writes are tiny.
+    pieces = _pieces(3000, 700) if limit is None or limit > 4096 else _pieces(40, 300)
+    floats = array("f", range(1000))  # a memoryview counts bytes, not elements
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY)
+    out = GatherWriter(fd)
+    for p in pieces:
+        out.write(p)
+    out.write(memoryview(floats))
+    out.write(b"")
+    out.flush()
+    os.close(fd)
+    assert path.read_bytes() == b"".join(pieces) + floats.tobytes()
+
+
+def test_gather_writer_holds_at_most_about_a_mebibyte(tmp_path, monkeypatch):
+    calls = []
+    real = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: calls.append(sum(len(b) for b in bufs)) or real(fd, bufs))
+    fd = os.open(tmp_path / "out", os.O_CREAT | os.O_WRONLY)
+    out = GatherWriter(fd)
+    for p in _pieces(100, 32_000):
+        out.write(p)
+    out.flush()
+    os.close(fd)
+    assert sum(calls) == os.path.getsize(tmp_path / "out")
+    assert len(calls) <= 4 and max(calls) < fsutil.GATHER_BYTES + 40_000
+
+
+def test_atomic_write_writes_a_refilled_buffer_before_asking_for_the_next(tmp_path):
+    # A producer that refills one bytearray must get every fill written, not the last one
+    # several times: only immutable bytes are kept for a later writev.
+    buf = bytearray(4)
+
+    def refill():
+        for i in range(5):
+            buf[:] = bytes([i]) * 4
+            yield buf
+            yield b"|"
+
+    atomic_write(tmp_path / "f", refill(), durable=False)
+    assert (tmp_path / "f").read_bytes() == b"".join(bytes([i]) * 4 + b"|" for i in range(5))
+
+
+def test_atomic_write_failure_leaves_no_temp_file(tmp_path):
+    def broken():
+        yield b"x" * 10
+        raise RuntimeError("producer failed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "f", broken())
+    assert os.listdir(tmp_path) == []
