@@ -135,8 +135,17 @@ def encode_with_dict(canonical_parts: list[bytes | memoryview], dict_id: str, di
     return RECORD_HEADER.pack(MAGIC, ENC_DICT_PREFIX, len(data)) + bytes.fromhex(dict_id)[:DICT_PREFIX_BYTES] + frame
 
 
+# A zstd block holds at most 128 KiB and costs at least 4 bytes (3 of header, 1 of RLE
+# byte): no frame inflates more than this many times its size.
+_ZSTD_MAX_RATIO = (128 << 10) // 4
+
+
 def _bare_frame_exact(oid: str, frame: memoryview, raw_len: int, dctx: zstandard.ZstdDecompressor) -> bytes:
-    """Inflate an encoding-5 frame (no declared size) to exactly `raw_len` bytes; never more."""
+    """Inflate an encoding-5 frame (no declared size) to exactly `raw_len` bytes; never
+    more, and without first allocating a `raw_len` the frame cannot hold (a damaged
+    header could declare gigabytes for a 100-byte frame)."""
+    if raw_len > len(frame) * _ZSTD_MAX_RATIO:
+        raise CorruptObject(oid, f"record declares {raw_len} bytes, more than its {len(frame)}-byte frame can hold")
     try:
         data = dctx.decompress(frame, max_output_size=max(raw_len, 1))
     except zstandard.ZstdError as exc:

@@ -159,6 +159,7 @@ def test_a_dictionary_that_needs_a_dictionary_is_refused_without_recursing(tmp_p
         (-4, None, "does not decompress"),
         (None, -1, "does not decompress|inflated to"),  # frame longer than declared: refused
         (None, +1, "inflated to"),
+        (None, 4 << 30, "more than its .*-byte frame can hold"),  # refused before allocating 4 GiB
     ],
 )
 def test_truncated_or_mis_sized_records(tmp_path, cut, declared, match):
