@@ -146,6 +146,11 @@ def _bare_frame_exact(oid: str, frame: memoryview, raw_len: int, dctx: zstandard
     header could declare gigabytes for a 100-byte frame)."""
     if raw_len > len(frame) * _ZSTD_MAX_RATIO:
         raise CorruptObject(oid, f"record declares {raw_len} bytes, more than its {len(frame)}-byte frame can hold")
+    if not len(frame) or frame[0] != 0:
+        # Frame header descriptor 0: no content size, single segment, checksum or
+        # dictionary id. Anything else is damage, and a content size would be trusted
+        # by the decompressor's allocation.
+        raise CorruptObject(oid, "bare zstd frame has a header descriptor other than 0")
     try:
         data = dctx.decompress(frame, max_output_size=max(raw_len, 1))
     except zstandard.ZstdError as exc:

@@ -288,3 +288,14 @@ def test_a_walk_lists_each_dictionary_prefix_once(tmp_path, monkeypatch):
     assert "find_prefix" not in store.__dict__  # the memo ends with the walk
     store.dependencies_of(cid)
     assert len(calls) == 2
+
+
+def test_a_frame_header_declaring_a_content_size_is_refused(tmp_path):
+    # Damage that turns on the frame's content-size field (header descriptor bits 7-6)
+    # must not reach the decompressor, which would allocate whatever size it declares.
+    store, dict_id, oid = _with_record(tmp_path)
+    record = bytearray(store._read_record(oid))
+    record[codec.RECORD_HEADER.size + codec.DICT_PREFIX_BYTES] = 0xC0
+    store._write_record(oid, bytes(record))
+    with pytest.raises(CorruptObject, match="header descriptor other than 0"):
+        LooseObjectStore(store.root).read(oid)
