@@ -8,14 +8,10 @@ imports torch, peft or transformers: versions come from package metadata.
 from __future__ import annotations
 
 import functools
-import getpass
 import json
 import os
-import platform
-import socket
 import subprocess
 import time
-from importlib import metadata
 from pathlib import Path
 
 from .errors import BadAdapter, UsageError
@@ -105,7 +101,11 @@ def environment() -> dict:
 @functools.lru_cache(maxsize=1)
 def _environment() -> dict:
     # Read once per process: package metadata parsing cost ~15 ms per commit, and the
-    # interpreter's installed packages do not change under a running process.
+    # interpreter's installed packages do not change under a running process. Imported
+    # here: importlib.metadata alone took ~20 ms of every `ah` command's start-up.
+    import platform
+    from importlib import metadata
+
     env = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
     for pkg in ENV_PACKAGES:
         try:
@@ -135,11 +135,15 @@ def default_author() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     if not name:
+        import getpass
+
         try:
             name = getpass.getuser()
         except Exception:
             name = "unknown"
     if not email:
+        import socket
+
         email = f"{name}@{socket.gethostname()}"
     return f"{name} <{email}>"
 
