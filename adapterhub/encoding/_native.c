@@ -505,9 +505,14 @@ static Py_ssize_t codes_fill(const uint8_t *src, Py_ssize_t n, int bits, const u
             const uint8_t b = (uint8_t)(lut[g[0]] << 6 | lut[g[1]] << 4 | lut[g[2]] << 2 | lut[g[3]]);
             pk[j] = b;
             if (emask[b])
-                for (int c = 0; c < 4; c++)
-                    if (emask[b] >> c & 1)
-                        if (e < n_escapes) esc[e++] = g[c]; else e = n_escapes + 1;
+                for (int c = 0; c < 4; c++) {
+                    if (emask[b] >> c & 1) {
+                        if (e < n_escapes)
+                            esc[e++] = g[c];
+                        else
+                            e = n_escapes + 1;
+                    }
+                }
         }
     } else {
         for (Py_ssize_t j = 0; j < full; j++) {
@@ -515,9 +520,14 @@ static Py_ssize_t codes_fill(const uint8_t *src, Py_ssize_t n, int bits, const u
             const uint8_t b = (uint8_t)(lut[g[0]] << 4 | lut[g[1]]);
             pk[j] = b;
             if (emask[b])
-                for (int c = 0; c < 2; c++)
-                    if (emask[b] >> c & 1)
-                        if (e < n_escapes) esc[e++] = g[c]; else e = n_escapes + 1;
+                for (int c = 0; c < 2; c++) {
+                    if (emask[b] >> c & 1) {
+                        if (e < n_escapes)
+                            esc[e++] = g[c];
+                        else
+                            e = n_escapes + 1;
+                    }
+                }
         }
     }
     if (full < n_packed) {
