@@ -55,7 +55,7 @@ DELTA_ENCODINGS = (ENC_DELTA, ENC_EXTRAPOLATED)
 DICT_ID_BYTES = 32
 # Encoding 5 names its dictionary by this many leading id bytes: 24 fewer bytes a record
 # than the whole id, with no accidental collision among 2^64 values (a forged one costs
-# readers a second candidate to try, never a wrong result: see dict_candidates).
+# readers a second candidate to try, never a wrong result: see _decode_prefixed).
 DICT_PREFIX_BYTES = 8
 SOURCE_ID_BYTES = 32
 RECORD_HEADER = struct.Struct("<4sBQ")
@@ -140,20 +140,23 @@ def encode_with_dict(canonical_parts: list[bytes | memoryview], dict_id: str, di
 _ZSTD_MAX_RATIO = (128 << 10) // 4
 
 
-def _bare_frame_exact(oid: str, frame: memoryview, raw_len: int, dctx: zstandard.ZstdDecompressor) -> bytes:
-    """Inflate an encoding-5 frame (no declared size) to exactly `raw_len` bytes; never
-    more, and without first allocating a `raw_len` the frame cannot hold (a damaged
-    header could declare gigabytes for a 100-byte frame)."""
+def _check_bare_frame(oid: str, frame: memoryview, raw_len: int) -> None:
+    """What an encoding-5 frame must be whatever its dictionary, checked before any
+    candidate is tried: no `raw_len` the frame cannot hold (a damaged header could
+    declare gigabytes for a 100-byte frame), and frame header descriptor 0 (no content
+    size, single segment, checksum or dictionary id: anything else is damage, and a
+    content size would be trusted by the decompressor's allocation)."""
     if raw_len > len(frame) * _ZSTD_MAX_RATIO:
         raise CorruptObject(oid, f"record declares {raw_len} bytes, more than its {len(frame)}-byte frame can hold")
     if not len(frame) or frame[0] != 0:
-        # Frame header descriptor 0: no content size, single segment, checksum or
-        # dictionary id. Anything else is damage, and a content size would be trusted
-        # by the decompressor's allocation.
         raise CorruptObject(oid, "bare zstd frame has a header descriptor other than 0")
+
+
+def _bare_frame_exact(oid: str, frame: memoryview, raw_len: int, dict_id: str, dict_data: bytes) -> bytes:
+    """Inflate a checked encoding-5 frame with one dictionary to exactly `raw_len` bytes."""
     try:
-        data = dctx.decompress(frame, max_output_size=max(raw_len, 1))
-    except zstandard.ZstdError as exc:
+        data = _dict_decompressor(ENC_DICT_PREFIX, dict_id, dict_data).decompress(frame, max_output_size=max(raw_len, 1))
+    except zstandard.ZstdError as exc:  # a damaged dictionary fails here too
         raise CorruptObject(oid, f"zstd frame does not decompress: {exc}") from None
     if len(data) != raw_len:
         raise CorruptObject(oid, f"zstd frame inflated to {len(data)} bytes, {raw_len} expected")
@@ -172,14 +175,15 @@ def _decode_prefixed(
     prefix = _dict_prefix(oid, payload)
     if dict_candidates is None:
         raise CorruptObject(oid, f"record needs its compression dictionary {prefix}..., which cannot be read here")
+    frame = payload[DICT_PREFIX_BYTES:]
+    _check_bare_frame(oid, frame, raw_len)
     failed = []
     for dict_id, dict_data in dict_candidates(prefix):
         if isinstance(dict_data, Exception):  # a match that is no usable dictionary
             failed.append(f"{dict_id} ({getattr(dict_data, 'reason', dict_data)})")
             continue
         try:
-            data = _bare_frame_exact(oid, payload[DICT_PREFIX_BYTES:], raw_len,
-                                     _dict_decompressor(ENC_DICT_PREFIX, dict_id, dict_data))
+            data = _bare_frame_exact(oid, frame, raw_len, dict_id, dict_data)
         except CorruptObject as exc:
             failed.append(f"{dict_id} ({exc.reason})")
             continue

@@ -299,3 +299,23 @@ def test_a_frame_header_declaring_a_content_size_is_refused(tmp_path):
     store._write_record(oid, bytes(record))
     with pytest.raises(CorruptObject, match="header descriptor other than 0"):
         LooseObjectStore(store.root).read(oid)
+
+
+def test_a_damaged_full_dictionary_is_a_failed_candidate(tmp_path):
+    samples = [_canonical(BODY.replace(b"42", b"%d" % i)) for i in range(200)]
+    trained = zstandard.train_dictionary(4096, samples).as_bytes()
+    store, dict_id, oid = _with_record(tmp_path, trained)
+    oid_real = oid
+    # Another record, whose dictionary is a blob with zstd's dictionary magic and garbage
+    # tables: it is tried and reported, not an uncaught zstd error.
+    broken = trained[:8] + bytes(200)
+    broken_id = store.put(BLOB, broken)
+    body = BODY.replace(b"42", b"43")
+    oid = hash_object(COMMIT, body)
+    record = bytearray(codec.encode_with_dict([_canonical(body)], dict_id, trained))
+    start = codec.RECORD_HEADER.size
+    record[start : start + codec.DICT_PREFIX_BYTES] = bytes.fromhex(broken_id)[: codec.DICT_PREFIX_BYTES]
+    store._write_record(oid, bytes(record))
+    with pytest.raises(CorruptObject, match=f"no blob whose id starts with .*{broken_id}"):
+        LooseObjectStore(store.root).read(oid)
+    assert LooseObjectStore(store.root).read(oid_real) == (COMMIT, BODY)
