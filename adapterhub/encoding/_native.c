@@ -365,6 +365,28 @@ static void histogram(const uint8_t *p, Py_ssize_t n, Py_ssize_t counts[256])
  * max(1, n / SURVEY_SAMPLE) (so 4096 to 8191 of them). Same constant in reference.py. */
 #define SURVEY_SAMPLE 4096
 
+/* c * log2(c) for every count a survey can see (a sample holds at most 2 * SURVEY_SAMPLE
+ * bytes), filled at import with the very expression survey_c used to evaluate per count,
+ * so entropies, and the choices made from them, are bit for bit what they were. */
+#define XLOG2X_SIZE (2 * SURVEY_SAMPLE)
+static double xlog2x[XLOG2X_SIZE];
+
+static void fill_xlog2x(void)
+{
+    for (int i = 1; i < XLOG2X_SIZE; i++) {
+        double c = (double)i;
+        xlog2x[i] = c * log2(c);
+    }
+}
+
+static inline double c_log2_c(uint32_t count)
+{
+    if (count < XLOG2X_SIZE)
+        return xlog2x[count];
+    double c = (double)count;
+    return c * log2(c);
+}
+
 PyDoc_STRVAR(survey_doc,
 "survey(section) -> (fill, entropy)\n\n"
 "fill: the byte value when every byte of a non-empty section is that value, else -1;\n"
@@ -400,12 +422,10 @@ static void survey_c(const uint8_t *p, Py_ssize_t n, int *fill_out, double *entr
             counts[v] = sub[0][v] + sub[1][v] + sub[2][v] + sub[3][v];
         double acc = 0.0;
         for (int v = 0; v < 256; v++) {
-            if (counts[v]) {
-                double c = (double)counts[v];
-                acc += c * log2(c);
-            }
+            if (counts[v])
+                acc += c_log2_c(counts[v]);
         }
-        entropy = ((double)m * log2((double)m) - acc) / (double)m;
+        entropy = (c_log2_c((uint32_t)m) - acc) / (double)m;
     }
     *fill_out = fill;
     *entropy_out = entropy;
@@ -1447,6 +1467,7 @@ PyMODINIT_FUNC PyInit__native(void)
         Py_DECREF(m);
         return NULL;
     }
+    fill_xlog2x();
     load_zstd();
     return m;
 }
