@@ -25,10 +25,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing `length` bytes at `offset` of `fd` to disk now,
     without waiting (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`); a no-op elsewhere.
 
-    Durability still comes only from the fsync that follows: this makes that fsync short.
-    A pack written while its records are being encoded, kicked every few hundred kB, is
-    mostly on disk when the batch ends; fsyncing 3.7 MB written in one go waited 3-6 ms
-    on this machine's disk, 0.5-0.9 ms after kicks (/tmp/ovh/wb.py in the issue-4 notes).
+    Durability still comes only from the fsync that follows: this makes that fsync short,
+    the disk writing the first megabytes while the rest are still being produced (see
+    pack.WRITEBACK_STEP for what it saves on a pack).
     """
     global _sync_file_range
     if _sync_file_range is None:
