@@ -34,6 +34,30 @@ SAFETENSORS_SUFFIX = ".safetensors"
 # when they are, on average, at least PARALLEL_MIN_TENSOR_BYTES. AH_THREADS sets the
 # count (1: one thread), like git's pack.threads.
 WORKERS = max(1, int(os.environ.get("AH_THREADS", "0") or 0) or min(4, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def codec_pool() -> ThreadPoolExecutor:
+    """The process's WORKERS threads for the codec, made on first use and kept: a thread
+    keeps its zstd contexts and scratch memory (_native.c) from one file and commit to the
+    next, where a pool per commit paid for them again each time (measured: most of what a
+    second thread gained on a 5 MB checkpoint). A forked child starts without it."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ah-codec")
+        return _pool
+
+
+def _forget_pool_in_child() -> None:
+    # The parent's threads do not exist in a forked child: a pool there would never run
+    # a task. The child makes its own on first use.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 PARALLEL_MIN_BYTES = 1 << 20
 PARALLEL_MIN_TENSOR_BYTES = 128 << 10
 
@@ -159,13 +183,10 @@ def store_folder(
     ntensors = 0
     logical = 0
 
-    counter_lock = threading.Lock()
-
     def put(obj_type: str, body) -> ObjectId:
         nonlocal new
         oid, created = store.put_ex(obj_type, body)
-        with counter_lock:
-            new += created
+        new += created
         return oid
 
     def delta_base_id(rel: str, spec) -> str | None:
@@ -173,36 +194,34 @@ def store_folder(
         base = bases.get((rel, spec.name))
         return base.blob if base is not None and base.dtype == spec.dtype else None
 
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        for rel, full in files:
-            lower = rel.lower()
-            if lower.endswith(PICKLE_SUFFIXES):
-                _refuse_pickle(rel, "pickle-based weights file")
-            data = full.read_bytes()
-            logical += len(data)
-            if not lower.endswith(SAFETENSORS_SUFFIX) and looks_like_pickle(data[:4096]):
-                _refuse_pickle(rel, "file content is a pickle or torch.save archive")
-            if lower.endswith(SAFETENSORS_SUFFIX):
-                layout = _parse_safetensors(data, rel)
-                view = memoryview(data)
-                # Threads pay off on big files only; for a few-kB adapter (bulk import)
-                # starting them costs more than encoding inline (see WORKERS).
-                big = len(data) >= PARALLEL_MIN_BYTES
-                stored = store.put_tensors(
-                    [(view[s.start : s.end], s.dtype, delta_base_id(rel, s)) for s in layout.tensors],
-                    pool if big else None,
-                    WORKERS,
-                )
-                with counter_lock:
-                    new += sum(created for _, created in stored)
-                header_id = put(BLOB, layout.header)
-                tensors = tuple(TensorEntry(s.name, s.dtype, s.shape, oid) for s, (oid, _) in zip(layout.tensors, stored))
-                ntensors += len(tensors)
-                entries.append(FileEntry(rel, "safetensors", len(data), header_id, tensors))
-            else:
-                entries.append(FileEntry(rel, "file", len(data), put(BLOB, data)))
-            if progress:
-                progress(len(data))
+    for rel, full in files:
+        lower = rel.lower()
+        if lower.endswith(PICKLE_SUFFIXES):
+            _refuse_pickle(rel, "pickle-based weights file")
+        data = full.read_bytes()
+        logical += len(data)
+        if not lower.endswith(SAFETENSORS_SUFFIX) and looks_like_pickle(data[:4096]):
+            _refuse_pickle(rel, "file content is a pickle or torch.save archive")
+        if lower.endswith(SAFETENSORS_SUFFIX):
+            layout = _parse_safetensors(data, rel)
+            view = memoryview(data)
+            # Threads pay off on big files only; for a few-kB adapter (bulk import)
+            # starting them costs more than encoding inline (see WORKERS).
+            big = len(data) >= PARALLEL_MIN_BYTES
+            stored = store.put_tensors(
+                [(view[s.start : s.end], s.dtype, delta_base_id(rel, s)) for s in layout.tensors],
+                codec_pool() if big else None,
+                WORKERS,
+            )
+            new += sum(created for _, created in stored)
+            header_id = put(BLOB, layout.header)
+            tensors = tuple(TensorEntry(s.name, s.dtype, s.shape, oid) for s, (oid, _) in zip(layout.tensors, stored))
+            ntensors += len(tensors)
+            entries.append(FileEntry(rel, "safetensors", len(data), header_id, tensors))
+        else:
+            entries.append(FileEntry(rel, "file", len(data), put(BLOB, data)))
+        if progress:
+            progress(len(data))
     snap = Snapshot(tuple(entries))
     snap.check()
     snap_id = put(SNAPSHOT, snap.serialize())
@@ -233,14 +252,14 @@ def iter_file_bytes(store: ObjectStore, entry: FileEntry, snap_id: str = "") -> 
         for t in entry.tensors:
             yield tensor_bytes(t)
         return
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        ahead: deque = deque()
-        for t in entry.tensors:
-            ahead.append(pool.submit(tensor_bytes, t))
-            if len(ahead) >= 2 * WORKERS:
-                yield ahead.popleft().result()
-        while ahead:
+    pool = codec_pool()
+    ahead: deque = deque()
+    for t in entry.tensors:
+        ahead.append(pool.submit(tensor_bytes, t))
+        if len(ahead) >= 2 * WORKERS:
             yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
 
 
 def _read_blob(store: ObjectStore, oid: str, obj_type: str) -> bytes:
