@@ -76,3 +76,26 @@ def test_tensors_already_stored_are_not_written_again(tmp_path):
     got = store.put_tensors([(b, "F32", None) for b in bodies])
     assert [created for _, created in got] == [True, False, True]
     assert _records(store, [got[1][0]]) == before
+
+
+def _child_runs_a_task(queue) -> None:
+    from adapterhub import snapshot
+
+    queue.put(snapshot.codec_pool().submit(lambda: "ran").result(timeout=20))
+
+
+def test_a_forked_child_gets_its_own_codec_pool():
+    """The parent's pool threads do not exist in a forked child (ah import forks its
+    workers): a task submitted there must still run, not wait forever."""
+    import multiprocessing
+
+    from adapterhub import snapshot
+
+    assert snapshot.codec_pool().submit(lambda: 1).result() == 1  # the parent's threads exist
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_runs_a_task, args=(queue,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == "ran"
