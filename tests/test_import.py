@@ -79,7 +79,9 @@ def test_bad_names_are_refused_before_any_work(tmp_path):
         _import(reg, [bad])
     with pytest.raises(UsageError, match="is not a folder"):
         _import(reg, [tmp_path / "missing"])
-    assert not (reg.ah_dir / "objects" / "pack").exists()
+    # Nothing was written: `init` makes objects/pack, and it is still empty.
+    assert list((reg.ah_dir / "objects" / "pack").iterdir()) == []
+    assert reg.branches() == []
 
 
 def test_a_bad_folder_fails_the_import_and_moves_no_ref(tmp_path):
