@@ -319,3 +319,59 @@ def test_a_damaged_full_dictionary_is_a_failed_candidate(tmp_path):
     with pytest.raises(CorruptObject, match=f"no blob whose id starts with .*{broken_id}"):
         LooseObjectStore(store.root).read(oid)
     assert LooseObjectStore(store.root).read(oid_real) == (COMMIT, BODY)
+
+
+def _encoding_3_record(canonical_parts, dict_id: str, dict_data: bytes) -> bytes:
+    """A record as writers before encoding 5 made it: whole dictionary id, standard frame."""
+    data = b"".join(bytes(p) for p in canonical_parts)
+    raw = zstandard.ZstdCompressionDict(dict_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    frame = zstandard.ZstdCompressor(level=3, dict_data=raw, write_content_size=True).compress(data)
+    return codec.RECORD_HEADER.pack(codec.MAGIC, codec.ENC_DICT, len(data)) + bytes.fromhex(dict_id) + frame
+
+
+def test_an_old_registry_reads_collects_and_takes_new_imports(tmp_path, monkeypatch):
+    """Encoding-3 records and a version-1 packed-refs file, as an older version left them:
+    everything reads, gc keeps the old dictionary, and a new import adds encoding-5
+    records and rewrites packed-refs as version 2 without losing the old refs."""
+    from adapterhub.importer import import_folders
+    from adapterhub.packed_refs import HEADER_V1, HEADER_V2
+    from adapterhub.refs import HEADS
+
+    reg, dict_id, _cid, _folder = _registry_with_dictionary(tmp_path)  # for its dictionary
+    zdict = reg.store.structured_dict[1]
+    with monkeypatch.context() as m:  # an old writer
+        m.setattr(codec, "encode_with_dict", _encoding_3_record)
+        old_folder = write_adapter(tmp_path / "old", seed=7)
+        old = reg.commit(old_folder, "old", branch="old-branch").id
+    for oid in (old, reg.store.get_commit(old).snapshot):
+        assert reg.store._read_record(oid)[4] == codec.ENC_DICT
+    refs = sorted((name, oid) for name, oid in reg.refs.list("refs/"))
+    for name, oid in refs:
+        reg.refs.delete(name, expected=oid)
+    (reg.ah_dir / "packed-refs").write_bytes(HEADER_V1 + b"".join(b"%s %s\n" % (o.encode(), n.encode()) for n, o in refs))
+    old_age = time.time() - 30 * 86400
+    for dirpath, _dirs, files in os.walk(reg.ah_dir / "objects"):
+        for f in files:
+            os.utime(os.path.join(dirpath, f), (old_age, old_age))
+
+    fresh = Registry.open(reg.root)
+    assert sorted(fresh.refs.list("refs/")) == refs
+    assert fresh.store.dependencies_of(old) == (dict_id,)
+    collect_garbage(fresh.ah_dir, fresh.store, fresh.refs, grace_s=0)
+    again = Registry.open(reg.root)
+    assert again.store.has(dict_id)
+    out = tmp_path / "out-old"
+    again.checkout(old, out)
+    assert sha256_tree(out) == sha256_tree(old_folder)
+
+    new_folders = [write_adapter(tmp_path / "new" / f"user{i:03d}", seed=100 + i) for i in range(12)]
+    import_folders(again.ah_dir, again.store, again.refs, new_folders, prefix="users/", workers=1)
+    assert (reg.ah_dir / "packed-refs").read_bytes().startswith(HEADER_V2)
+    last = Registry.open(reg.root)
+    assert last.resolve("old-branch") == old
+    tip = last.resolve("users/user011")
+    assert last.store._read_record(tip)[4] in (codec.ENC_DICT_PREFIX, codec.ENC_ZSTD)
+    out = tmp_path / "out-new"
+    last.checkout(tip, out)
+    assert sha256_tree(out) == sha256_tree(new_folders[11])
+    assert len(list(last.refs.list(HEADS + "users/"))) == 12
