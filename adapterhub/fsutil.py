@@ -45,8 +45,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 # One writev per this many bytes gathered: on this machine 60 MB written as 32 kB chunks
 # took 50-57 ms with a write() each and 19 ms gathered into ~1 MiB writev calls (the cost
-# is per system call, not per byte).
+# is per system call, not per byte). That suits pack records, which were encoded a while
+# before; 12 commits of 5 MB: 92 MB/s unbatched, 99 at 256 kB, 101 at 1 MiB.
 GATHER_BYTES = 1 << 20
+# A checked-out tensor was decoded a moment before and is still in the CPU cache; holding
+# a MiB of them until one writev made checkout slower (fp32 171 MB/s against 237 written
+# one by one), while pairs of small pieces still save calls: 64 kB gave 245 (fp32) and
+# 151 (bf16, 139 one by one) (/tmp/ovh/gath.py, load 2.5-2.9).
+FILE_GATHER_BYTES = 64 << 10
 _IOV_MAX = 1024
 
 
@@ -54,13 +60,15 @@ class GatherWriter:
     """Buffers for one file descriptor, written with one `os.writev` per ~GATHER_BYTES.
 
     Pack records and checked-out tensors come as many 30-100 kB pieces; a system call
-    each cost more than copying the bytes. Nothing is copied here: the writer keeps a
+    each cost more than copying the bytes. `limit` is how much waits for one call
+    (GATHER_BYTES; FILE_GATHER_BYTES for files written as their pieces are decoded). Nothing is copied here: the writer keeps a
     reference to each buffer until it is written, so a caller must not change a buffer
     after handing it over (bytes never change; `write(..., now=True)` for one that may).
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, limit: int | None = None):
         self.fd = fd
+        self.limit = GATHER_BYTES if limit is None else limit
         self._bufs: list = []
         self._size = 0
 
@@ -69,7 +77,7 @@ class GatherWriter:
         if n:
             self._bufs.append(data)
             self._size += n
-            if now or self._size >= GATHER_BYTES or len(self._bufs) >= _IOV_MAX:
+            if now or self._size >= self.limit or len(self._bufs) >= _IOV_MAX:
                 self.flush()
         return n
 
@@ -122,7 +130,7 @@ def atomic_write(
         try:
             if user_file:
                 os.fchmod(fd, 0o666 & ~_umask())
-            out = GatherWriter(fd)
+            out = GatherWriter(fd, FILE_GATHER_BYTES)
             if isinstance(chunks, (bytes, bytearray, memoryview)):
                 out.write(chunks, now=True)
             else:

@@ -86,3 +86,18 @@ def test_atomic_write_failure_leaves_no_temp_file(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(tmp_path / "f", broken())
     assert os.listdir(tmp_path) == []
+
+
+def test_atomic_write_gathers_small_pieces_but_not_a_mebibyte(tmp_path, monkeypatch):
+    # Files are written as their pieces are decoded: small pieces share a call, big ones
+    # go out within FILE_GATHER_BYTES (still in the CPU cache), never a MiB at a time.
+    calls = []
+    real = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: calls.append(sum(len(b) for b in bufs)) or real(fd, bufs))
+    atomic_write(tmp_path / "small", iter(_pieces(100, 100)), durable=False)
+    assert len(calls) <= 2 and sum(calls) == os.path.getsize(tmp_path / "small")
+    calls.clear()
+    pieces = _pieces(100, 43_000)
+    atomic_write(tmp_path / "big", iter(pieces), durable=False)
+    assert (tmp_path / "big").read_bytes() == b"".join(pieces)
+    assert max(calls) < fsutil.FILE_GATHER_BYTES + 43_100 and len(calls) >= 40
