@@ -19,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -503,6 +504,34 @@ static Py_ssize_t codes_plan(const uint8_t *src, Py_ssize_t n, int bits_in, int 
     return n_escapes;
 }
 
+/* The whole groups of `per` bytes of codes_fill, for a constant code width: each group
+ * packed into one byte (first code in the high bits), its escaped bytes appended in
+ * order. Returns the escapes written, n_escapes + 1 once there would be more. */
+static ALWAYS_INLINE Py_ssize_t fill_groups(const uint8_t *restrict src, Py_ssize_t full, const uint8_t lut[256],
+                                            const uint8_t emask[256], uint8_t *restrict pk, uint8_t *restrict esc,
+                                            Py_ssize_t n_escapes, const int per, const int bits)
+{
+    Py_ssize_t e = 0;
+    for (Py_ssize_t j = 0; j < full; j++) {
+        const uint8_t *g = src + per * j;
+        unsigned b = 0;
+        for (int c = 0; c < per; c++)
+            b = b << bits | lut[g[c]];
+        pk[j] = (uint8_t)b;
+        if (emask[b]) {
+            for (int c = 0; c < per; c++) {
+                if (emask[b] >> c & 1) {
+                    if (e < n_escapes)
+                        esc[e++] = g[c];
+                    else
+                        e = n_escapes + 1;
+                }
+            }
+        }
+    }
+    return e;
+}
+
 /* Write the packed codes (ceil(n / (8/bits)) bytes) and the escaped bytes planned by
  * codes_plan. Returns the escapes written: n_escapes, unless `src` changed since the plan
  * (another thread wrote to it), which never writes past `esc + n_escapes`. */
@@ -518,38 +547,8 @@ static Py_ssize_t codes_fill(const uint8_t *src, Py_ssize_t n, int bits, const u
         for (int c = 0; c < per; c++)
             emask[v] |= (uint8_t)((((v >> (bits * (per - 1 - c))) & escape) == escape) << c);
     }
-    Py_ssize_t e = 0;
-    if (bits == 2) {
-        for (Py_ssize_t j = 0; j < full; j++) {
-            const uint8_t *g = src + 4 * j;
-            const uint8_t b = (uint8_t)(lut[g[0]] << 6 | lut[g[1]] << 4 | lut[g[2]] << 2 | lut[g[3]]);
-            pk[j] = b;
-            if (emask[b])
-                for (int c = 0; c < 4; c++) {
-                    if (emask[b] >> c & 1) {
-                        if (e < n_escapes)
-                            esc[e++] = g[c];
-                        else
-                            e = n_escapes + 1;
-                    }
-                }
-        }
-    } else {
-        for (Py_ssize_t j = 0; j < full; j++) {
-            const uint8_t *g = src + 2 * j;
-            const uint8_t b = (uint8_t)(lut[g[0]] << 4 | lut[g[1]]);
-            pk[j] = b;
-            if (emask[b])
-                for (int c = 0; c < 2; c++) {
-                    if (emask[b] >> c & 1) {
-                        if (e < n_escapes)
-                            esc[e++] = g[c];
-                        else
-                            e = n_escapes + 1;
-                    }
-                }
-        }
-    }
+    Py_ssize_t e = bits == 2 ? fill_groups(src, full, lut, emask, pk, esc, n_escapes, 4, 2)
+                             : fill_groups(src, full, lut, emask, pk, esc, n_escapes, 2, 4);
     if (full < n_packed) {
         /* The last, partial group: zero codes pad it. */
         unsigned acc = 0;
@@ -875,6 +874,8 @@ static struct {
     size_t (*decompressDCtx)(ZSTD_DCtx *, void *, size_t, const void *, size_t);
     unsigned long long (*getFrameContentSize)(const void *, size_t);
     unsigned (*versionNumber)(void);
+    size_t (*freeCCtx)(ZSTD_CCtx *);
+    size_t (*freeDCtx)(ZSTD_DCtx *);
 } zl;
 
 static void load_zstd(void)
@@ -893,6 +894,8 @@ static void load_zstd(void)
     SYM(decompressDCtx, "ZSTD_decompressDCtx")
     SYM(getFrameContentSize, "ZSTD_getFrameContentSize")
     SYM(versionNumber, "ZSTD_versionNumber")
+    SYM(freeCCtx, "ZSTD_freeCCtx")
+    SYM(freeDCtx, "ZSTD_freeDCtx")
 #undef SYM
     zl.version = zl.versionNumber();
     zl.ok = zl.version >= 10400;
@@ -904,9 +907,27 @@ static void load_zstd(void)
 static __thread ZSTD_CCtx *tl_cctx;
 static __thread ZSTD_DCtx *tl_dctx;
 
+/* Everything a thread keeps here (zstd contexts, scratch buffers) is freed when the
+ * thread ends, by the destructor of a pthread key the thread is registered under on
+ * first use: a program that runs the codec on many short-lived threads would otherwise
+ * leak a few MiB per thread. */
+static pthread_key_t tl_key;
+static int tl_key_ok;
+static __thread int tl_registered;
+static void free_thread_state(void *unused);
+
+static void register_thread(void)
+{
+    if (!tl_registered && tl_key_ok) {
+        pthread_setspecific(tl_key, (void *)1);
+        tl_registered = 1;
+    }
+}
+
 static ZSTD_CCtx *plane_cctx(void)
 {
     if (tl_cctx == NULL) {
+        register_thread();
         ZSTD_CCtx *c = zl.createCCtx();
         if (c == NULL)
             return NULL;
@@ -923,8 +944,10 @@ static ZSTD_CCtx *plane_cctx(void)
 
 /* ---- whole sections: frames.py in one call --------------------------------------------- */
 
-/* A growing byte string; `failed` once an allocation did not succeed (every later
- * append is then a no-op and the caller reports MemoryError). */
+/* A growing byte string; `failed` once an allocation did not succeed (BUF_NO_MEMORY) or
+ * the input changed while it was read (BUF_INPUT_CHANGED: another thread wrote to it):
+ * every later append is then a no-op and the caller raises accordingly. */
+enum { BUF_NO_MEMORY = 1, BUF_INPUT_CHANGED = 2 };
 typedef struct {
     uint8_t *p;
     size_t len, cap;
@@ -942,7 +965,7 @@ static int buf_reserve(Buf *b, size_t extra)
         cap *= 2;
     uint8_t *p = realloc(b->p, cap);
     if (p == NULL) {
-        b->failed = 1;
+        b->failed |= BUF_NO_MEMORY;
         return -1;
     }
     b->p = p;
@@ -987,6 +1010,7 @@ static __thread Buf tl_out, tl_plain, tl_coded;
 static uint8_t *scratch(int slot, size_t n)
 {
     Buf *b = &tl_scratch[slot];
+    register_thread();
     b->len = 0;
     b->failed = 0;
     return buf_reserve(b, n + 1) == 0 ? b->p : NULL;
@@ -1001,6 +1025,23 @@ static void trim_buf(Buf *b)
     }
     b->len = 0;
     b->failed = 0;
+}
+
+static void free_thread_state(void *unused)
+{
+    (void)unused;
+    Buf *bufs[] = {&tl_scratch[0], &tl_scratch[1], &tl_scratch[2], &tl_scratch[3], &tl_out, &tl_plain, &tl_coded};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        free(bufs[i]->p);
+        *bufs[i] = (Buf){0};
+    }
+    if (tl_cctx)
+        zl.freeCCtx(tl_cctx);
+    if (tl_dctx)
+        zl.freeDCtx(tl_dctx);
+    tl_cctx = NULL;
+    tl_dctx = NULL;
+    tl_registered = 0;
 }
 
 static void trim_scratch(void)
@@ -1032,7 +1073,7 @@ static void put_plain(Buf *out, const uint8_t *s, size_t n, int fill, double ent
         size_t bound = zl.compressBound(n);
         uint8_t *frame = c ? scratch(SC_FRAME, bound) : NULL;
         if (frame == NULL) {
-            out->failed = 1;
+            out->failed |= BUF_NO_MEMORY;
             return;
         }
         size_t got = zl.compress2(c, frame, bound, s, n);
@@ -1065,12 +1106,12 @@ static void put_codes(Buf *out, const uint8_t *s, size_t n)
     size_t per = 8 / (size_t)bits, n_packed = (n + per - 1) / per;
     uint8_t *pk = scratch(SC_CODES, n_packed + (size_t)n_escapes);
     if (pk == NULL) {
-        out->failed = 1;
+        out->failed |= BUF_NO_MEMORY;
         return;
     }
     uint8_t *esc = pk + n_packed;
     if (codes_fill(s, (Py_ssize_t)n, bits, lut, pk, esc, n_escapes) != n_escapes) {
-        out->failed = 1; /* the input changed under us: see native_pack_codes */
+        out->failed = BUF_INPUT_CHANGED; /* see native_pack_codes */
         return;
     }
     buf_byte(out, S_CODES);
@@ -1184,7 +1225,7 @@ static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject
         out->failed = 0;
         planes = scratch(SC_PLANES, (size_t)(n * width));
         if (planes == NULL || buf_reserve(out, (size_t)body.len / 2 + 64) < 0) {
-            out->failed = 1;
+            out->failed |= BUF_NO_MEMORY;
         } else {
             if (width == 2)
                 split_2(src, bsrc, psrc, planes, n, mode);
@@ -1199,7 +1240,9 @@ static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject
         }
         Py_END_ALLOW_THREADS
     }
-    if (out->failed)
+    if (out->failed & BUF_INPUT_CHANGED)
+        PyErr_SetString(PyExc_ValueError, "the section changed while it was being encoded");
+    else if (out->failed)
         PyErr_NoMemory();
     else
         result = PyBytes_FromStringAndSize((const char *)out->p, (Py_ssize_t)out->len);
@@ -1218,6 +1261,7 @@ done:
 /* Why a record cannot be read; the message is frames.py's for the same damage. */
 typedef struct {
     char msg[160];
+    int oom; /* not damage: memory ran out (raised as MemoryError) */
 } Fault;
 
 static int fault(Fault *f, const char *fmt, ...)
@@ -1229,6 +1273,12 @@ static int fault(Fault *f, const char *fmt, ...)
     return -1;
 }
 
+static int out_of_memory(Fault *f)
+{
+    f->oom = 1;
+    return fault(f, "out of memory");
+}
+
 /* zstd.zstd_exact: inflate one frame that must be exactly `expect` bytes, never more. */
 static int zstd_exact_c(const uint8_t *frame, size_t len, uint8_t *dst, size_t expect, Fault *f)
 {
@@ -1237,8 +1287,11 @@ static int zstd_exact_c(const uint8_t *frame, size_t len, uint8_t *dst, size_t e
         return fault(f, "bad zstd frame: not a zstd frame header");
     if (declared != ZSTD_CONTENTSIZE_UNKNOWN && declared != expect)
         return fault(f, "zstd frame declares %llu bytes where %zu are expected", declared, expect);
-    if (tl_dctx == NULL && (tl_dctx = zl.createDCtx()) == NULL)
-        return fault(f, "out of memory for a zstd context");
+    if (tl_dctx == NULL) {
+        register_thread();
+        if ((tl_dctx = zl.createDCtx()) == NULL)
+            return out_of_memory(f);
+    }
     uint8_t one;
     size_t got = zl.decompressDCtx(tl_dctx, expect ? dst : &one, expect, frame, len);
     if (zl.isError(got))
@@ -1286,7 +1339,7 @@ static int read_codes(const uint8_t *d, size_t len, size_t *pos, uint8_t *dst, s
     *pos = p + 2 + (size_t)k;
     uint8_t *packed = scratch(SC_CODES, n_packed), *esc;
     if (packed == NULL)
-        return fault(f, "out of memory");
+        return out_of_memory(f);
     if (read_section(d, len, pos, packed, n_packed, 1, f) < 0)
         return -1;
     Py_ssize_t n_escapes = count_escapes_c(packed, (Py_ssize_t)n_packed, bits, k, (Py_ssize_t)expect);
@@ -1295,7 +1348,7 @@ static int read_codes(const uint8_t *d, size_t len, size_t *pos, uint8_t *dst, s
     if (n_escapes < 0)
         return fault(f, "stored record has a code outside its code table");
     if ((esc = scratch(SC_ESCAPES, (size_t)n_escapes)) == NULL)
-        return fault(f, "out of memory");
+        return out_of_memory(f);
     if (read_section(d, len, pos, esc, (size_t)n_escapes, 1, f) < 0)
         return -1;
     unpack_codes_c(packed, (Py_ssize_t)n_packed, esc, n_escapes, table, k, bits, dst, (Py_ssize_t)expect);
@@ -1385,12 +1438,12 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
         const uint8_t *d = payload.buf, *bsrc = has_base ? base.buf : NULL, *psrc = prev.obj ? prev.buf : NULL;
         size_t len = (size_t)payload.len, pos = (size_t)pos_in;
         int mode = delta_mode(rotate, has_base ? kind : KIND_NONE, psrc != NULL), rc = 0;
-        Fault f = {{0}};
+        Fault f = {{0}, 0};
         memcpy(dst, head.buf, head.len);
         Py_BEGIN_ALLOW_THREADS
         planes = scratch(SC_PLANES, (size_t)(n * width));
         if (planes == NULL)
-            rc = fault(&f, "out of memory");
+            rc = out_of_memory(&f);
         const uint8_t *pptr[8];
         for (int i = 0; rc == 0 && i < width; i++) {
             pptr[i] = planes + (size_t)i * n;
@@ -1411,7 +1464,10 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
         Py_END_ALLOW_THREADS
         if (rc < 0) {
             Py_CLEAR(out);
-            PyErr_SetString(corrupt_record_error, f.msg);
+            if (f.oom)
+                PyErr_NoMemory();
+            else
+                PyErr_SetString(corrupt_record_error, f.msg);
         }
     }
 done:
@@ -1469,5 +1525,6 @@ PyMODINIT_FUNC PyInit__native(void)
     }
     fill_xlog2x();
     load_zstd();
+    tl_key_ok = pthread_key_create(&tl_key, free_thread_state) == 0;
     return m;
 }
