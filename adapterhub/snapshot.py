@@ -12,6 +12,7 @@ import mmap
 import os
 import stat
 import threading
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +34,20 @@ SAFETENSORS_SUFFIX = ".safetensors"
 # pool costs more. At checkout a file's tensors are read one per task, which pays only
 # when they are, on average, at least PARALLEL_MIN_TENSOR_BYTES. AH_THREADS sets the
 # count (1: one thread), like git's pack.threads.
-WORKERS = max(1, int(os.environ.get("AH_THREADS", "0") or 0) or min(4, os.cpu_count() or 1))
+def _threads_wanted() -> int:
+    """AH_THREADS when it is a positive whole number, else one per core up to 4 (a value
+    that is not is reported once and ignored: a typo must not stop every command)."""
+    default = min(4, os.cpu_count() or 1)
+    value = os.environ.get("AH_THREADS", "").strip()
+    if not value:
+        return default
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    warnings.warn(f"AH_THREADS={value!r} is not a positive whole number; using {default} threads", stacklevel=2)
+    return default
+
+
+WORKERS = _threads_wanted()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 

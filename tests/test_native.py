@@ -2,12 +2,14 @@
 
 The on-disk format must not depend on which set ran: every kernel is compared byte for
 byte with `reference` on random and adversarial inputs (every width, odd lengths with
-tails, empty, all-equal, all-escape), whole records are compared through `encode_tensor`,
-records cross-decode, and damaged code sections raise the same CorruptObject either way.
+tails, empty, all-equal, all-escape), whole records are compared through `encode_tensor`
+(byte for byte where the system's libzstd writes the zstandard wheel's frames), records
+cross-decode, and damaged records raise the same CorruptObject either way.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 
 from adapterhub import codec
 from adapterhub.encoding import delta as deltas
-from adapterhub.encoding import frames, kernels, predict, reference
+from adapterhub.encoding import frames, kernels, predict, reference, tensor
 from adapterhub.encoding.planes import PlaneLayout
 from adapterhub.encoding.tensor import DeltaBase
 from adapterhub.errors import CorruptObject
@@ -354,6 +356,36 @@ def _record(name, h, body, dtype, base):
         return codec.encode_tensor(h, body, dtype, base)
 
 
+@functools.cache
+def _zstd_builds_agree() -> bool:
+    """Whether the system's libzstd (the whole-record C calls) writes the very frames the
+    zstandard wheel's own zstd (the per-section path) writes for plane sections. Records
+    are compared byte for byte only then: zstd's output may differ between its versions
+    (1.5.4 and 1.5.7 agree here), while the format, and what either build reads, do not."""
+    rng = np.random.default_rng(11)
+    probes = [rng.integers(0, 40, 5000).astype(np.uint8).tobytes(), (rng.standard_normal(3000) * 0.01).astype(np.float32).tobytes()]
+    for probe in probes:
+        whole = native.encode_sections(probe, 2, False)
+        saved, kernels.encode_sections = kernels.encode_sections, None
+        try:
+            per_section = bytearray()
+            tensor._planes_body(per_section, probe, PlaneLayout(2, False))
+        finally:
+            kernels.encode_sections = saved
+        if bytes(per_section[1:]) != whole:
+            return False
+    return True
+
+
+def _assert_same_record(got: bytes, want: bytes) -> None:
+    """Byte for byte where the zstd builds agree; else the same encoding and a size within
+    1% (the callers check that both read back)."""
+    if _zstd_builds_agree():
+        assert got == want
+    else:
+        assert got[:13] == want[:13] and abs(len(got) - len(want)) <= max(16, len(want) // 100)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     body=st.binary(max_size=3000),
@@ -371,7 +403,7 @@ def test_records_are_identical_and_cross_decode(body, dtype, with_base, seed):
             moved[i] = (moved[i] + int(rng.integers(1, 4))) & 0xFF
         base = DeltaBase("ab" * 32, bytes(moved), 0)
     rec_native = _record("native", h, body, dtype, base)
-    assert rec_native == _record("numpy", h, body, dtype, base)
+    _assert_same_record(rec_native, _record("numpy", h, body, dtype, base))
     for name in ("native", "numpy"):
         with using(name):
             assert codec.decode("x", rec_native, lambda oid, depth: base.body) == h + body
@@ -392,7 +424,7 @@ def test_float_tensor_records_are_identical(dtype):
     h = header(TENSOR, len(b))
     for base in (None, DeltaBase("cd" * 32, a, 0)):
         rec = _record("native", h, b, dtype, base)
-        assert rec == _record("numpy", h, b, dtype, base)
+        _assert_same_record(rec, _record("numpy", h, b, dtype, base))
         for name in ("native", "numpy"):
             with using(name):
                 assert codec.decode("x", rec, lambda oid, depth: a) == h + b
@@ -428,6 +460,14 @@ def _outcome(name: str, record: bytes, base_body: bytes, want: bytes) -> str:
     return message
 
 
+def _class(outcome: str) -> str:
+    """Outcomes of a damaged record that only zstd decides: whether a damaged frame still
+    inflates to the right bytes, to other bytes, or fails differs between zstd builds
+    (flipped bits inside a frame of a codes section: 1.5.4 read one that 1.5.7 refused).
+    Every message of our own framing stays distinct."""
+    return "read, or refused by zstd" if outcome in ("ok", "refused: damaged zstd data") else outcome
+
+
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
 def test_damaged_records_fail_alike(dtype):
     """decode_sections (a whole record in one C call) reports every damage as frames.py
@@ -447,7 +487,7 @@ def test_damaged_records_fail_alike(dtype):
             damaged[flip] ^= 0x5A
             cases.append(bytes(damaged))
     outcomes = [_outcome("native", c, a, h + b) for c in cases]
-    assert outcomes == [_outcome("numpy", c, a, h + b) for c in cases]
+    assert [_class(o) for o in outcomes] == [_class(_outcome("numpy", c, a, h + b)) for c in cases]
     errors = set(outcomes) - {"ok"}
     assert len(errors) >= 5 and any("truncated" in e for e in errors)
 
@@ -464,7 +504,7 @@ def test_whole_record_calls_fall_back_without_libzstd(monkeypatch):
     monkeypatch.setattr(native, "has_zstd", lambda: False)
     with using("native"):
         assert kernels.encode_sections is None and kernels.decode_sections is None
-        assert codec.encode_tensor(h, b, "F32", base) == whole
+        _assert_same_record(codec.encode_tensor(h, b, "F32", base), whole)
         assert codec.decode("x", whole, lambda oid, depth: a) == h + b
 
 

@@ -99,3 +99,17 @@ def test_a_forked_child_gets_its_own_codec_pool():
     child.join(30)
     assert child.exitcode == 0
     assert queue.get(timeout=5) == "ran"
+
+
+@pytest.mark.parametrize("value, want", [("3", 3), ("1", 1), ("four", None), ("0", None), ("-2", None), ("", None)])
+def test_ah_threads_sets_the_codec_threads_and_a_bad_value_is_ignored(value, want):
+    import os
+    import subprocess
+    import sys
+
+    code = "import warnings, os; warnings.simplefilter('always'); from adapterhub import snapshot; print(snapshot.WORKERS)"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, AH_THREADS=value), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    default = min(4, os.cpu_count() or 1)
+    assert int(out.stdout) == (want or default)
+    assert ("AH_THREADS" in out.stderr) == (want is None and value != "")
