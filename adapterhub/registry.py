@@ -26,7 +26,12 @@ from .store import ObjectStore
 from . import provenance as prov
 
 AH_DIR = ".ah"
-FORMAT_VERSION = 1
+# Version 2 registries may hold what version-1 readers misread as damage: pack index
+# version 2, packed-refs version 2, tensor encodings 4 and 5 (docs/format/layout.md). A
+# version-1 registry is upgraded the first time this version opens it, so that an older
+# adapterhub then refuses it as too new instead of calling healthy files corrupt.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DEFAULT_BRANCH = "main"
 # More packs than this after a commit: `ah gc` folds them into one (git: gc.autoPackLimit),
 # inline when the registry holds at most AUTO_GC_MAX_OBJECTS objects (seconds); above, a
@@ -108,11 +113,17 @@ class Registry:
         except ValueError as exc:
             raise UnsupportedFormat(f"{path} is not valid JSON: {exc}") from None
         version = config.get("format_version") if isinstance(config, dict) else None
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise UnsupportedFormat(
                 f"registry format version {version!r} is not supported by this adapterhub "
-                f"(it reads version {FORMAT_VERSION}); upgrade adapterhub"
+                f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade adapterhub"
             )
+        if version < FORMAT_VERSION:
+            config = dict(config, format_version=FORMAT_VERSION)
+            try:
+                atomic_write(path, (json.dumps(config, indent=2) + "\n").encode())
+            except OSError:
+                pass  # read-only: nothing here will write the newer formats either
         return config
 
     # --- revisions --------------------------------------------------------------------

@@ -646,11 +646,21 @@ def test_truncated_object_detected(reg):
 # --- registry format version -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [{"format_version": 2}, {"format_version": "1"}, {}, [1]])
+@pytest.mark.parametrize("config", [{"format_version": 3}, {"format_version": "1"}, {"format_version": True}, {}, [1]])
 def test_unknown_format_version_refused(reg, config):
     (reg.ah_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedFormat, match="format version"):
         Registry.open(reg.root)
+
+
+def test_version_1_registry_is_read_and_upgraded(reg):
+    """A registry made before format version 2 opens, keeps its objects and refs, and is
+    marked version 2 so that an older adapterhub refuses it cleanly from now on."""
+    head = reg.resolve("HEAD")
+    (reg.ah_dir / "config.json").write_text(json.dumps({"format_version": 1, "kept": "yes"}))
+    again = Registry.open(reg.root)
+    assert json.loads((reg.ah_dir / "config.json").read_text()) == {"format_version": 2, "kept": "yes"}
+    assert again.resolve("HEAD") == head and again.log("main")[0].message == "good adapter"
 
 
 def test_cli_unknown_format_version(reg):

@@ -55,7 +55,7 @@ def test_init(ah, tmp_path):
     out = ok(ah("init", tmp_path / "r"))
     assert "Initialized empty adapterhub registry" in out
     ah_dir = tmp_path / "r" / ".ah"
-    assert json.loads((ah_dir / "config.json").read_text())["format_version"] == 1
+    assert json.loads((ah_dir / "config.json").read_text())["format_version"] == 2
     assert (ah_dir / "HEAD").read_text() == "ref: refs/heads/main\n"
     assert_cli_error(ah("init", tmp_path / "r"), 2, "already holds a registry")
 
