@@ -201,6 +201,26 @@ static int check_layout(int width, int kind, int has_base)
     return 0;
 }
 
+/* Release an optional buffer argument (one never filled has no owner). */
+static void release_view(Py_buffer *view)
+{
+    if (view->obj)
+        PyBuffer_Release(view);
+}
+
+/* A buffer argument that must hold exactly `len` bytes (a delta base, an extrapolation's
+ * second source). On error `buf` may hold a view the caller releases. */
+static int get_same_length(PyObject *obj, Py_buffer *buf, Py_ssize_t len, const char *what)
+{
+    if (PyObject_GetBuffer(obj, buf, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (buf->len != len) {
+        PyErr_Format(PyExc_ValueError, "%s must have the tensor's length", what);
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- split ----------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(split_doc,
@@ -220,14 +240,8 @@ static PyObject *native_split(PyObject *self, PyObject *args, PyObject *kwargs)
     int has_base = base_obj != Py_None;
     if (check_layout(width, kind, has_base) < 0)
         goto done;
-    if (has_base) {
-        if (PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0)
-            goto done;
-        if (base.len != body.len) {
-            PyErr_SetString(PyExc_ValueError, "a delta base must have the tensor's length");
-            goto done;
-        }
-    }
+    if (has_base && get_same_length(base_obj, &base, body.len, "a delta base") < 0)
+        goto done;
     Py_ssize_t n = body.len / width;
     out = PyBytes_FromStringAndSize(NULL, n * width);
     if (out == NULL)
@@ -247,8 +261,7 @@ static PyObject *native_split(PyObject *self, PyObject *args, PyObject *kwargs)
     }
 done:
     PyBuffer_Release(&body);
-    if (base.obj)
-        PyBuffer_Release(&base);
+    release_view(&base);
     return out;
 }
 
@@ -325,12 +338,9 @@ done:
     for (int i = 0; i < nplanes; i++)
         PyBuffer_Release(&pbuf[i]);
     Py_XDECREF(seq);
-    if (base.obj)
-        PyBuffer_Release(&base);
-    if (head.obj)
-        PyBuffer_Release(&head);
-    if (tail.obj)
-        PyBuffer_Release(&tail);
+    release_view(&base);
+    release_view(&head);
+    release_view(&tail);
     return out;
 }
 
@@ -1171,13 +1181,7 @@ static int get_prev(PyObject *prev_obj, Py_buffer *prev, int has_base, int kind,
         PyErr_SetString(PyExc_ValueError, "prev extrapolates a base: it needs a base and kind 1 (ORD)");
         return -1;
     }
-    if (PyObject_GetBuffer(prev_obj, prev, PyBUF_SIMPLE) < 0)
-        return -1;
-    if (prev->len != len) {
-        PyErr_SetString(PyExc_ValueError, "prev must have the tensor's length");
-        return -1;
-    }
-    return 0;
+    return get_same_length(prev_obj, prev, len, "prev");
 }
 
 PyDoc_STRVAR(encode_sections_doc,
@@ -1206,14 +1210,8 @@ static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject
     }
     if (check_layout(width, kind, has_base) < 0)
         goto done;
-    if (has_base) {
-        if (PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0)
-            goto done;
-        if (base.len != body.len) {
-            PyErr_SetString(PyExc_ValueError, "a delta base must have the tensor's length");
-            goto done;
-        }
-    }
+    if (has_base && get_same_length(base_obj, &base, body.len, "a delta base") < 0)
+        goto done;
     if (get_prev(prev_obj, &prev, has_base, kind, body.len) < 0)
         goto done;
     {
@@ -1249,10 +1247,8 @@ static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject
 done:
     trim_scratch();
     PyBuffer_Release(&body);
-    if (base.obj)
-        PyBuffer_Release(&base);
-    if (prev.obj)
-        PyBuffer_Release(&prev);
+    release_view(&base);
+    release_view(&prev);
     return result;
 }
 
@@ -1419,14 +1415,8 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
         PyErr_SetString(PyExc_ValueError, "position or length out of range");
         goto done;
     }
-    if (has_base) {
-        if (PyObject_GetBuffer(base_obj, &base, PyBUF_SIMPLE) < 0)
-            goto done;
-        if (base.len != body_len) {
-            PyErr_SetString(PyExc_ValueError, "a delta base must have the tensor's length");
-            goto done;
-        }
-    }
+    if (has_base && get_same_length(base_obj, &base, body_len, "a delta base") < 0)
+        goto done;
     if (get_prev(prev_obj, &prev, has_base, kind, body_len) < 0)
         goto done;
     out = PyBytes_FromStringAndSize(NULL, head.len + body_len);
@@ -1473,12 +1463,9 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
 done:
     trim_scratch();
     PyBuffer_Release(&payload);
-    if (head.obj)
-        PyBuffer_Release(&head);
-    if (base.obj)
-        PyBuffer_Release(&base);
-    if (prev.obj)
-        PyBuffer_Release(&prev);
+    release_view(&head);
+    release_view(&base);
+    release_view(&prev);
     return out;
 }
 
