@@ -118,36 +118,63 @@ def _umask() -> int:
 def atomic_write(
     path: Path, chunks: bytes | Iterable[bytes], *, durable: bool = True, user_file: bool = False
 ) -> None:
-    """Write `chunks` to `path` atomically (temp file + fsync + rename).
+    """Write `chunks` to `path` atomically (temp file + fsync + rename + folder fsync).
 
     The rename replaces whatever is at `path`, a symlink included, without following it.
     mkstemp creates files 0600, right for registry internals; a `user_file` (a checked-out
     adapter file) gets the usual 0666 & ~umask, as `cp` or `save_pretrained` would give it.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-    try:
+    StagedFile(path, chunks, durable=durable, user_file=user_file).publish()
+
+
+class StagedFile:
+    """atomic_write in two steps: the constructor writes `chunks` under a temp name next to
+    `path` (fsynced when `durable`), `publish` renames it into place and fsyncs the folder;
+    `discard` removes it. A writer that makes several files visible in an order (a pack,
+    then its index) stages them all first, so their data fsyncs run back to back before
+    the first rename instead of one rename's folder fsync sitting between them.
+    """
+
+    def __init__(
+        self, path: Path, chunks: bytes | Iterable[bytes], *, durable: bool = True, user_file: bool = False
+    ):
+        self.path = Path(path)
+        self.durable = durable
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.path.parent)
+        self._tmp: str | None = tmp
         try:
-            if user_file:
-                os.fchmod(fd, 0o666 & ~_umask())
-            out = GatherWriter(fd, FILE_GATHER_BYTES)
-            if isinstance(chunks, (bytes, bytearray, memoryview)):
-                out.write(chunks, now=True)
-            else:
-                for chunk in chunks:
-                    # Only bytes wait to be gathered: a producer may refill anything else.
-                    out.write(chunk, now=not isinstance(chunk, bytes))
-                out.flush()
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        tmp = None
-        if durable:
-            fsync_dir(path.parent)
-    finally:
-        if tmp is not None:
+            try:
+                if user_file:
+                    os.fchmod(fd, 0o666 & ~_umask())
+                out = GatherWriter(fd, FILE_GATHER_BYTES)
+                if isinstance(chunks, (bytes, bytearray, memoryview)):
+                    out.write(chunks, now=True)
+                else:
+                    for chunk in chunks:
+                        # Only bytes wait to be gathered: a producer may refill anything else.
+                        out.write(chunk, now=not isinstance(chunk, bytes))
+                    out.flush()
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.discard()
+            raise
+
+    def publish(self) -> None:
+        try:
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        self._tmp = None
+        if self.durable:
+            fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        if self._tmp is not None:
+            tmp, self._tmp = self._tmp, None
             try:
                 os.unlink(tmp)
             except FileNotFoundError:

@@ -43,7 +43,7 @@ import blake3
 
 from . import codec
 from .errors import CorruptObject, ObjectNotFound
-from .fsutil import TMP_PREFIX, GatherWriter, atomic_write, fsync_dir, start_writeback
+from .fsutil import TMP_PREFIX, GatherWriter, StagedFile, fsync_dir, start_writeback
 from .objects import ObjectId
 
 PACK_MAGIC = b"AHPK"
@@ -481,18 +481,11 @@ class PackWriter:
         checksum = self._hash.digest()
         self._out.write(checksum)
         self._out.flush()
-        if self.durable:
-            os.fsync(self._fd)
-        self._close()
+        if self.durable:  # the last stretch goes to disk while the index is built
+            start_writeback(self._fd, self._kicked, self._pos + len(checksum) - self._kicked)
         name = f"pack-{checksum.hex()}"
         pack_path = self.pack_dir / f"{name}.pack"
         idx_path = self.pack_dir / f"{name}.idx"
-        os.replace(self._tmp, pack_path)
-        self._tmp = None
-        if self.durable:
-            # The pack's rename is on disk before the index that makes it visible is
-            # renamed: after a power cut an index never names a pack that is not there.
-            fsync_dir(self.pack_dir)
         first = ids.view(np.uint8)[::OID_LEN]
         fan = np.cumsum(np.bincount(first, minlength=256)).astype("<u4")
         large: list[int] = []
@@ -512,9 +505,23 @@ class PackWriter:
         for p in parts:
             h.update(p)
         parts.append(h.digest())
-        # Index last: a pack is visible only through its index, so readers never see half of
-        # one. atomic_write fsyncs the index, renames it and fsyncs the folder again.
-        atomic_write(idx_path, parts, durable=self.durable)
+        # Both files' bytes are fsynced under temp names first (back to back), then the pack
+        # is renamed and the folder fsynced, and only then the index: a pack is visible only
+        # through its index, so readers never see half of one, and after a power cut an
+        # index never names a pack that is not there.
+        index = StagedFile(idx_path, parts, durable=self.durable)
+        try:
+            if self.durable:
+                os.fsync(self._fd)
+            self._close()
+            os.replace(self._tmp, pack_path)
+            self._tmp = None
+            if self.durable:
+                fsync_dir(self.pack_dir)
+        except BaseException:
+            index.discard()
+            raise
+        index.publish()
         return idx_path
 
     def _close(self) -> None:

@@ -101,3 +101,16 @@ def test_atomic_write_gathers_small_pieces_but_not_a_mebibyte(tmp_path, monkeypa
     atomic_write(tmp_path / "big", iter(pieces), durable=False)
     assert (tmp_path / "big").read_bytes() == b"".join(pieces)
     assert max(calls) < fsutil.FILE_GATHER_BYTES + 43_100 and len(calls) >= 40
+
+
+def test_a_staged_file_is_invisible_until_published_and_discard_leaves_nothing(tmp_path):
+    from adapterhub.fsutil import StagedFile
+
+    staged = StagedFile(tmp_path / "a", [b"one", b"two"])
+    assert not (tmp_path / "a").exists() and len(os.listdir(tmp_path)) == 1  # only its temp file
+    staged.publish()
+    assert (tmp_path / "a").read_bytes() == b"onetwo" and os.listdir(tmp_path) == ["a"]
+    dropped = StagedFile(tmp_path / "b", b"never")
+    dropped.discard()
+    dropped.discard()  # twice is harmless
+    assert os.listdir(tmp_path) == ["a"]
