@@ -23,7 +23,7 @@ the plane split and join, when the extension is built. See docs/format/encodings
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .planes import PlaneLayout, rotate, unrotate
 
@@ -35,7 +35,10 @@ WRITE_KIND = ORD
 # Longest chain of deltas before a tensor is stored whole again (a keyframe): reading a
 # tensor at depth d decodes d+1 records.
 from .chain import MAX_CHAIN  # noqa: E402,F401 (re-exported)
-_SIGNED = {2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
+_SIGNED = {2: "<i2", 4: "<i4", 8: "<i8"}
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: the native codec never needs it
+    import numpy as np
 
 
 def _ordered(words: np.ndarray, layout: PlaneLayout) -> np.ndarray:
@@ -55,12 +58,16 @@ def _zigzag(d: np.ndarray, layout: PlaneLayout) -> np.ndarray:
 
 
 def _unzigzag(z: np.ndarray, layout: PlaneLayout) -> np.ndarray:
+    import numpy as np
+
     one = z.dtype.type(1)
     return ((z >> one) ^ np.negative(z & one)).view(_SIGNED[layout.width])
 
 
 def diff(kind: int, words: np.ndarray, base: np.ndarray, layout: PlaneLayout) -> np.ndarray:
     """The difference words that `apply` turns back into `words`, ready for planes."""
+    import numpy as np
+
     if kind == XOR:
         # Rotation is a bit permutation, so rot(a ^ b) == rot(a) ^ rot(b).
         return rotate(words ^ base, layout)
@@ -70,6 +77,8 @@ def diff(kind: int, words: np.ndarray, base: np.ndarray, layout: PlaneLayout) ->
 
 def apply(kind: int, delta: np.ndarray, base: np.ndarray, layout: PlaneLayout) -> np.ndarray:
     """Inverse of `diff`: the original words from the joined delta planes and the base."""
+    import numpy as np
+
     if kind == XOR:
         return unrotate(delta, layout) ^ base
     with np.errstate(over="ignore"):

@@ -17,14 +17,16 @@ when they are built (one fused pass each way). See docs/format/encodings.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where arrays are made: the native codec never needs it
+    import numpy as np
 
 # Element width in bytes and whether the sign bit is rotated, per safetensors dtype.
 # Only multi-byte numeric types gain from planes; one-byte types are stored as they are.
 _FLOAT_WIDTHS = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _INT_WIDTHS = {"I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
-_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_UINT = {2: "<u2", 4: "<u4", 8: "<u8"}
 
 ROTATE_FLAG = 0x10
 WIDTH_MASK = 0x0F
@@ -54,8 +56,10 @@ class PlaneLayout:
         return cls(width, bool(value & ROTATE_FLAG))
 
     @property
-    def uint(self) -> np.dtype:
-        return _UINT[self.width]
+    def uint(self) -> "np.dtype":
+        import numpy as np
+
+        return np.dtype(_UINT[self.width])
 
 
 def layout_for(dtype: str | None) -> PlaneLayout | None:
@@ -73,6 +77,8 @@ def as_words(body: bytes | memoryview, layout: PlaneLayout) -> np.ndarray:
     Bytes past the last whole element (never present in a valid tensor) are left to the
     caller, which stores them as a raw tail.
     """
+    import numpy as np
+
     n = len(body) // layout.width
     return np.frombuffer(body, dtype=layout.uint, count=n)
 
@@ -96,12 +102,16 @@ def unrotate(words: np.ndarray, layout: PlaneLayout) -> np.ndarray:
 def split(words: np.ndarray, layout: PlaneLayout) -> memoryview:
     """Words -> `width` planes, concatenated: plane i (bytes [i*n, (i+1)*n)) holds byte i
     (little-endian) of every element."""
+    import numpy as np
+
     grid = words.view(np.uint8).reshape(-1, layout.width)
     return memoryview(np.ascontiguousarray(grid.T).reshape(-1))
 
 
 def join(planes: list[bytes | memoryview], layout: PlaneLayout, n: int) -> np.ndarray:
     """Inverse of `split`: `width` planes of `n` bytes each -> `n` words."""
+    import numpy as np
+
     grid = np.empty((n, layout.width), dtype=np.uint8)
     for i, plane in enumerate(planes):
         grid[:, i] = np.frombuffer(plane, dtype=np.uint8, count=n)
