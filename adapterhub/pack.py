@@ -24,11 +24,12 @@ and only then the index into place: readers find packs by their index, so they n
 pack that is not complete, and a killed writer leaves only `.tmp-*` files.
 
 Nothing here imports numpy at module level (reads must start fast); the bulk helpers for
-gc and the writer's index sort import it when first used.
+gc and the index sort of big packs import it when first used (a commit's pack never does).
 """
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
@@ -402,6 +403,74 @@ class Pack:
                     pass  # a record slice or id array is still referenced; the mapping goes with it
 
 
+# Packs of up to this many objects get their index tables from plain Python: a commit's
+# pack holds a few hundred objects, and numpy's import (~115 ms) would be most of what its
+# index costs. Bigger ones (bulk import, gc) use numpy, whose sort is several times
+# faster and whose arrays take a fraction of the memory of Python lists (a gc of a
+# million adapters writes a 4,000,000-object pack). Both write the same bytes (tests).
+PYTHON_INDEX_MAX = 50_000
+
+
+def index_tables(ids: bytes | bytearray, offsets: array, lengths: array) -> tuple[bytes, bytes, bytes, bytes, list[int]] | None:
+    """The tables of a pack index for the records added in order (`ids`: their 32-byte ids
+    back to back): fan-out, ids sorted, offset and length columns in that order (u32, a
+    value of LARGE or more replaced by LARGE + its place in the large-value list), and
+    the large values. None when an id occurs twice."""
+    if len(offsets) <= PYTHON_INDEX_MAX:
+        return _index_tables_python(ids, offsets, lengths)
+    return _index_tables_numpy(ids, offsets, lengths)
+
+
+def _index_tables_python(ids: bytes, offsets: array, lengths: array):
+    n = len(offsets)
+    keys = [ids[i * OID_LEN : (i + 1) * OID_LEN] for i in range(n)]
+    order = sorted(range(n), key=keys.__getitem__)
+    keys = [keys[i] for i in order]
+    if any(keys[i] == keys[i + 1] for i in range(n - 1)):
+        return None
+    counts = [0] * 256
+    for key in keys:
+        counts[key[0]] += 1
+    large: list[int] = []
+    columns = []
+    for values in (offsets, lengths):
+        col = array("I")
+        for i in order:
+            v = values[i]
+            col.append(v if v < LARGE else LARGE + len(large))
+            if v >= LARGE:
+                large.append(v)
+        if sys.byteorder != "little":
+            col.byteswap()
+        columns.append(col.tobytes())
+    fan = struct.pack("<256I", *itertools.accumulate(counts))
+    return fan, b"".join(keys), columns[0], columns[1], large
+
+
+def _index_tables_numpy(ids: bytes, offsets: array, lengths: array):
+    import numpy as np
+
+    n = len(offsets)
+    view = np.frombuffer(ids, dtype="S32", count=n)
+    order = np.argsort(view, kind="stable")
+    keys = view[order]
+    del view
+    if n > 1 and (keys[1:] == keys[:-1]).any():
+        return None
+    fan = np.cumsum(np.bincount(keys.view(np.uint8)[::OID_LEN], minlength=256)).astype("<u4")
+    large: list[int] = []
+    columns = []
+    for values in (offsets, lengths):
+        v = np.frombuffer(values, dtype=np.uint64)[order]
+        col = v.astype("<u4")
+        esc = np.nonzero(v >= LARGE)[0]
+        if len(esc):
+            col[esc] = LARGE + len(large) + np.arange(len(esc))
+            large.extend(int(x) for x in v[esc])
+        columns.append(col.tobytes())
+    return fan.tobytes(), keys.tobytes(), columns[0], columns[1], large
+
+
 class PackWriter:
     """Stream records into a new pack; `finish` makes it visible (pack, then index).
 
@@ -466,17 +535,13 @@ class PackWriter:
         if not self._offsets:
             self.abort()
             return None
-        import numpy as np
-
         n = len(self._offsets)
-        view = np.frombuffer(self._ids, dtype="S32")
-        order = np.argsort(view, kind="stable")
-        ids = view[order]
-        del view
+        tables = index_tables(self._ids, self._offsets, self._lengths)
         self._ids = bytearray()
-        if n > 1 and (ids[1:] == ids[:-1]).any():
+        if tables is None:
             self.abort()
             raise ValueError("a pack writer without dedup was given the same id twice")
+        fan, ids, offsets, lengths, large = tables
         self._write(struct.pack("<Q", n))
         checksum = self._hash.digest()
         self._out.write(checksum)
@@ -486,21 +551,8 @@ class PackWriter:
         name = f"pack-{checksum.hex()}"
         pack_path = self.pack_dir / f"{name}.pack"
         idx_path = self.pack_dir / f"{name}.idx"
-        first = ids.view(np.uint8)[::OID_LEN]
-        fan = np.cumsum(np.bincount(first, minlength=256)).astype("<u4")
-        large: list[int] = []
-        columns = []
-        for values in (self._offsets, self._lengths):
-            v = np.frombuffer(values, dtype=np.uint64)[order]
-            col = v.astype("<u4")
-            esc = np.nonzero(v >= LARGE)[0]
-            if len(esc):
-                col[esc] = LARGE + len(large) + np.arange(len(esc))
-                large.extend(int(x) for x in v[esc])
-            columns.append(col)
         head = IDX_HEAD.pack(IDX_MAGIC, IDX_VERSION, n, len(large))
-        parts = [head, fan.tobytes(), ids.tobytes(), columns[0].tobytes(), columns[1].tobytes(),
-                 np.array(large, dtype="<u8").tobytes(), checksum]
+        parts = [head, fan, ids, offsets, lengths, struct.pack(f"<{len(large)}Q", *large), checksum]
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
         for p in parts:
             h.update(p)

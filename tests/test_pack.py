@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import threading
 
 import pytest
@@ -388,3 +389,32 @@ def test_a_failed_commit_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         reg.commit(_adapter(tmp_path / "big", 1, 1 << 16), "big")
     assert sorted(os.listdir(reg.ah_dir / "objects")) == before and list(reg.store.iter_ids()) == []
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 300, 5000])
+@pytest.mark.parametrize("large", [None, 4000])
+def test_index_tables_are_the_same_from_python_and_numpy(monkeypatch, n, large):
+    """Small packs (a commit's) build their index in plain Python, big ones with numpy:
+    the same bytes either way, large-value escapes and duplicate ids included."""
+    import random
+    from array import array
+
+    from adapterhub import pack
+
+    if large is not None:
+        monkeypatch.setattr(pack, "LARGE", large)
+    rng = random.Random(n)
+    ids = bytearray(b"".join(rng.randbytes(32) for _ in range(n)))
+    offsets = array("Q", sorted(rng.randrange(0, 9000) for _ in range(n)))
+    lengths = array("Q", (rng.randrange(1, 6000) for _ in range(n)))
+    python = pack._index_tables_python(ids, offsets, lengths)
+    assert python == pack._index_tables_numpy(ids, offsets, lengths)
+    fan, sorted_ids, _, _, escaped = python
+    assert struct.unpack_from("<256I", fan)[-1] == n and len(sorted_ids) == 32 * n
+    assert (large is None) == (escaped == []) or n < 3
+    if n > 1:
+        twice = ids + ids[:32]
+        offsets.append(1)
+        lengths.append(1)
+        assert pack._index_tables_python(twice, offsets, lengths) is None
+        assert pack._index_tables_numpy(twice, offsets, lengths) is None
