@@ -73,6 +73,20 @@ static int split_mode(int rotate, int kind)
     return rotate ? M_ORD_FLOAT : M_ORD_INT;
 }
 
+/* Calls fn(..., mode) with `mode` as a compile-time constant, so that each loop is
+ * specialised for it (the switch is outside the loop, not in it). */
+#define FOR_EACH_MODE(mode, fn, ...)                                                            \
+    switch (mode) {                                                                             \
+    case M_COPY: fn(__VA_ARGS__, M_COPY); break;                                                \
+    case M_ROT: fn(__VA_ARGS__, M_ROT); break;                                                  \
+    case M_XOR: fn(__VA_ARGS__, M_XOR); break;                                                  \
+    case M_XOR_ROT: fn(__VA_ARGS__, M_XOR_ROT); break;                                          \
+    case M_ORD_INT: fn(__VA_ARGS__, M_ORD_INT); break;                                          \
+    case M_ORD_FLOAT: fn(__VA_ARGS__, M_ORD_FLOAT); break;                                      \
+    case M_EXT_INT: fn(__VA_ARGS__, M_EXT_INT); break;                                          \
+    default: fn(__VA_ARGS__, M_EXT_FLOAT); break;                                               \
+    }
+
 /* Per width W (bits B, word type T): rotations, the value-order map of delta.ORD (its own
  * inverse), zigzag, and the split/join loops. `(T)(0 - (x >> (B-1)))` is all ones when the
  * top bit is set: the arithmetic shift `x >>s (B-1)` without signed shifts. */
@@ -141,16 +155,7 @@ static int split_mode(int rotate, int kind)
     }                                                                                           \
     static void split_##W(const uint8_t *src, const uint8_t *base, const uint8_t *prev, uint8_t *out, Py_ssize_t n, int mode) \
     {                                                                                           \
-        switch (mode) {                                                                         \
-        case M_COPY: split_loop_##W(src, base, prev, out, n, M_COPY); break;                          \
-        case M_ROT: split_loop_##W(src, base, prev, out, n, M_ROT); break;                            \
-        case M_XOR: split_loop_##W(src, base, prev, out, n, M_XOR); break;                            \
-        case M_XOR_ROT: split_loop_##W(src, base, prev, out, n, M_XOR_ROT); break;                    \
-        case M_ORD_INT: split_loop_##W(src, base, prev, out, n, M_ORD_INT); break;                    \
-        case M_ORD_FLOAT: split_loop_##W(src, base, prev, out, n, M_ORD_FLOAT); break;          \
-        case M_EXT_INT: split_loop_##W(src, base, prev, out, n, M_EXT_INT); break;              \
-        default: split_loop_##W(src, base, prev, out, n, M_EXT_FLOAT); break;                   \
-        }                                                                                       \
+        FOR_EACH_MODE(mode, split_loop_##W, src, base, prev, out, n);                            \
     }                                                                                           \
     static ALWAYS_INLINE void join_loop_##W(const uint8_t *const *planes, const uint8_t *restrict base, \
                                             const uint8_t *restrict prev, uint8_t *restrict out, \
@@ -170,21 +175,35 @@ static int split_mode(int rotate, int kind)
     }                                                                                           \
     static void join_##W(const uint8_t *const *planes, const uint8_t *base, const uint8_t *prev, uint8_t *out, Py_ssize_t n, int mode) \
     {                                                                                           \
-        switch (mode) {                                                                         \
-        case M_COPY: join_loop_##W(planes, base, prev, out, n, M_COPY); break;                        \
-        case M_ROT: join_loop_##W(planes, base, prev, out, n, M_ROT); break;                          \
-        case M_XOR: join_loop_##W(planes, base, prev, out, n, M_XOR); break;                          \
-        case M_XOR_ROT: join_loop_##W(planes, base, prev, out, n, M_XOR_ROT); break;                  \
-        case M_ORD_INT: join_loop_##W(planes, base, prev, out, n, M_ORD_INT); break;                  \
-        case M_ORD_FLOAT: join_loop_##W(planes, base, prev, out, n, M_ORD_FLOAT); break;        \
-        case M_EXT_INT: join_loop_##W(planes, base, prev, out, n, M_EXT_INT); break;            \
-        default: join_loop_##W(planes, base, prev, out, n, M_EXT_FLOAT); break;                 \
-        }                                                                                       \
+        FOR_EACH_MODE(mode, join_loop_##W, planes, base, prev, out, n);                         \
     }
 
 DEFINE_WIDTH(2, 16, uint16_t, LE16)
 DEFINE_WIDTH(4, 32, uint32_t, LE32)
 DEFINE_WIDTH(8, 64, uint64_t, LE64)
+
+/* split_W / join_W for a width known only at run time (2, 4 or 8). */
+static void split_words(int width, const uint8_t *src, const uint8_t *base, const uint8_t *prev, uint8_t *out,
+                        Py_ssize_t n, int mode)
+{
+    if (width == 2)
+        split_2(src, base, prev, out, n, mode);
+    else if (width == 4)
+        split_4(src, base, prev, out, n, mode);
+    else
+        split_8(src, base, prev, out, n, mode);
+}
+
+static void join_words(int width, const uint8_t *const *planes, const uint8_t *base, const uint8_t *prev, uint8_t *out,
+                       Py_ssize_t n, int mode)
+{
+    if (width == 2)
+        join_2(planes, base, prev, out, n, mode);
+    else if (width == 4)
+        join_4(planes, base, prev, out, n, mode);
+    else
+        join_8(planes, base, prev, out, n, mode);
+}
 
 /* ---- argument helpers ------------------------------------------------------------------ */
 
@@ -251,12 +270,7 @@ static PyObject *native_split(PyObject *self, PyObject *args, PyObject *kwargs)
         uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
         int mode = split_mode(rotate, has_base ? kind : KIND_NONE);
         ENTER_NOGIL(n * width)
-        if (width == 2)
-            split_2(src, bsrc, NULL, dst, n, mode);
-        else if (width == 4)
-            split_4(src, bsrc, NULL, dst, n, mode);
-        else
-            split_8(src, bsrc, NULL, dst, n, mode);
+        split_words(width, src, bsrc, NULL, dst, n, mode);
         LEAVE_NOGIL()
     }
 done:
@@ -325,12 +339,7 @@ static PyObject *native_join(PyObject *self, PyObject *args, PyObject *kwargs)
         int mode = split_mode(rotate, has_base ? kind : KIND_NONE);
         memcpy(dst, head.buf, head.len);
         ENTER_NOGIL(n * width)
-        if (width == 2)
-            join_2(pptr, bsrc, NULL, dst + head.len, n, mode);
-        else if (width == 4)
-            join_4(pptr, bsrc, NULL, dst + head.len, n, mode);
-        else
-            join_8(pptr, bsrc, NULL, dst + head.len, n, mode);
+        join_words(width, pptr, bsrc, NULL, dst + head.len, n, mode);
         LEAVE_NOGIL()
         memcpy(dst + head.len + n * width, tail.buf, tail.len);
     }
@@ -1184,6 +1193,24 @@ static int get_prev(PyObject *prev_obj, Py_buffer *prev, int has_base, int kind,
     return get_same_length(prev_obj, prev, len, "prev");
 }
 
+/* The arguments both whole-record calls share: zstd loaded, a valid layout and delta
+ * kind, and the optional base and prev of the tensor's length (views the caller
+ * releases, also on error). */
+static int check_record_args(int width, int kind, PyObject *base_obj, Py_buffer *base, PyObject *prev_obj, Py_buffer *prev,
+                             Py_ssize_t len)
+{
+    int has_base = base_obj != Py_None;
+    if (!zl.ok) {
+        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
+        return -1;
+    }
+    if (check_layout(width, kind, has_base) < 0)
+        return -1;
+    if (has_base && get_same_length(base_obj, base, len, "a delta base") < 0)
+        return -1;
+    return get_prev(prev_obj, prev, has_base, kind, len);
+}
+
 PyDoc_STRVAR(encode_sections_doc,
 "encode_sections(body, width, rotate, base=None, kind=1, prev=None) -> bytes\n\n"
 "What tensor._planes_body appends after the layout byte, in one call without the GIL:\n"
@@ -1204,15 +1231,7 @@ static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject
     int has_base = base_obj != Py_None;
     Buf *out = &tl_out;
     uint8_t *planes = NULL;
-    if (!zl.ok) {
-        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
-        goto done;
-    }
-    if (check_layout(width, kind, has_base) < 0)
-        goto done;
-    if (has_base && get_same_length(base_obj, &base, body.len, "a delta base") < 0)
-        goto done;
-    if (get_prev(prev_obj, &prev, has_base, kind, body.len) < 0)
+    if (check_record_args(width, kind, base_obj, &base, prev_obj, &prev, body.len) < 0)
         goto done;
     {
         Py_ssize_t n = body.len / width;
@@ -1225,12 +1244,7 @@ static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject
         if (planes == NULL || buf_reserve(out, (size_t)body.len / 2 + 64) < 0) {
             out->failed |= BUF_NO_MEMORY;
         } else {
-            if (width == 2)
-                split_2(src, bsrc, psrc, planes, n, mode);
-            else if (width == 4)
-                split_4(src, bsrc, psrc, planes, n, mode);
-            else
-                split_8(src, bsrc, psrc, planes, n, mode);
+            split_words(width, src, bsrc, psrc, planes, n, mode);
             for (int i = 0; i < width; i++)
                 put_section(out, planes + (size_t)i * n, (size_t)n);
             if (body.len > n * width)
@@ -1405,19 +1419,11 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
         return NULL;
     int has_base = base_obj != Py_None;
     uint8_t *planes = NULL;
-    if (!zl.ok) {
-        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
-        goto done;
-    }
-    if (check_layout(width, kind, has_base) < 0)
-        goto done;
     if (pos_in < 0 || pos_in > payload.len || body_len < 0) {
         PyErr_SetString(PyExc_ValueError, "position or length out of range");
         goto done;
     }
-    if (has_base && get_same_length(base_obj, &base, body_len, "a delta base") < 0)
-        goto done;
-    if (get_prev(prev_obj, &prev, has_base, kind, body_len) < 0)
+    if (check_record_args(width, kind, base_obj, &base, prev_obj, &prev, body_len) < 0)
         goto done;
     out = PyBytes_FromStringAndSize(NULL, head.len + body_len);
     if (out == NULL)
@@ -1444,12 +1450,7 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
         if (rc == 0 && pos != len)
             rc = fault(&f, "stored record has %zu stray bytes after its data", len - pos);
         if (rc == 0) {
-            if (width == 2)
-                join_2(pptr, bsrc, psrc, dst + head.len, n, mode);
-            else if (width == 4)
-                join_4(pptr, bsrc, psrc, dst + head.len, n, mode);
-            else
-                join_8(pptr, bsrc, psrc, dst + head.len, n, mode);
+            join_words(width, pptr, bsrc, psrc, dst + head.len, n, mode);
         }
         Py_END_ALLOW_THREADS
         if (rc < 0) {
