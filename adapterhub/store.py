@@ -139,9 +139,14 @@ class ObjectStore:
         record = self.encode_record(oid, obj_type, body, dtype=dtype, delta_base=delta_base)
         self._write_record(oid, record)
         if obj_type == TENSOR and dtype is not None:
-            ref = codec.delta_ref(oid, record)
-            self.base_cache.add(oid, bytes(body), ref.depth if ref else 0, ref.base if ref else None)
+            self._remember_written(oid, body, record)
         return oid, True
+
+    def _remember_written(self, oid: str, body: bytes | memoryview, record: bytes) -> None:
+        """Offer a tensor just written to the base cache with the chain its record names,
+        so the next revision's delta against it needs no read."""
+        ref = codec.delta_ref(oid, record)
+        self.base_cache.add(oid, bytes(body), ref.depth if ref else 0, ref.base if ref else None)
 
     def put_tensors(
         self, items: list[tuple[bytes | memoryview, str | None, str | None]], pool: Executor | None = None, workers: int = 1
@@ -185,8 +190,7 @@ class ObjectStore:
             body, dtype, _ = items[i]
             self._write_record(oids[i], record)
             if dtype is not None:
-                ref = codec.delta_ref(oids[i], record)
-                self.base_cache.add(oids[i], bytes(body), ref.depth if ref else 0, ref.base if ref else None)
+                self._remember_written(oids[i], body, record)
         return results
 
     def encode_record(
