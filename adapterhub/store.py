@@ -142,23 +142,27 @@ class ObjectStore:
             self._remember_written(oid, body, record)
         return oid, True
 
-    def _remember_written(self, oid: str, body: bytes | memoryview, record: bytes) -> None:
+    def _remember_written(self, oid: str, body: bytes | memoryview, record: bytes, base: DeltaBase | None = None) -> None:
         """Offer a tensor just written to the base cache with the chain its record names,
-        so the next revision's delta against it needs no read."""
-        ref = codec.delta_ref(oid, record)
-        self.base_cache.add(oid, bytes(body), ref.depth if ref else 0, ref.base if ref else None)
+        so the next revision's delta against it needs no read. `base`, when the caller
+        offered the record's writer one, spares parsing the record for it."""
+        if base is not None:
+            delta = record[codec.ENCODING_AT] in codec.DELTA_ENCODINGS
+            depth, base_id = (base.depth + 1, base.oid) if delta else (0, None)
+        else:
+            ref = codec.delta_ref(oid, record)
+            depth, base_id = (ref.depth, ref.base) if ref else (0, None)
+        self.base_cache.add(oid, bytes(body), depth, base_id)
 
     def put_tensors(
         self, items: list[tuple[bytes | memoryview, str | None, str | None]], pool: Executor | None = None, workers: int = 1
     ) -> list[tuple[ObjectId, bool]]:
         """put_ex of many tensors, given as (body, dtype, delta base id), in three phases.
 
-        Hashing, existence checks and delta-base lookups run here one by one, then only
-        the codec runs on `workers` threads of `pool` (each taking every workers-th
-        tensor: one hand-off per thread, not per tensor), then the records are written in
-        order. The codec is one GIL-free C call per tensor with a little Python around it,
-        so its threads overlap; with the lookups and writes inside the threads they did not
-        (two threads measured slower than one on ~45 kB LoRA tensors).
+        Hashing, existence checks and delta-base lookups run here one by one; then
+        codec.encode_tensors makes the records (one native call on `workers` C threads;
+        `pool` serves only its Python fallback); then they are written in order. (Hashing
+        on two threads as well measured no faster.)
         """
         oids = [hash_object(TENSOR, body) for body, _, _ in items]
         results: list[tuple[ObjectId, bool]] = []
@@ -175,22 +179,11 @@ class ObjectStore:
             body, dtype, base_id = items[i]
             base = self._delta_base(oids[i], base_id, len(body)) if base_id and dtype is not None else None
             jobs.append((header(TENSOR, len(body)), body, dtype, base))
-
-        def encode_some(some: list) -> list[bytes]:
-            return [codec.encode_tensor(*job) if job[2] is not None else codec.encode(job[:2]) for job in some]
-
-        if pool is None or workers < 2 or len(jobs) < 2:
-            records = encode_some(jobs)
-        else:
-            parts = [pool.submit(encode_some, jobs[k::workers]) for k in range(workers)]
-            records = [None] * len(jobs)
-            for k, part in enumerate(parts):
-                records[k::workers] = part.result()
-        for i, record in zip(todo, records):
-            body, dtype, _ = items[i]
+        records = codec.encode_tensors(jobs, workers, pool)
+        for i, job, record in zip(todo, jobs, records):
             self._write_record(oids[i], record)
-            if dtype is not None:
-                self._remember_written(oids[i], body, record)
+            if job[2] is not None:
+                self._remember_written(oids[i], job[1], record, job[3])
         return results
 
     def encode_record(

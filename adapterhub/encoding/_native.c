@@ -1220,6 +1220,35 @@ PyDoc_STRVAR(encode_sections_doc,
 "section (bytes past the last whole element) if any, each chosen as frames.encode_section\n"
 "chooses (zstd through libzstd: see has_zstd).");
 
+/* The sections of one tensor (encode_sections' output) appended to `out`: planes of
+ * `src` (of its difference from `bsrc`, or from the extrapolation 2*bsrc - psrc, when
+ * given), then the tail. Runs without the GIL; damage and OOM are flagged in out->failed. */
+static void put_tensor_sections(Buf *out, const uint8_t *src, Py_ssize_t len, int width, int rotate,
+                                const uint8_t *bsrc, const uint8_t *psrc, int kind)
+{
+    Py_ssize_t n = len / width;
+    int mode = delta_mode(rotate, bsrc ? kind : KIND_NONE, psrc != NULL);
+    uint8_t *planes = scratch(SC_PLANES, (size_t)(n * width));
+    if (planes == NULL || buf_reserve(out, (size_t)len / 2 + 64) < 0) {
+        out->failed |= BUF_NO_MEMORY;
+        return;
+    }
+    split_words(width, src, bsrc, psrc, planes, n, mode);
+    for (int i = 0; i < width; i++)
+        put_section(out, planes + (size_t)i * n, (size_t)n);
+    if (len > n * width)
+        put_section(out, src + n * width, (size_t)(len - n * width));
+}
+
+/* The Python error for a failed Buf (after the GIL is taken back). */
+static void raise_buf_failure(int failed)
+{
+    if (failed & BUF_INPUT_CHANGED)
+        PyErr_SetString(PyExc_ValueError, "the section changed while it was being encoded");
+    else
+        PyErr_NoMemory();
+}
+
 static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"body", "width", "rotate", "base", "kind", "prev", NULL};
@@ -1228,34 +1257,19 @@ static PyObject *native_encode_sections(PyObject *self, PyObject *args, PyObject
     PyObject *base_obj = Py_None, *prev_obj = Py_None, *result = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*ip|OiO", kwlist, &body, &width, &rotate, &base_obj, &kind, &prev_obj))
         return NULL;
-    int has_base = base_obj != Py_None;
     Buf *out = &tl_out;
-    uint8_t *planes = NULL;
     if (check_record_args(width, kind, base_obj, &base, prev_obj, &prev, body.len) < 0)
         goto done;
     {
-        Py_ssize_t n = body.len / width;
-        const uint8_t *src = body.buf, *bsrc = has_base ? base.buf : NULL, *psrc = prev.obj ? prev.buf : NULL;
-        int mode = delta_mode(rotate, has_base ? kind : KIND_NONE, psrc != NULL);
+        const uint8_t *bsrc = base.obj ? base.buf : NULL, *psrc = prev.obj ? prev.buf : NULL;
         Py_BEGIN_ALLOW_THREADS
         out->len = 0;
         out->failed = 0;
-        planes = scratch(SC_PLANES, (size_t)(n * width));
-        if (planes == NULL || buf_reserve(out, (size_t)body.len / 2 + 64) < 0) {
-            out->failed |= BUF_NO_MEMORY;
-        } else {
-            split_words(width, src, bsrc, psrc, planes, n, mode);
-            for (int i = 0; i < width; i++)
-                put_section(out, planes + (size_t)i * n, (size_t)n);
-            if (body.len > n * width)
-                put_section(out, src + n * width, (size_t)(body.len - n * width));
-        }
+        put_tensor_sections(out, body.buf, body.len, width, rotate, bsrc, psrc, kind);
         Py_END_ALLOW_THREADS
     }
-    if (out->failed & BUF_INPUT_CHANGED)
-        PyErr_SetString(PyExc_ValueError, "the section changed while it was being encoded");
-    else if (out->failed)
-        PyErr_NoMemory();
+    if (out->failed)
+        raise_buf_failure(out->failed);
     else
         result = PyBytes_FromStringAndSize((const char *)out->p, (Py_ssize_t)out->len);
 done:
@@ -1263,6 +1277,288 @@ done:
     PyBuffer_Release(&body);
     release_view(&base);
     release_view(&prev);
+    return result;
+}
+
+/* ---- whole tensor records, many at once: codec.encode_tensor's choices in C ------------- */
+
+/* predict.py's constants: the sample the extrapolation is judged on, and its margin. */
+#define EXT_SAMPLE 1024
+#define EXT_MARGIN_PARTS 20
+
+/* One tensor of a batch. The prefixes are the record bytes before the sections (record
+ * header, canonical header, delta fields, layout byte), built by codec.py; they point
+ * into bytes objects the job list keeps alive. */
+typedef struct {
+    Py_buffer body, base, prev; /* base.obj / prev.obj NULL when absent */
+    const char *planes_prefix, *delta_prefix, *ext_prefix;
+    Py_ssize_t planes_prefix_len, delta_prefix_len, ext_prefix_len;
+    int width, rotate, kind;
+    double planes_limit; /* try planes too when the delta record is longer (< 0: always) */
+    Buf out;
+} RecordJob;
+
+/* predict.extrapolation_pays: the extrapolated base wins on a strided sample by a margin. */
+static int extrapolation_pays_c(const RecordJob *j)
+{
+    Py_ssize_t n = j->body.len / j->width;
+    if (n == 0 || (j->width != 2 && j->width != 4))
+        return 0;
+    Py_ssize_t step = n / EXT_SAMPLE > 1 ? n / EXT_SAMPLE : 1;
+    uint64_t plain, extrap;
+    if (j->width == 2)
+        score_2(j->body.buf, j->base.buf, j->prev.buf, n, step, j->rotate, &plain, &extrap);
+    else
+        score_4(j->body.buf, j->base.buf, j->prev.buf, n, step, j->rotate, &plain, &extrap);
+    uint64_t samples = (uint64_t)((n + step - 1) / step);
+    return EXT_MARGIN_PARTS * extrap + samples < EXT_MARGIN_PARTS * plain;
+}
+
+static void put_record(Buf *out, const char *prefix, Py_ssize_t prefix_len, const RecordJob *j,
+                       const uint8_t *bsrc, const uint8_t *psrc)
+{
+    buf_put(out, prefix, (size_t)prefix_len);
+    put_tensor_sections(out, j->body.buf, j->body.len, j->width, j->rotate, bsrc, psrc, j->kind);
+}
+
+/* codec.encode_tensor for a tensor of SMALL_TENSOR bytes or more: the delta record (against
+ * the extrapolation when it pays) and, when that is not small enough, the planes record;
+ * the shorter one, the delta on a tie. */
+static void encode_record_job(RecordJob *j)
+{
+    if (j->base.obj == NULL) {
+        put_record(&j->out, j->planes_prefix, j->planes_prefix_len, j, NULL, NULL);
+        return;
+    }
+    int ext = j->prev.obj != NULL && j->ext_prefix != NULL && extrapolation_pays_c(j);
+    if (ext)
+        put_record(&j->out, j->ext_prefix, j->ext_prefix_len, j, j->base.buf, j->prev.buf);
+    else
+        put_record(&j->out, j->delta_prefix, j->delta_prefix_len, j, j->base.buf, NULL);
+    if (j->out.failed || (double)j->out.len <= j->planes_limit)
+        return;
+    Buf planes = {0};
+    put_record(&planes, j->planes_prefix, j->planes_prefix_len, j, NULL, NULL);
+    if (!planes.failed && planes.len < j->out.len) {
+        free(j->out.p);
+        j->out = planes;
+    } else {
+        j->out.failed |= planes.failed;
+        free(planes.p);
+    }
+}
+
+/* A batch is shared by the calling thread and the pool's workers: each takes the next
+ * job until none is left. */
+typedef struct {
+    RecordJob *jobs;
+    Py_ssize_t n, next;
+} Batch;
+
+static void run_batch(Batch *b)
+{
+    for (;;) {
+        Py_ssize_t i = __atomic_fetch_add(&b->next, 1, __ATOMIC_RELAXED);
+        if (i >= b->n)
+            break;
+        encode_record_job(&b->jobs[i]);
+    }
+    trim_scratch();
+}
+
+/* Worker threads kept for the life of the process (they never touch Python): a thread
+ * made per batch would start with cold scratch memory, and page faults of two threads
+ * serialise on the memory map. One batch runs on the pool at a time; a caller that finds
+ * it busy encodes its batch alone. After fork() the child starts with no workers. */
+#define POOL_MAX 64
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    int started, busy, tickets, running;
+    unsigned gen;
+    Batch *batch;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, NULL};
+
+/* `arg` is the generation current when the worker was made (under the lock): the batch
+ * it was made for is the next one, even if that has begun by the time it runs. */
+static void *pool_worker(void *arg)
+{
+    unsigned seen = (unsigned)(uintptr_t)arg;
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        while (pool.gen == seen)
+            pthread_cond_wait(&pool.work, &pool.mu);
+        seen = pool.gen;
+        if (pool.tickets <= 0)
+            continue;
+        pool.tickets--;
+        Batch *b = pool.batch;
+        pthread_mutex_unlock(&pool.mu);
+        run_batch(b);
+        pthread_mutex_lock(&pool.mu);
+        if (--pool.running == 0)
+            pthread_cond_signal(&pool.done);
+    }
+    return NULL;
+}
+
+static void pool_after_fork_child(void)
+{
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.work, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.started = pool.busy = pool.tickets = pool.running = 0;
+    pool.batch = NULL;
+}
+
+/* Run a batch on the calling thread and up to threads-1 workers (called without the GIL). */
+static void pool_run(Batch *b, int threads)
+{
+    int helpers = threads - 1;
+    if (helpers > POOL_MAX)
+        helpers = POOL_MAX;
+    if (helpers > b->n - 1)
+        helpers = (int)(b->n - 1);
+    pthread_mutex_lock(&pool.mu);
+    if (helpers <= 0 || pool.busy) {
+        pthread_mutex_unlock(&pool.mu);
+        run_batch(b);
+        return;
+    }
+    while (pool.started < helpers) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&t, &attr, pool_worker, (void *)(uintptr_t)pool.gen);
+        pthread_attr_destroy(&attr);
+        if (failed)
+            break;
+        pool.started++;
+    }
+    if (helpers > pool.started)
+        helpers = pool.started;
+    pool.busy = 1;
+    pool.batch = b;
+    pool.tickets = pool.running = helpers;
+    pool.gen++;
+    pthread_cond_broadcast(&pool.work);
+    pthread_mutex_unlock(&pool.mu);
+    run_batch(b);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.running > 0)
+        pthread_cond_wait(&pool.done, &pool.mu);
+    pool.busy = 0;
+    pool.batch = NULL;
+    pthread_mutex_unlock(&pool.mu);
+}
+
+static void release_job(RecordJob *j)
+{
+    release_view(&j->body);
+    release_view(&j->base);
+    release_view(&j->prev);
+    free(j->out.p);
+}
+
+/* A job from its tuple (see encode_records' doc); -1 with an exception set. */
+static int parse_job(PyObject *item, RecordJob *j)
+{
+    PyObject *body, *planes_prefix, *base, *delta_prefix, *prev, *ext_prefix;
+    if (!PyTuple_Check(item)) {
+        PyErr_SetString(PyExc_TypeError, "each job must be a tuple");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(item, "OipSOiOOOd;a job is (body, width, rotate, planes_prefix, base, kind, delta_prefix, "
+                          "prev, ext_prefix, planes_limit)", &body, &j->width, &j->rotate, &planes_prefix, &base,
+                          &j->kind, &delta_prefix, &prev, &ext_prefix, &j->planes_limit))
+        return -1;
+    if (PyObject_GetBuffer(body, &j->body, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (check_layout(j->width, j->kind, base != Py_None) < 0)
+        return -1;
+    if (base != Py_None) {
+        if (get_same_length(base, &j->base, j->body.len, "a delta base") < 0)
+            return -1;
+        if (!PyBytes_Check(delta_prefix)) {
+            PyErr_SetString(PyExc_TypeError, "a job with a base needs its delta_prefix (bytes)");
+            return -1;
+        }
+        j->delta_prefix = PyBytes_AS_STRING(delta_prefix);
+        j->delta_prefix_len = PyBytes_GET_SIZE(delta_prefix);
+    }
+    if (get_prev(prev, &j->prev, base != Py_None, j->kind, j->body.len) < 0)
+        return -1;
+    if (j->prev.obj != NULL) {
+        if (!PyBytes_Check(ext_prefix)) {
+            PyErr_SetString(PyExc_TypeError, "a job with prev needs its ext_prefix (bytes)");
+            return -1;
+        }
+        j->ext_prefix = PyBytes_AS_STRING(ext_prefix);
+        j->ext_prefix_len = PyBytes_GET_SIZE(ext_prefix);
+    }
+    j->planes_prefix = PyBytes_AS_STRING(planes_prefix);
+    j->planes_prefix_len = PyBytes_GET_SIZE(planes_prefix);
+    return 0;
+}
+
+PyDoc_STRVAR(encode_records_doc,
+"encode_records(jobs, threads) -> list[bytes]\n\n"
+"codec.encode_tensor for many tensors in one call without the GIL, on the calling thread\n"
+"and up to threads-1 kept worker threads. Each job is a tuple (body, width, rotate,\n"
+"planes_prefix, base, kind, delta_prefix, prev, ext_prefix, planes_limit): with base None,\n"
+"the record planes_prefix + encode_sections(body, width, rotate); with a base, the delta\n"
+"record (delta_prefix + the sections of the difference of `kind`; with prev, and when\n"
+"predict.extrapolation_pays would say so, ext_prefix + the sections of the difference\n"
+"from 2*base - prev) and, when that is longer than planes_limit, the planes record if\n"
+"it is shorter. The records are codec.encode_tensor's, byte for byte.");
+
+static PyObject *native_encode_records(PyObject *self, PyObject *args)
+{
+    PyObject *jobs_obj, *seq = NULL, *result = NULL;
+    int threads;
+    if (!PyArg_ParseTuple(args, "Oi", &jobs_obj, &threads))
+        return NULL;
+    if (!zl.ok) {
+        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
+        return NULL;
+    }
+    seq = PySequence_Fast(jobs_obj, "jobs must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), parsed = 0;
+    RecordJob *jobs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(RecordJob));
+    if (jobs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; parsed < n; parsed++)
+        if (parse_job(PySequence_Fast_GET_ITEM(seq, parsed), &jobs[parsed]) < 0) {
+            parsed++;
+            goto done;
+        }
+    Batch batch = {jobs, n, 0};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(&batch, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (jobs[i].out.failed) {
+            raise_buf_failure(jobs[i].out.failed);
+            goto done;
+        }
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
+        PyObject *rec = PyBytes_FromStringAndSize((const char *)jobs[i].out.p, (Py_ssize_t)jobs[i].out.len);
+        if (rec == NULL)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, i, rec);
+    }
+done:
+    for (Py_ssize_t i = 0; jobs != NULL && i < parsed; i++)
+        release_job(&jobs[i]);
+    PyMem_Free(jobs);
+    Py_DECREF(seq);
     return result;
 }
 
@@ -1489,6 +1785,7 @@ static PyMethodDef methods[] = {
     {"unpack_codes", native_unpack_codes, METH_VARARGS, unpack_codes_doc},
     {"extrapolation_score", native_extrapolation_score, METH_VARARGS, extrapolation_score_doc},
     {"encode_sections", (PyCFunction)(void (*)(void))native_encode_sections, METH_VARARGS | METH_KEYWORDS, encode_sections_doc},
+    {"encode_records", native_encode_records, METH_VARARGS, encode_records_doc},
     {"decode_sections", (PyCFunction)(void (*)(void))native_decode_sections, METH_VARARGS | METH_KEYWORDS, decode_sections_doc},
     {"has_zstd", native_has_zstd, METH_NOARGS, has_zstd_doc},
     {NULL, NULL, 0, NULL},
@@ -1514,5 +1811,6 @@ PyMODINIT_FUNC PyInit__native(void)
     fill_xlog2x();
     load_zstd();
     tl_key_ok = pthread_key_create(&tl_key, free_thread_state) == 0;
+    pthread_atfork(NULL, NULL, pool_after_fork_child);
     return m;
 }

@@ -18,9 +18,10 @@ Kernels: split, join, survey, pack_codes, count_escapes, unpack_codes,
 extrapolation_score; see reference.py
 for what each computes.
 
-Besides the kernels, the native set has two whole-record calls, `encode_sections` and
-`decode_sections`: all of a tensor's plane and tail sections (frames.py's choices, zstd
-included) in one call without the GIL. They need zstd from C (the system's libzstd.so.1,
+Besides the kernels, the native set has whole-record calls: `encode_sections` and
+`decode_sections`, all of a tensor's plane and tail sections (frames.py's choices, zstd
+included) in one call without the GIL, and `encode_records`, codec.encode_tensor's whole
+records for a batch of tensors on kept C threads. They need zstd from C (the system's libzstd.so.1,
 `_native.has_zstd()`); they are None under numpy or without it, and tensor.py then
 composes the same sections from frames.py in Python. Per-section Python was most of a
 commit's time on ~45 kB LoRA tensors, and held the GIL so that threads could not help.
@@ -60,6 +61,7 @@ def use(name: str) -> str:
     globals().update(
         encode_sections=mod.encode_sections if whole else None,
         decode_sections=mod.decode_sections if whole else None,
+        encode_records=mod.encode_records if whole else None,
     )
     active = name
     return before
@@ -69,6 +71,6 @@ def use(name: str) -> str:
 native = _load_native()
 # What decode_sections raises for a damaged record (tensor.py turns it into CorruptObject).
 CorruptRecord = native.CorruptRecord if native is not None else ValueError
-encode_sections = decode_sections = None
+encode_sections = decode_sections = encode_records = None
 active = "numpy"
 use("native" if native is not None and os.environ.get("AH_NO_NATIVE", "") in ("", "0") else "numpy")
