@@ -15,7 +15,7 @@ import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -166,30 +166,36 @@ class SnapshotStats:
         tensors: tensors across all safetensors files.
         logical_bytes: total size of the files.
         new_objects: objects that were not in the store before.
+        snapshot: the snapshot stored (a caller committing again on top of it offers it
+            back as `delta_from`, and so skips reading and parsing it).
     """
 
     files: int
     tensors: int
     logical_bytes: int
     new_objects: int
+    snapshot: Snapshot | None = field(default=None, repr=False, compare=False)
 
 
-def delta_bases(store: ObjectStore, snap_id: ObjectId | None) -> dict[tuple[str, str], TensorEntry]:
-    """(file path, tensor name) -> tensor entry of a snapshot: where a new revision's
-    tensors look for a delta base (the same-named tensor of the parent)."""
-    if snap_id is None:
+def delta_bases(store: ObjectStore, snap: ObjectId | Snapshot | None) -> dict[tuple[str, str], TensorEntry]:
+    """(file path, tensor name) -> tensor entry of a snapshot (given by id, or already in
+    hand): where a new revision's tensors look for a delta base (the same-named tensor of
+    the parent)."""
+    if snap is None:
         return {}
-    snap = store.get_snapshot(snap_id)
+    if not isinstance(snap, Snapshot):
+        snap = store.get_snapshot(snap)
     return {(f.path, t.name): t for f in snap.files for t in f.tensors}
 
 
 def store_folder(
-    store: ObjectStore, folder: Path, progress: Progress | None = None, *, delta_from: ObjectId | None = None
+    store: ObjectStore, folder: Path, progress: Progress | None = None, *, delta_from: ObjectId | Snapshot | None = None
 ) -> tuple[ObjectId, SnapshotStats]:
     """Validate and store an adapter folder; return the snapshot id and what was stored.
 
-    `delta_from` (the parent revision's snapshot) offers each tensor the same-named,
-    same-shaped tensor there as a delta base; the store keeps the delta only when smaller.
+    `delta_from` (the parent revision's snapshot, its id or the Snapshot itself) offers
+    each tensor the same-named, same-shaped tensor there as a delta base; the store keeps
+    the delta only when smaller.
     """
     files = list_adapter_files(Path(folder))
     bases = delta_bases(store, delta_from)
@@ -242,7 +248,7 @@ def store_folder(
     snap = Snapshot(tuple(entries))
     snap.check()
     snap_id = put(SNAPSHOT, snap.serialize())
-    return snap_id, SnapshotStats(len(entries), ntensors, logical, new)
+    return snap_id, SnapshotStats(len(entries), ntensors, logical, new, snap)
 
 
 def iter_file_bytes(store: ObjectStore, entry: FileEntry, snap_id: str = "") -> Iterator[bytes]:

@@ -1,0 +1,75 @@
+"""A Registry reuses the snapshot of its own last commit as the next commit's delta bases
+(instead of reading and parsing it back): the commits must be exactly those a fresh
+Registry per commit makes, and a commit made meanwhile by someone else must be the base."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from adapterhub.registry import Registry
+
+
+def _checkpoint(folder, step: int):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(8192).astype(np.float32) * 0.02
+    w += np.float32(1e-4) * step  # small steps: each revision is stored as a delta
+    folder.mkdir(parents=True)
+    save_file({"layer.lora_A.weight": w.reshape(64, -1), "layer.lora_B.weight": (w[::-1] * 2).reshape(-1, 64)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    return folder
+
+
+def _tensor_bases(reg, commit_id):
+    snap = reg.store.get_snapshot(reg.store.get_commit(commit_id).snapshot)
+    return {t.name: (t.blob, reg.store.delta_base_of(t.blob)) for f in snap.files for t in f.tensors}
+
+
+@pytest.fixture(autouse=True)
+def _pinned(monkeypatch):
+    monkeypatch.setenv("AH_AUTHOR", "T <t@e>")
+    monkeypatch.setenv("AH_COMMIT_TIME", "1700000000")
+
+
+def test_a_kept_registry_commits_what_a_fresh_one_per_commit_does(tmp_path):
+    folders = [_checkpoint(tmp_path / f"ck{i}", i) for i in range(4)]
+    kept = Registry.init(tmp_path / "kept")
+    Registry.init(tmp_path / "fresh")
+    kept_ids = [kept.commit(f, f"step {i}").id for i, f in enumerate(folders)]
+    fresh_ids = [Registry.open(tmp_path / "fresh").commit(f, f"step {i}").id for i, f in enumerate(folders)]
+    assert kept_ids == fresh_ids
+    fresh = Registry.open(tmp_path / "fresh")
+    for i, c in enumerate(kept_ids):
+        bases = _tensor_bases(kept, c)
+        assert bases == _tensor_bases(fresh, c)
+        if i:  # every later revision is a delta against its parent's same-named tensor
+            parent = _tensor_bases(kept, kept_ids[i - 1])
+            assert all(base == parent[name][0] for name, (_, base) in bases.items())
+
+
+def test_a_commit_made_meanwhile_by_another_registry_is_the_base(tmp_path):
+    ours = Registry.init(tmp_path / "reg")
+    first = ours.commit(_checkpoint(tmp_path / "ck0", 0), "ours").id
+    theirs = Registry.open(tmp_path / "reg").commit(_checkpoint(tmp_path / "ck1", 1), "theirs").id
+    third = ours.commit(_checkpoint(tmp_path / "ck2", 2), "ours again")
+    assert third.parents == (theirs,)
+    bases = _tensor_bases(ours, third.id)
+    parent = _tensor_bases(ours, theirs)
+    assert all(base == parent[name][0] for name, (_, base) in bases.items())
+    assert all(base != blob for name, (_, base) in bases.items() for blob, _ in [_tensor_bases(ours, first)[name]])
+
+
+def test_the_parent_is_not_read_back(tmp_path, monkeypatch):
+    reg = Registry.init(tmp_path / "reg")
+    reg.commit(_checkpoint(tmp_path / "ck0", 0), "one")
+
+    def no_reads(*_a, **_k):
+        raise AssertionError("the parent commit was read back from the store")
+
+    monkeypatch.setattr(reg.store, "get_commit", no_reads)
+    monkeypatch.setattr(reg.store, "get_snapshot", no_reads)
+    assert len(reg.commit(_checkpoint(tmp_path / "ck1", 1), "two").parents) == 1
