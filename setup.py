@@ -1,21 +1,48 @@
 """Build of the one C extension; everything else about the package is in pyproject.toml.
 
 `adapterhub.encoding._native` holds the tensor codec's per-byte loops (byte planes, deltas,
-code sections). It is optional: when it cannot be compiled the install still succeeds and
-adapterhub.encoding.kernels falls back to the numpy twins in reference.py, which write and
-read the very same bytes. At import the extension also opens the system's libzstd.so.1
-(dlopen; no zstd headers are needed to build) for its whole-record calls; without it those
-calls stay off and the codec composes the same sections in Python.
+code sections) and BLAKE3 (the vendored C implementation in third_party/blake3, for
+hashing tensors on the codec's own threads). It is optional: when it cannot be compiled the
+install still succeeds and adapterhub.encoding.kernels falls back to the numpy twins in
+reference.py, which write and read the very same bytes. At import the extension also opens
+the system's libzstd.so.1 (dlopen; no zstd headers are needed to build) for its
+whole-record calls; without it those calls stay off and the codec composes the same
+sections in Python.
 """
 
+import platform
+import sys
+
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+BLAKE3 = "third_party/blake3/"
+# BLAKE3's SIMD code as its authors' assembly for x86-64 Unix (no per-file compiler flags
+# needed); elsewhere the portable C only.
+X86_64_UNIX = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+SIMD = ["sse2", "sse41", "avx2", "avx512"]
+
+
+class BuildExtWithAssembly(build_ext):
+    """build_ext that also hands `.S` files to the C compiler (which assembles them)."""
+
+    def build_extensions(self):
+        if ".S" not in self.compiler.src_extensions:
+            self.compiler.src_extensions.append(".S")
+        super().build_extensions()
+
 
 setup(
+    cmdclass={"build_ext": BuildExtWithAssembly},
     ext_modules=[
         Extension(
             "adapterhub.encoding._native",
-            sources=["adapterhub/encoding/_native.c"],
+            sources=["adapterhub/encoding/_native.c"]
+            + [BLAKE3 + f for f in ("blake3.c", "blake3_dispatch.c", "blake3_portable.c")]
+            + ([f"{BLAKE3}blake3_{s}_x86-64_unix.S" for s in SIMD] if X86_64_UNIX else []),
+            include_dirs=[BLAKE3],
+            define_macros=[] if X86_64_UNIX else [(f"BLAKE3_NO_{s.upper()}", None) for s in SIMD],
             optional=True,
         )
-    ]
+    ],
 )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import codec
+from .encoding import kernels
 from .errors import AmbiguousRevision, CorruptObject, ObjectNotFound
 from .fsutil import TMP_PREFIX, atomic_write
 from .encoding.chain import DeltaBase
@@ -159,12 +160,12 @@ class ObjectStore:
     ) -> list[tuple[ObjectId, bool]]:
         """put_ex of many tensors, given as (body, dtype, delta base id), in three phases.
 
-        Hashing, existence checks and delta-base lookups run here one by one; then
-        codec.encode_tensors makes the records (one native call on `workers` C threads;
-        `pool` serves only its Python fallback); then they are written in order. (Hashing
-        on two threads as well measured no faster.)
+        The ids are hashed in one call (native: on `workers` C threads); existence checks
+        and delta-base lookups run here one by one; then codec.encode_tensors makes the
+        records (one native call on `workers` C threads; `pool` serves only its Python
+        fallback); then they are written in order.
         """
-        oids = [hash_object(TENSOR, body) for body, _, _ in items]
+        oids = kernels.hash_objects(TENSOR, [body for body, _, _ in items], workers)
         results: list[tuple[ObjectId, bool]] = []
         todo: list[int] = []
         seen: set[str] = set()

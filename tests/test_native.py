@@ -26,7 +26,7 @@ from adapterhub.encoding import frames, kernels, predict, reference, tensor
 from adapterhub.encoding.planes import PlaneLayout
 from adapterhub.encoding.tensor import DeltaBase
 from adapterhub.errors import CorruptObject
-from adapterhub.objects import TENSOR, header
+from adapterhub.objects import TENSOR, hash_object, header
 
 native = kernels.native
 pytestmark = pytest.mark.skipif(native is None, reason="the C extension is not built")
@@ -584,7 +584,7 @@ def test_running_out_of_memory_is_not_reported_as_damage():
     code = """
 import resource
 from adapterhub import codec
-from adapterhub.objects import TENSOR, header
+from adapterhub.objects import TENSOR, hash_object, header
 body = bytes(256 << 20)
 h = header(TENSOR, len(body))
 record = codec.encode_tensor(h, body, "F32")
@@ -608,3 +608,27 @@ def test_no_native_environment_selects_numpy():
     env.pop("AH_NO_NATIVE")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["native", "True"]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_vendored_blake3_ids_are_the_blake3_packages(threads):
+    """Object ids from the C hasher (third_party/blake3, its SIMD paths chosen at run
+    time) equal objects.hash_object's (the Python blake3 package) across BLAKE3's block
+    (64 B) and chunk (1 KiB) edges, multi-chunk trees, views and every object type."""
+    rng = np.random.default_rng(threads)
+    sizes = [0, 1, 63, 64, 65, 1023, 1024, 1025, 2047, 2048, 4097, 16 * 1024 + 1, 65536, 300_001, 3 << 20]
+    bodies = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    bodies.append(memoryview(bodies[-1])[5:70_000])
+    for obj_type in ("tensor", "blob", "commit"):
+        assert native.hash_objects(obj_type, bodies, threads) == [hash_object(obj_type, b) for b in bodies]
+    assert reference.hash_objects("tensor", bodies[:3]) == native.hash_objects("tensor", bodies[:3], 1)
+
+
+def test_hash_objects_refuses_bad_arguments():
+    with pytest.raises(TypeError):
+        native.hash_objects("tensor", [b"ok", 5], 2)
+    with pytest.raises(TypeError):
+        native.hash_objects("tensor", 5, 2)
+    with pytest.raises(ValueError, match="short"):
+        native.hash_objects("x" * 40, [b"ok"], 1)
+    assert native.hash_objects("tensor", [], 2) == []

@@ -15,7 +15,7 @@ Both write and read the very same bytes (tests/test_native.py): the on-disk form
 depends on which one ran. `use()` switches at run time (tests).
 
 Kernels: split, join, survey, pack_codes, count_escapes, unpack_codes,
-extrapolation_score; see reference.py
+extrapolation_score, hash_objects (object ids: BLAKE3, vendored in C); see reference.py
 for what each computes.
 
 Besides the kernels, the native set has whole-record calls: `encode_sections` and
@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-NAMES = ("split", "join", "survey", "pack_codes", "count_escapes", "unpack_codes", "extrapolation_score")
+NAMES = ("split", "join", "survey", "pack_codes", "count_escapes", "unpack_codes", "extrapolation_score", "hash_objects")
 
 
 def _load_native() -> ModuleType | None:

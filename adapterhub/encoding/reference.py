@@ -172,3 +172,11 @@ def extrapolation_score(body, base, prev, width: int, rotate: bool, step: int) -
     d2 = d1 - (b - p)
     # frexp's exponent of an integer below 2**53 is its bit length (0 for 0).
     return tuple(int(np.frexp(np.abs(d).astype(np.float64))[1].sum()) for d in (d1, d2))
+
+
+def hash_objects(obj_type: str, bodies, threads: int = 1) -> list[str]:
+    """objects.hash_object of each body (`threads` is for the native twin, which hashes on
+    its own threads without the GIL)."""
+    from ..objects import hash_object
+
+    return [hash_object(obj_type, body) for body in bodies]
