@@ -13,7 +13,6 @@ import os
 import stat
 import threading
 import warnings
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +42,15 @@ def _threads_wanted() -> int:
     return default
 
 
-# Threads for encoding a file's tensors (store.put_tensors runs only the codec on them,
-# which releases the GIL) and for decoding them at checkout. Files under
-# PARALLEL_MIN_BYTES (a few-kB adapter of a bulk import) stay on one thread: starting the
-# pool costs more. At checkout a file's tensors are read one per task, which pays only
-# when they are, on average, at least PARALLEL_MIN_TENSOR_BYTES. AH_THREADS sets the
-# count (1: one thread), like git's pack.threads.
+# Threads for hashing and encoding a file's tensors at commit and for decoding them at
+# checkout (the native codec's own C threads; the Python pool below only when it is
+# missing). Files under PARALLEL_MIN_BYTES (a few-kB adapter of a bulk import) stay on
+# one thread: waking the others costs more. AH_THREADS sets the count (1: one thread),
+# like git's pack.threads.
 WORKERS = _threads_wanted()
 PARALLEL_MIN_BYTES = 1 << 20
-PARALLEL_MIN_TENSOR_BYTES = 128 << 10
+# A checkout decodes a file's tensors in batches of about this many bytes (iter_file_bytes).
+READ_BATCH_BYTES = 64 << 20
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -260,29 +259,25 @@ def iter_file_bytes(store: ObjectStore, entry: FileEntry, snap_id: str = "") -> 
     header = _read_blob(store, entry.blob, BLOB)
     yield rebuild_prefix(header)
 
-    def tensor_bytes(t: TensorEntry) -> bytes:
-        data = _read_blob(store, t.blob, TENSOR)
-        expected = DTYPE_SIZES.get(t.dtype, 0)
-        for d in t.shape:
+    # Tensors are read in batches of up to READ_BATCH_BYTES (one native call each, on
+    # WORKERS threads for big files), so memory stays bounded whatever the file's size.
+    threads = WORKERS if entry.size >= PARALLEL_MIN_BYTES else 1
+    batch: list[tuple[TensorEntry, int]] = []
+    batch_bytes = 0
+    for i, entry_t in enumerate(entry.tensors):
+        expected = DTYPE_SIZES.get(entry_t.dtype, 0)
+        for d in entry_t.shape:
             expected *= d
-        if len(data) != expected:
-            raise CorruptObject(t.blob, f"tensor {t.name!r} has {len(data)} bytes, its shape needs {expected}")
-        return data
-
-    # Same rule as store_folder: threads only for big files of big tensors; decoding runs
-    # at most 2 x WORKERS tensors ahead of the writer, so memory stays bounded.
-    if entry.size < PARALLEL_MIN_BYTES or entry.size < PARALLEL_MIN_TENSOR_BYTES * len(entry.tensors):
-        for t in entry.tensors:
-            yield tensor_bytes(t)
-        return
-    pool = codec_pool()
-    ahead: deque = deque()
-    for t in entry.tensors:
-        ahead.append(pool.submit(tensor_bytes, t))
-        if len(ahead) >= 2 * WORKERS:
-            yield ahead.popleft().result()
-    while ahead:
-        yield ahead.popleft().result()
+        batch.append((entry_t, expected))
+        batch_bytes += expected
+        if batch_bytes < READ_BATCH_BYTES and i + 1 < len(entry.tensors):
+            continue
+        bodies = store.read_tensors([t.blob for t, _ in batch], threads)
+        for (t, expected), data in zip(batch, bodies):
+            if len(data) != expected:
+                raise CorruptObject(t.blob, f"tensor {t.name!r} has {len(data)} bytes, its shape needs {expected}")
+            yield data
+        batch, batch_bytes = [], 0
 
 
 def _read_blob(store: ObjectStore, oid: str, obj_type: str) -> bytes:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from . import codec
 from .encoding import kernels
-from .errors import AmbiguousRevision, CorruptObject, ObjectNotFound
+from .errors import AmbiguousRevision, CorruptObject, ObjectNotFound, UnsupportedFormat
 from .fsutil import TMP_PREFIX, atomic_write
 from .encoding.chain import DeltaBase
 from .objects import BLOB, COMMIT, SNAPSHOT, TAG, TENSOR, Commit, ObjectId, Snapshot, Tag, hash_object, header, parse_object, split_canonical
@@ -233,6 +233,76 @@ class ObjectStore:
         if obj_type != TENSOR:
             return None, 0, None
         return body, depth, self.delta_base_of(oid) if depth else None
+
+    def read_tensor(self, oid: str) -> bytes:
+        """The body of a stored tensor, verified; CorruptObject when the id names another type."""
+        obj_type, body = self.read(oid)
+        if obj_type != TENSOR:
+            raise CorruptObject(oid, f"expected a tensor, found a {obj_type}")
+        return body
+
+    def read_tensors(self, oids: list[str], threads: int = 1) -> list[bytes]:
+        """read_tensor of many tensors (a checkout's), the same bodies and errors.
+
+        With the native codec their plane and delta records are decoded and re-hashed in
+        one call on `threads` C threads without the GIL; the bases they need come from
+        the base cache (a checkout of the next revision finds the last one's there) or
+        from a verified read first. Whatever that call does not take (other encodings, a
+        base that cannot be read) or finds damaged is read again one by one by
+        read_tensor, which raises the exact error."""
+        native = kernels.read_tensors
+        if native is None:
+            return [self.read_tensor(oid) for oid in oids]
+        bodies: list = [None] * len(oids)
+        jobs, where, refs = [], [], []
+        for i, oid in enumerate(oids):
+            planned = self._read_job(oid)
+            if planned is None:
+                bodies[i] = self.read_tensor(oid)
+            else:
+                jobs.append(planned[0])
+                refs.append(planned[1])
+                where.append(i)
+        for i, body, ref in zip(where, native(jobs, threads) if jobs else (), refs):
+            if body is None:
+                bodies[i] = self.read_tensor(oids[i])
+            else:
+                self.base_cache.add(oids[i], body, ref.depth if ref else 0, ref.base if ref else None)
+                bodies[i] = body
+        return bodies
+
+    def _read_job(self, oid: str) -> tuple | None:
+        """(kernels.read_tensors job, DeltaRef or None) for a tensor, or None to read it
+        one by one."""
+        record = self._read_record(oid)
+        try:
+            plan = codec.read_plan(oid, record)
+        except (CorruptObject, UnsupportedFormat):
+            return None
+        if plan is None:
+            return None
+        payload, pos, body_len, layout, kind, ref, prev_id = plan
+        base = prev = None
+        if ref is not None:
+            base = self._base_body(ref.base, body_len)
+            prev = self._base_body(prev_id, body_len) if prev_id is not None else None
+            if base is None or prev_id is not None and prev is None:
+                return None
+        return (oid, payload, pos, body_len, layout.width, layout.rotate, base, kind, prev), ref
+
+    def _base_body(self, oid: str, length: int) -> bytes | None:
+        """A delta base's body of `length` bytes, cached or read verified; None otherwise."""
+        cached = self.base_cache.get(oid)
+        if cached is not None:
+            body = cached[0]
+        else:
+            try:
+                obj_type, body, _ = self._read_verified(oid)
+            except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+                return None
+            if obj_type != TENSOR:
+                return None
+        return body if len(body) == length else None
 
     def read(self, oid: str) -> tuple[str, bytes]:
         """(type, body) of a stored object, verified against its id."""

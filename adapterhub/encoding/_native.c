@@ -1711,6 +1711,31 @@ PyDoc_STRVAR(decode_sections_doc,
 "2*base - prev). Damage raises CorruptRecord with the message\n"
 "frames.py gives for it.");
 
+/* Decode the sections of a tensor record (from `pos` to the payload's end) into `dst`
+ * (body_len bytes): the planes joined, against `bsrc` (and the extrapolation with `psrc`)
+ * when given, and the tail. Runs without the GIL; 0, or -1 with the fault in `f`. */
+static int read_tensor_sections(const uint8_t *d, size_t len, size_t pos, uint8_t *dst, Py_ssize_t body_len, int width,
+                                int rotate, const uint8_t *bsrc, const uint8_t *psrc, int kind, Fault *f)
+{
+    Py_ssize_t n = body_len / width, tail_len = body_len - n * width;
+    int mode = delta_mode(rotate, bsrc ? kind : KIND_NONE, psrc != NULL), rc = 0;
+    uint8_t *planes = scratch(SC_PLANES, (size_t)(n * width));
+    if (planes == NULL)
+        return out_of_memory(f);
+    const uint8_t *pptr[8];
+    for (int i = 0; rc == 0 && i < width; i++) {
+        pptr[i] = planes + (size_t)i * n;
+        rc = read_section(d, len, &pos, planes + (size_t)i * n, (size_t)n, 0, f);
+    }
+    if (rc == 0 && tail_len)
+        rc = read_section(d, len, &pos, dst + n * width, (size_t)tail_len, 0, f);
+    if (rc == 0 && pos != len)
+        rc = fault(f, "stored record has %zu stray bytes after its data", len - pos);
+    if (rc == 0)
+        join_words(width, pptr, bsrc, psrc, dst, n, mode);
+    return rc;
+}
+
 static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"payload", "pos", "body_len", "width", "rotate", "head", "base", "kind", "prev", NULL};
@@ -1721,8 +1746,6 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nnip|y*OiO", kwlist, &payload, &pos_in, &body_len, &width, &rotate,
                                      &head, &base_obj, &kind, &prev_obj))
         return NULL;
-    int has_base = base_obj != Py_None;
-    uint8_t *planes = NULL;
     if (pos_in < 0 || pos_in > payload.len || body_len < 0) {
         PyErr_SetString(PyExc_ValueError, "position or length out of range");
         goto done;
@@ -1733,29 +1756,14 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
     if (out == NULL)
         goto done;
     {
-        Py_ssize_t n = body_len / width, tail_len = body_len - n * width;
         uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
-        const uint8_t *d = payload.buf, *bsrc = has_base ? base.buf : NULL, *psrc = prev.obj ? prev.buf : NULL;
-        size_t len = (size_t)payload.len, pos = (size_t)pos_in;
-        int mode = delta_mode(rotate, has_base ? kind : KIND_NONE, psrc != NULL), rc = 0;
+        const uint8_t *bsrc = base.obj ? base.buf : NULL, *psrc = prev.obj ? prev.buf : NULL;
         Fault f = {{0}, 0};
+        int rc;
         memcpy(dst, head.buf, head.len);
         Py_BEGIN_ALLOW_THREADS
-        planes = scratch(SC_PLANES, (size_t)(n * width));
-        if (planes == NULL)
-            rc = out_of_memory(&f);
-        const uint8_t *pptr[8];
-        for (int i = 0; rc == 0 && i < width; i++) {
-            pptr[i] = planes + (size_t)i * n;
-            rc = read_section(d, len, &pos, planes + (size_t)i * n, (size_t)n, 0, &f);
-        }
-        if (rc == 0 && tail_len)
-            rc = read_section(d, len, &pos, dst + head.len + n * width, (size_t)tail_len, 0, &f);
-        if (rc == 0 && pos != len)
-            rc = fault(&f, "stored record has %zu stray bytes after its data", len - pos);
-        if (rc == 0) {
-            join_words(width, pptr, bsrc, psrc, dst + head.len, n, mode);
-        }
+        rc = read_tensor_sections(payload.buf, (size_t)payload.len, (size_t)pos_in, dst + head.len, body_len, width, rotate,
+                                  bsrc, psrc, kind, &f);
         Py_END_ALLOW_THREADS
         if (rc < 0) {
             Py_CLEAR(out);
@@ -1772,6 +1780,139 @@ done:
     release_view(&base);
     release_view(&prev);
     return out;
+}
+
+/* ---- many tensor records read at once, each checked against its id ---------------------- */
+
+static void object_id(const char *type, const uint8_t *body, size_t len, uint8_t digest[BLAKE3_OUT_LEN]);
+
+typedef struct {
+    Py_buffer payload, base, prev; /* base.obj / prev.obj NULL when absent */
+    const char *oid;               /* 64 hex digits */
+    Py_ssize_t pos, body_len;
+    int width, rotate, kind;
+    PyObject *out;                 /* a bytes object of body_len, written without the GIL */
+    int ok, oom;
+} ReadJob;
+
+static int hex_matches(const char *hex, const uint8_t digest[BLAKE3_OUT_LEN])
+{
+    static const char digits[] = "0123456789abcdef";
+    for (int k = 0; k < BLAKE3_OUT_LEN; k++)
+        if (hex[2 * k] != digits[digest[k] >> 4] || hex[2 * k + 1] != digits[digest[k] & 15])
+            return 0;
+    return 1;
+}
+
+static void read_one(void *jobs, Py_ssize_t i)
+{
+    ReadJob *j = &((ReadJob *)jobs)[i];
+    Fault f = {{0}, 0};
+    uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(j->out);
+    if (read_tensor_sections(j->payload.buf, (size_t)j->payload.len, (size_t)j->pos, dst, j->body_len, j->width, j->rotate,
+                             j->base.obj ? j->base.buf : NULL, j->prev.obj ? j->prev.buf : NULL, j->kind, &f) < 0) {
+        j->oom = f.oom;
+        return;
+    }
+    uint8_t digest[BLAKE3_OUT_LEN];
+    object_id("tensor", dst, (size_t)j->body_len, digest);
+    j->ok = hex_matches(j->oid, digest);
+}
+
+static void release_read_job(ReadJob *j)
+{
+    release_view(&j->payload);
+    release_view(&j->base);
+    release_view(&j->prev);
+    Py_CLEAR(j->out);
+}
+
+/* A read job from its tuple (see read_tensors' doc); -1 with an exception set. */
+static int parse_read_job(PyObject *item, ReadJob *j)
+{
+    PyObject *payload, *base, *prev;
+    Py_ssize_t oid_len;
+    if (!PyTuple_Check(item)) {
+        PyErr_SetString(PyExc_TypeError, "each job must be a tuple");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(item, "s#OnnipOiO;a job is (oid, payload, pos, body_len, width, rotate, base, kind, prev)", &j->oid,
+                          &oid_len, &payload, &j->pos, &j->body_len, &j->width, &j->rotate, &base, &j->kind, &prev))
+        return -1;
+    if (oid_len != 2 * BLAKE3_OUT_LEN) {
+        PyErr_SetString(PyExc_ValueError, "an object id is 64 hex digits");
+        return -1;
+    }
+    if (PyObject_GetBuffer(payload, &j->payload, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (j->pos < 0 || j->pos > j->payload.len || j->body_len < 0) {
+        PyErr_SetString(PyExc_ValueError, "position or length out of range");
+        return -1;
+    }
+    if (check_layout(j->width, j->kind, base != Py_None) < 0)
+        return -1;
+    if (base != Py_None && get_same_length(base, &j->base, j->body_len, "a delta base") < 0)
+        return -1;
+    if (get_prev(prev, &j->prev, base != Py_None, j->kind, j->body_len) < 0)
+        return -1;
+    j->out = PyBytes_FromStringAndSize(NULL, j->body_len);
+    return j->out == NULL ? -1 : 0;
+}
+
+PyDoc_STRVAR(read_tensors_doc,
+"read_tensors(jobs, threads) -> list[bytes | None]\n\n"
+"The bodies of many tensor records, in one call without the GIL on the calling thread and\n"
+"up to threads-1 kept workers. Each job is (oid, payload, pos, body_len, width, rotate,\n"
+"base, kind, prev), decode_sections' arguments less the head plus the tensor's hex id:\n"
+"the body is decoded and its id (BLAKE3 of `tensor <len>\\0` + body) checked. None where\n"
+"the record is damaged or the body does not hash to its id (the caller reads that one\n"
+"again the slow way, for its exact error); MemoryError when memory ran out.");
+
+static PyObject *native_read_tensors(PyObject *self, PyObject *args)
+{
+    PyObject *jobs_obj, *seq, *result = NULL;
+    int threads;
+    if (!PyArg_ParseTuple(args, "Oi", &jobs_obj, &threads))
+        return NULL;
+    if (!zl.ok) {
+        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
+        return NULL;
+    }
+    seq = PySequence_Fast(jobs_obj, "jobs must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), parsed = 0;
+    ReadJob *jobs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(ReadJob));
+    if (jobs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; parsed < n; parsed++)
+        if (parse_read_job(PySequence_Fast_GET_ITEM(seq, parsed), &jobs[parsed]) < 0) {
+            parsed++;
+            goto done;
+        }
+    Batch batch = {jobs, n, 0, read_one};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(&batch, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (jobs[i].oom) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
+        PyObject *body = jobs[i].ok ? jobs[i].out : Py_None;
+        Py_INCREF(body);
+        PyList_SET_ITEM(result, i, body);
+    }
+done:
+    for (Py_ssize_t i = 0; jobs != NULL && i < parsed; i++)
+        release_read_job(&jobs[i]);
+    PyMem_Free(jobs);
+    Py_DECREF(seq);
+    return result;
 }
 
 PyDoc_STRVAR(has_zstd_doc,
@@ -1882,6 +2023,7 @@ static PyMethodDef methods[] = {
     {"encode_sections", (PyCFunction)(void (*)(void))native_encode_sections, METH_VARARGS | METH_KEYWORDS, encode_sections_doc},
     {"encode_records", native_encode_records, METH_VARARGS, encode_records_doc},
     {"hash_objects", native_hash_objects, METH_VARARGS, hash_objects_doc},
+    {"read_tensors", native_read_tensors, METH_VARARGS, read_tensors_doc},
     {"decode_sections", (PyCFunction)(void (*)(void))native_decode_sections, METH_VARARGS | METH_KEYWORDS, decode_sections_doc},
     {"has_zstd", native_has_zstd, METH_NOARGS, has_zstd_doc},
     {NULL, NULL, 0, NULL},

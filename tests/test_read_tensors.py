@@ -1,0 +1,173 @@
+"""ObjectStore.read_tensors: a checkout's tensors decoded and re-hashed in one native call.
+
+It must return exactly what read_tensor returns one by one (planes, deltas, extrapolated
+deltas; bases cached or not), raise exactly the error read_tensor raises for damaged,
+missing or mistyped objects, and teach the base cache the same chains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adapterhub import codec
+from adapterhub.encoding import kernels
+from adapterhub.errors import CorruptObject, ObjectNotFound
+from adapterhub.objects import BLOB, TENSOR
+from adapterhub.packstore import PackedObjectStore
+
+needs_native = pytest.mark.skipif(kernels.read_tensors is None, reason="the C extension or libzstd.so.1 is missing")
+
+
+def _store(path) -> PackedObjectStore:
+    (path / "pack").mkdir(parents=True, exist_ok=True)
+    return PackedObjectStore(path)
+
+
+def _revisions(path, dtype="F32", revisions=4, tensors=6, size=5000) -> tuple[PackedObjectStore, list[list[str]]]:
+    """A store holding `revisions` checkpoints of steadily moving tensors, each stored as a
+    delta (some extrapolated) against the previous one, the way commits store them."""
+    store = _store(path)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((tensors, size)) * 0.02
+    step = rng.standard_normal((tensors, size)) * 1e-3
+    numpy_type = np.float32 if dtype == "F32" else np.float16
+    ids: list[list[str]] = []
+    for r in range(revisions):
+        bodies = [(values[k] + r * step[k]).astype(numpy_type).tobytes() for k in range(tensors)]
+        bases = ids[-1] if ids else [None] * tensors
+        ids.append([oid for oid, _ in store.put_tensors([(b, dtype, base) for b, base in zip(bodies, bases)])])
+    return store, ids
+
+
+def _encodings(store, oids) -> set[int]:
+    return {bytes(store._read_record(oid))[codec.ENCODING_AT] for oid in oids}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["F32", "F16"])
+def test_bodies_are_read_tensors_one_by_one(tmp_path, threads, dtype):
+    store, ids = _revisions(tmp_path, dtype)
+    every = [oid for rev in ids for oid in rev]
+    assert {codec.ENC_PLANES, codec.ENC_DELTA, codec.ENC_EXTRAPOLATED} <= _encodings(store, every)
+    want = [_store(tmp_path).read_tensor(oid) for oid in every]
+    # A cold store (bases read on demand), then a warm one (bases from the cache).
+    cold = _store(tmp_path)
+    assert cold.read_tensors(every[-6:], threads) == want[-6:]
+    assert cold.read_tensors(every, threads) == want
+
+
+@needs_native
+def test_the_base_cache_learns_the_chains_read_learns(tmp_path):
+    store, ids = _revisions(tmp_path)
+    newest = ids[-1]
+    one, many = _store(tmp_path), _store(tmp_path)
+    for oid in newest:
+        one.read_tensor(oid)
+    many.read_tensors(newest, 2)
+    for oid in newest:
+        assert many.base_cache.get(oid) == one.base_cache.get(oid)
+    assert {many.base_cache.get(oid)[1] for oid in newest} == {len(ids) - 1}
+
+
+def _same_error(tmp_path, oids, damage=None):
+    """The error read_tensors raises equals read_tensor's for the first bad id."""
+    batch, single = _store(tmp_path), _store(tmp_path)
+    for store in (batch, single):
+        if damage:
+            original = store._read_record
+            store._read_record = lambda oid, original=original: damage(oid, bytes(original(oid)))
+    with pytest.raises((CorruptObject, ObjectNotFound)) as batch_error:
+        batch.read_tensors(oids, 2)
+    with pytest.raises((CorruptObject, ObjectNotFound)) as single_error:
+        for oid in oids:
+            single.read_tensor(oid)
+    assert type(batch_error.value) is type(single_error.value)
+    assert str(batch_error.value) == str(single_error.value)
+    return batch_error.value
+
+
+def test_a_body_that_does_not_hash_to_its_id_is_refused(tmp_path):
+    store, ids = _revisions(tmp_path)
+    victim, other = ids[0][2], ids[0][3]  # two tensors of one size: the records swap cleanly
+    other_record = bytes(store._read_record(other))
+
+    def swap(oid, record):
+        return other_record if oid == victim else record
+
+    error = _same_error(tmp_path, ids[0], swap)
+    assert "does not hash to its id" in str(error)
+
+
+@pytest.mark.parametrize("cut", [10, 40, 200])
+def test_a_truncated_record_is_refused(tmp_path, cut):
+    store, ids = _revisions(tmp_path)
+    victim = ids[2][1]
+
+    def truncate(oid, record):
+        return record[:cut] if oid == victim else record
+
+    _same_error(tmp_path, ids[2], truncate)
+
+
+def test_an_id_of_another_type_is_named(tmp_path):
+    store, ids = _revisions(tmp_path)
+    blob = store.put(BLOB, b"not a tensor" * 100)
+    error = _same_error(tmp_path, ids[0][:2] + [blob])
+    assert "expected a tensor, found a blob" in str(error)
+
+
+def test_a_missing_object_or_delta_base_is_named(tmp_path):
+    store, ids = _revisions(tmp_path)
+    _same_error(tmp_path, ids[0][:2] + ["ab" * 32])
+    victim_base = ids[0][3]
+
+    def hide_base(oid, record):
+        if oid == victim_base:
+            raise ObjectNotFound(oid)
+        return record
+
+    error = _same_error(tmp_path, ids[1], hide_base)
+    assert victim_base in str(error)
+
+
+def test_the_python_path_returns_the_same(tmp_path, monkeypatch):
+    store, ids = _revisions(tmp_path)
+    every = [oid for rev in ids for oid in rev]
+    want = [_store(tmp_path).read_tensor(oid) for oid in every]
+    monkeypatch.setattr(kernels, "read_tensors", None)
+    assert _store(tmp_path).read_tensors(every, 2) == want
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "job, error, message",
+    [
+        ([b"x"], TypeError, "must be a tuple"),
+        (("ab" * 32, b"", 0), TypeError, "a job is"),
+        (("ab" * 31, b"\0" * 8, 0, 8, 4, True, None, 1, None), ValueError, "64 hex digits"),
+        (("ab" * 32, b"\0" * 8, 9, 8, 4, True, None, 1, None), ValueError, "out of range"),
+        (("ab" * 32, b"\0" * 8, 0, -1, 4, True, None, 1, None), ValueError, "out of range"),
+        (("ab" * 32, b"\0" * 8, 0, 8, 3, True, None, 1, None), ValueError, "width"),
+        (("ab" * 32, b"\0" * 8, 0, 8, 4, True, b"\0" * 7, 1, None), ValueError, "length"),
+        (("ab" * 32, b"\0" * 8, 0, 8, 4, True, None, 1, b"\0" * 8), ValueError, "prev extrapolates a base"),
+    ],
+)
+def test_bad_read_jobs_are_refused_clearly(job, error, message):
+    with pytest.raises(error, match=message):
+        kernels.read_tensors([job], 2)
+
+
+@needs_native
+def test_damaged_sections_come_back_as_none_not_as_bytes():
+    """The native call never returns a body it could not decode or verify."""
+    body = (np.arange(3000, dtype=np.float32) * 1e-3).tobytes()
+    from adapterhub.objects import hash_object, header
+
+    oid = hash_object(TENSOR, body)
+    record = codec.encode_tensor(header(TENSOR, len(body)), body, "F32")
+    payload, pos, body_len, layout, kind, ref, prev_id = codec.read_plan(oid, record)
+    good = (oid, payload, pos, body_len, layout.width, layout.rotate, None, kind, None)
+    wrong_id = ("cd" * 32,) + good[1:]
+    cut = (oid, bytes(payload)[:-5]) + good[2:]
+    assert kernels.read_tensors([good, wrong_id, cut, good], 2) == [body, None, None, body]
