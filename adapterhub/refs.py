@@ -69,6 +69,22 @@ def check_full_ref_name(refname: str) -> str:
     return refname
 
 
+def _read_text(path: Path) -> str:
+    """A small file's text, with three system calls (open, read, close): `read_text`'s
+    buffered reader made ten for each ref and HEAD a commit reads."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
 @dataclass(frozen=True)
 class ReflogEntry:
     """One move of a ref.
@@ -99,7 +115,7 @@ class RefStore:
     # --- HEAD -----------------------------------------------------------------------
     def read_head(self) -> tuple[str | None, ObjectId | None]:
         """(symbolic target ref or None if detached, commit id or None if unborn)."""
-        text = (self.ah_dir / "HEAD").read_text().strip()
+        text = _read_text(self.ah_dir / "HEAD").strip()
         if text.startswith("ref: "):
             target = text[5:]
             try:
@@ -131,7 +147,7 @@ class RefStore:
             return None  # no ref can have that name (and it may point outside refs/)
         path = self._path(refname)
         try:
-            text = path.read_text().strip()
+            text = _read_text(path).strip()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return self.packed.get(refname) if refname.startswith("refs/") else None
         if not is_oid(text):
@@ -303,25 +319,37 @@ class RefStore:
 
     # --- internals ------------------------------------------------------------------
     def _take_lock(self, path: Path, refname: str) -> Path:
+        lock, fd = self._open_lock(path, refname)
+        os.close(fd)
+        return lock
+
+    def _open_lock(self, path: Path, refname: str) -> tuple[Path, int]:
+        """Create `<path>.lock` (O_EXCL: one writer wins); the lock and a descriptor to
+        write the new value through."""
         lock = path.with_name(path.name + ".lock")
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
         try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise RefExists(f"cannot create {refname}: a ref named like one of its parent folders exists") from None
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            try:
+                return lock, os.open(lock, flags, 0o644)
+            except FileNotFoundError:  # a new ref in a new folder: make the folders, once
+                try:
+                    lock.parent.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    raise RefExists(f"cannot create {refname}: a ref named like one of its parent folders exists") from None
+                return lock, os.open(lock, flags, 0o644)
+            except NotADirectoryError:
+                raise RefExists(f"cannot create {refname}: a ref named like one of its parent folders exists") from None
         except FileExistsError:
             raise RefLocked(
                 f"{refname} is locked by another process ({lock} exists); "
                 "if no other ah process is running, remove that file"
             ) from None
-        os.close(fd)
-        return lock
 
     def _write_locked(self, path: Path, content: str, *, expected, refname: str) -> ObjectId | None:
         if path.is_dir():
             raise RefExists(f"cannot create {refname}: refs exist below it (e.g. {refname}/...)")
-        lock = self._take_lock(path, refname)
+        lock, fd = self._open_lock(path, refname)
+        placed = False
         try:
             if refname != "HEAD":
                 old = self.read(refname)
@@ -337,24 +365,36 @@ class RefStore:
                     f"{refname} moved from {str(expected)[:12]} to {str(old)[:12] if old else 'nothing'} "
                     "under this update; retry"
                 )
-            with open(lock, "w") as fh:
-                fh.write(content)
-                fh.flush()
-                os.fsync(fh.fileno())
+            # Written through the descriptor that took the lock: reopening the lock file
+            # to truncate and write it cost ~0.5 ms of every ref update on ext4.
+            data = content.encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write to {lock}")
+            os.fsync(fd)
+            fd, written = -1, fd
+            os.close(written)
             os.replace(lock, path)  # atomic: readers see the old id or the new one
+            placed = True
             fsync_dir(path.parent)
             return old
         finally:
-            lock.unlink(missing_ok=True)
+            if fd >= 0:
+                os.close(fd)
+            if not placed:
+                lock.unlink(missing_ok=True)
 
     def _append_reflog(self, refname: str, old: str, new: str, who: str, message: str) -> None:
         path = self.ah_dir / "logs" / refname
-        path.parent.mkdir(parents=True, exist_ok=True)
         clean = " ".join(message.split())
         who = " ".join(who.split()) or "unknown"
         # One write() of a line under O_APPEND: concurrent appenders never interleave.
         line = f"{old} {new} {int(time.time())} {who}\t{clean}\n".encode("utf-8")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # the ref's first move: its log folder may not exist yet
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, flags, 0o644)
         try:
             os.write(fd, line)
         finally:
