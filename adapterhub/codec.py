@@ -319,9 +319,8 @@ def _layout_for(dtype: str | None):
 
 # dtype -> plane layout (None: no planes), filled as dtypes are met.
 _LAYOUTS: dict = {}
-# delta.ORD and delta.WRITE_KIND, here so that making or planning a job imports nothing.
-_ORD = 1
-_WRITE_KIND = _ORD
+# delta.WRITE_KIND (ORD), here so that making a job imports nothing.
+_WRITE_KIND = 1
 
 
 def _delta_target(body: bytes | memoryview, base: DeltaBase, layout) -> tuple[int, DeltaBase, bytes]:
@@ -409,28 +408,6 @@ def delta_ref(oid: str, record: bytes | memoryview) -> DeltaRef | None:
     if enc == ENC_EXTRAPOLATED:
         payload = _extrapolated_parts(oid, payload)[1]
     return _tensor_codec().read_delta_ref(oid, payload, raw_len) if enc in DELTA_ENCODINGS else None
-
-
-def read_plan(oid: str, record: bytes | memoryview) -> tuple | None:
-    """How kernels.read_tensors reads a tensor record: (payload, position of its sections,
-    body length, layout, delta kind, DeltaRef or None, id of the extrapolation's second
-    source or None). None for what it does not read (other encodings, a chain deeper than
-    the limit, an extrapolation that is no ORD delta, a record of no tensor): decode_ex
-    reads those, and says what is wrong with them. Damage in the headers raises
-    CorruptObject as decode_ex would."""
-    enc, raw_len, payload = _split_record(oid, record)
-    if enc not in (ENC_PLANES, ENC_DELTA, ENC_EXTRAPOLATED):
-        return None
-    prev_id = None
-    if enc == ENC_EXTRAPOLATED:
-        prev_id, payload = _extrapolated_parts(oid, payload)
-    plan = _tensor_codec().read_plan(oid, payload, raw_len, enc != ENC_PLANES)
-    if plan is None:
-        return None
-    body_len, pos, layout, kind, ref = plan
-    if ref is not None and ref.depth > MAX_CHAIN or prev_id is not None and kind != _ORD:
-        return None
-    return payload, pos, body_len, layout, kind, ref, prev_id
 
 
 def decode(oid: str, record: bytes | memoryview, *loaders, **kw) -> bytes:

@@ -20,7 +20,7 @@ from . import codec
 from .encoding import kernels
 from .errors import AmbiguousRevision, CorruptObject, ObjectNotFound, UnsupportedFormat
 from .fsutil import TMP_PREFIX, atomic_write
-from .encoding.chain import DeltaBase
+from .encoding.chain import DeltaBase, DeltaRef
 from .objects import BLOB, COMMIT, SNAPSHOT, TAG, TENSOR, Commit, ObjectId, Snapshot, Tag, hash_object, header, parse_object, split_canonical
 
 
@@ -275,20 +275,17 @@ class ObjectStore:
         """(kernels.read_tensors job, DeltaRef or None) for a tensor, or None to read it
         one by one."""
         record = self._read_record(oid)
-        try:
-            plan = codec.read_plan(oid, record)
-        except (CorruptObject, UnsupportedFormat):
-            return None
+        plan = kernels.read_plan(record)
         if plan is None:
             return None
-        payload, pos, body_len, layout, kind, ref, prev_id = plan
+        pos, body_len, width, rotate, kind, base_id, depth, prev_id = plan
         base = prev = None
-        if ref is not None:
-            base = self._base_body(ref.base, body_len)
+        if base_id is not None:
+            base = self._base_body(base_id, body_len)
             prev = self._base_body(prev_id, body_len) if prev_id is not None else None
             if base is None or prev_id is not None and prev is None:
                 return None
-        return (oid, payload, pos, body_len, layout.width, layout.rotate, base, kind, prev), ref
+        return (oid, record, pos, body_len, width, rotate, base, kind, prev), DeltaRef(base_id, depth) if base_id else None
 
     def _base_body(self, oid: str, length: int) -> bytes | None:
         """A delta base's body of `length` bytes, cached or read verified; None otherwise."""

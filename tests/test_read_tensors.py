@@ -12,7 +12,7 @@ import pytest
 
 from adapterhub import codec
 from adapterhub.encoding import kernels
-from adapterhub.errors import CorruptObject, ObjectNotFound
+from adapterhub.errors import CorruptObject, ObjectNotFound, UnsupportedFormat
 from adapterhub.objects import BLOB, TENSOR
 from adapterhub.packstore import PackedObjectStore
 
@@ -166,8 +166,46 @@ def test_damaged_sections_come_back_as_none_not_as_bytes():
 
     oid = hash_object(TENSOR, body)
     record = codec.encode_tensor(header(TENSOR, len(body)), body, "F32")
-    payload, pos, body_len, layout, kind, ref, prev_id = codec.read_plan(oid, record)
-    good = (oid, payload, pos, body_len, layout.width, layout.rotate, None, kind, None)
+    pos, body_len, width, rotate, kind, base_id, depth, prev_id = kernels.read_plan(record)
+    assert (body_len, width, rotate, base_id, depth, prev_id) == (len(body), 4, True, None, 0, None)
+    good = (oid, record, pos, body_len, width, rotate, None, kind, None)
     wrong_id = ("cd" * 32,) + good[1:]
-    cut = (oid, bytes(payload)[:-5]) + good[2:]
+    cut = (oid, record[:-5]) + good[2:]
     assert kernels.read_tensors([good, wrong_id, cut, good], 2) == [body, None, None, body]
+
+
+def _outcome(store, call):
+    try:
+        return ("ok", call())
+    except (CorruptObject, ObjectNotFound, UnsupportedFormat) as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def test_damaged_record_headers_read_exactly_as_one_by_one(tmp_path):
+    """Every single-bit flip in the first 80 bytes (record header, extrapolation source,
+    canonical header, base id, depth, kind, layout, first section bytes) and every cut
+    there, of a record of each encoding: read_tensors gives read_tensor's body or its
+    very error, never another body."""
+    store, ids = _revisions(tmp_path)
+    every = [oid for rev in ids for oid in rev]
+    records = {oid: bytes(store._read_record(oid)) for oid in every}
+    samples = {}
+    for oid in reversed(every):
+        samples.setdefault(records[oid][codec.ENCODING_AT], oid)
+    assert {codec.ENC_PLANES, codec.ENC_DELTA, codec.ENC_EXTRAPOLATED} <= set(samples)
+    damage = {}
+    batch, single = _store(tmp_path), _store(tmp_path)
+    for target in (batch, single):
+        original = target._read_record
+        target._read_record = lambda oid, original=original: damage.get(oid) or original(oid)
+    for victim in samples.values():
+        record = records[victim]
+        variants = [record[:cut] for cut in range(1, 80)]
+        for at in range(80):
+            for bit in range(8):
+                flipped = bytearray(record)
+                flipped[at] ^= 1 << bit
+                variants.append(bytes(flipped))
+        for damaged in variants:
+            damage[victim] = damaged
+            assert _outcome(batch, lambda: batch.read_tensors([victim], 2)[0]) == _outcome(single, lambda: single.read_tensor(victim))

@@ -1859,6 +1859,101 @@ static int parse_read_job(PyObject *item, ReadJob *j)
     return j->out == NULL ? -1 : 0;
 }
 
+/* codec.py's record header and tensor.py's payload layouts (docs/format/encodings.md). */
+#define REC_MAGIC "AHO1"
+#define REC_HEAD 13 /* magic, encoding byte, u64 raw length */
+enum { ENC_PLANES = 1, ENC_DELTA = 2, ENC_EXTRAPOLATED = 4 };
+#define MAX_CHAIN 16 /* chain.MAX_CHAIN */
+#define MAX_RAW_LEN ((uint64_t)8 << 30) /* codec.MAX_RAW_LEN */
+
+static PyObject *hex_id(const uint8_t digest[BLAKE3_OUT_LEN]);
+
+static uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int k = 7; k >= 0; k--)
+        v = (v << 8) | p[k];
+    return v;
+}
+
+PyDoc_STRVAR(read_plan_doc,
+"read_plan(record) -> (pos, body_len, width, rotate, kind, base, depth, prev) | None\n\n"
+"How read_tensors reads a stored tensor record of encoding 1 (planes), 2 (delta) or 4\n"
+"(extrapolated delta): where its sections start, the body length, the plane layout, the\n"
+"delta kind, the hex ids of its base and of the extrapolation's second source (None when\n"
+"absent) and its declared chain depth (0 for planes). None for anything else: another\n"
+"encoding, a header that is not `tensor <len>\\0`, a chain deeper than MAX_CHAIN, an\n"
+"extrapolation that is no ORD delta, or any damage in these fields (the one-by-one read\n"
+"then says what is wrong).");
+
+static PyObject *native_read_plan(PyObject *self, PyObject *arg)
+{
+    Py_buffer rec;
+    PyObject *out = NULL;
+    if (PyObject_GetBuffer(arg, &rec, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *d = rec.buf;
+    size_t len = (size_t)rec.len, pos = REC_HEAD;
+    if (len < REC_HEAD || memcmp(d, REC_MAGIC, 4) != 0)
+        goto none;
+    int enc = d[4];
+    uint64_t raw_len = load_le64(d + 5);
+    if (raw_len > MAX_RAW_LEN)
+        goto none;
+    const uint8_t *prev_id = NULL, *base_id = NULL;
+    int depth = 0, kind = KIND_ORD;
+    if (enc != ENC_PLANES && enc != ENC_DELTA && enc != ENC_EXTRAPOLATED)
+        goto none;
+    if (enc == ENC_EXTRAPOLATED) {
+        if (len < pos + BLAKE3_OUT_LEN)
+            goto none;
+        prev_id = d + pos;
+        pos += BLAKE3_OUT_LEN;
+    }
+    if (pos >= len)
+        goto none;
+    size_t hlen = d[pos++];
+    if (hlen > 32 || hlen > raw_len || pos + hlen > len)
+        goto none;
+    uint64_t body_len = raw_len - hlen;
+    char want[48];
+    int wlen = snprintf(want, sizeof want, "tensor %llu", (unsigned long long)body_len);
+    if ((size_t)wlen + 1 != hlen || memcmp(d + pos, want, (size_t)wlen + 1) != 0)
+        goto none;
+    pos += hlen;
+    if (enc != ENC_PLANES) {
+        if (pos + BLAKE3_OUT_LEN + 2 > len)
+            goto none;
+        base_id = d + pos;
+        depth = d[pos + BLAKE3_OUT_LEN];
+        kind = d[pos + BLAKE3_OUT_LEN + 1];
+        pos += BLAKE3_OUT_LEN + 2;
+        if (depth < 1 || depth > MAX_CHAIN || (kind != KIND_XOR && kind != KIND_ORD) || (prev_id && kind != KIND_ORD))
+            goto none;
+    }
+    if (pos >= len)
+        goto none;
+    int layout = d[pos++], width = layout & 0x0F;
+    if ((width != 2 && width != 4 && width != 8) || (layout & ~0x1F))
+        goto none;
+    {
+        PyObject *base = base_id ? hex_id(base_id) : Py_NewRef(Py_None);
+        PyObject *prev = prev_id ? hex_id(prev_id) : Py_NewRef(Py_None);
+        if (base != NULL && prev != NULL)
+            out = Py_BuildValue("(nKiNiNiN)", (Py_ssize_t)pos, (unsigned long long)body_len, width,
+                                PyBool_FromLong(layout & 0x10), kind, base, depth, prev);
+        else {
+            Py_XDECREF(base);
+            Py_XDECREF(prev);
+        }
+    }
+    PyBuffer_Release(&rec);
+    return out;
+none:
+    PyBuffer_Release(&rec);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(read_tensors_doc,
 "read_tensors(jobs, threads) -> list[bytes | None]\n\n"
 "The bodies of many tensor records, in one call without the GIL on the calling thread and\n"
@@ -2024,6 +2119,7 @@ static PyMethodDef methods[] = {
     {"encode_records", native_encode_records, METH_VARARGS, encode_records_doc},
     {"hash_objects", native_hash_objects, METH_VARARGS, hash_objects_doc},
     {"read_tensors", native_read_tensors, METH_VARARGS, read_tensors_doc},
+    {"read_plan", native_read_plan, METH_O, read_plan_doc},
     {"decode_sections", (PyCFunction)(void (*)(void))native_decode_sections, METH_VARARGS | METH_KEYWORDS, decode_sections_doc},
     {"has_zstd", native_has_zstd, METH_NOARGS, has_zstd_doc},
     {NULL, NULL, 0, NULL},

@@ -22,7 +22,7 @@ Besides the kernels, the native set has whole-record calls: `encode_sections` an
 `decode_sections`, all of a tensor's plane and tail sections (frames.py's choices, zstd
 included) in one call without the GIL, and `encode_records` / `read_tensors`, whole
 records of a batch of tensors made (codec.encode_tensor's) or read and checked against
-their ids, on kept C threads. They need zstd from C (the system's libzstd.so.1,
+their ids, on kept C threads (`read_plan` parses a record's headers for the latter). They need zstd from C (the system's libzstd.so.1,
 `_native.has_zstd()`); they are None under numpy or without it, and tensor.py then
 composes the same sections from frames.py in Python. Per-section Python was most of a
 commit's time on ~45 kB LoRA tensors, and held the GIL so that threads could not help.
@@ -64,6 +64,7 @@ def use(name: str) -> str:
         decode_sections=mod.decode_sections if whole else None,
         encode_records=mod.encode_records if whole else None,
         read_tensors=mod.read_tensors if whole else None,
+        read_plan=mod.read_plan if whole else None,
     )
     active = name
     return before
@@ -73,6 +74,6 @@ def use(name: str) -> str:
 native = _load_native()
 # What decode_sections raises for a damaged record (tensor.py turns it into CorruptObject).
 CorruptRecord = native.CorruptRecord if native is not None else ValueError
-encode_sections = decode_sections = encode_records = read_tensors = None
+encode_sections = decode_sections = encode_records = read_tensors = read_plan = None
 active = "numpy"
 use("native" if native is not None and os.environ.get("AH_NO_NATIVE", "") in ("", "0") else "numpy")

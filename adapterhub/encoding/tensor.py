@@ -156,29 +156,6 @@ def read_delta_ref(oid: str, payload: memoryview, raw_len: int) -> DeltaRef:
     return DeltaRef(base, depth)
 
 
-def read_plan(oid: str, payload: memoryview, raw_len: int, delta: bool) -> tuple | None:
-    """(body length, position of the sections, layout, delta kind, DeltaRef or None) of a
-    planes (`delta` False) or delta payload, for readers that decode the sections in a
-    batch (kernels.read_tensors); None when its header names no tensor of that length,
-    so that the one-by-one read reports what it is. Damage raises CorruptObject as
-    decode_planes / decode_delta would."""
-    header, body_len, pos = _read_head(oid, payload, raw_len)
-    if header != b"tensor %d\0" % body_len:
-        return None
-    kind, ref = deltas.ORD, None
-    if delta:
-        ref = read_delta_ref(oid, payload, raw_len)
-        pos += OID_BYTES + 1
-        if pos >= len(payload):
-            raise CorruptObject(oid, "stored delta record is truncated (no delta kind)")
-        kind = payload[pos]
-        if kind not in deltas.KINDS:
-            raise CorruptObject(oid, f"stored delta record names an unknown delta kind {kind}")
-        pos += 1
-    layout, pos = _read_layout(oid, payload, pos)
-    return body_len, pos, layout, kind, ref
-
-
 def decode_delta(oid: str, payload: memoryview, raw_len: int, load_base: Callable[[str, int], bytes]) -> bytes:
     """Canonical bytes of a delta record; `load_base(base_id, depth)` reads the base (the
     codec's loader ignores the declared depth and spends its own read budget)."""
