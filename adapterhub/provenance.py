@@ -329,8 +329,8 @@ class _GitWatch:
         """(tracked files, the .gitattributes that could apply to them), as full paths;
         from `git ls-files` only when the index changed since last time."""
         kept = _tracked_lists.get(self.top)
-        if kept is not None and kept[0] == index_stat:
-            return kept[1]
+        if kept is not None and (kept[0] == index_stat or kept[1] is None):
+            return kept[1]  # a repo once too big or holding a submodule is not listed again
         try:
             run = subprocess.run(
                 ["git", "--no-optional-locks", "ls-files", "-z", "--stage"],

@@ -215,3 +215,16 @@ def test_a_config_that_includes_another_is_never_kept(gits, tmp_path, monkeypatc
     before = len(gits)
     assert prov.default_author() == "Inner <inner@example.com>"
     assert len(gits) > before
+
+
+def test_a_repo_too_big_to_watch_runs_status_every_time_and_is_listed_once(gits, tmp_path, monkeypatch):
+    repo = _repo(tmp_path)
+    monkeypatch.setattr(prov, "MAX_TRACKED", 1)  # the repo tracks two files
+    _settled()
+    for _ in range(3):
+        assert prov.code_version(repo) == {"git_commit": _head(repo), "dirty": False}
+    assert sum("status" in c for c in gits) == 3
+    assert sum("ls-files" in c for c in gits) == 1
+    _git(repo, "rm", "-q", "--cached", "src/model.py")  # a new index: still not listed again
+    assert prov.code_version(repo)["dirty"] is True
+    assert sum("ls-files" in c for c in gits) == 1
