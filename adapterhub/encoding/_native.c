@@ -1461,8 +1461,70 @@ static void pool_run(Batch *b, int threads)
     pthread_mutex_unlock(&pool.mu);
 }
 
-static void release_job(RecordJob *j)
+/* What a batch call does with each of its jobs: parse it from its Python item (GIL held;
+ * -1 with an exception set), run it (`one`, without the GIL, on any thread), turn it into
+ * its list item (GIL held; a new reference, or NULL with an exception set) and release it
+ * (also when parsing failed halfway: jobs start zeroed). */
+typedef struct {
+    size_t size;
+    int (*parse)(PyObject *item, void *job, const void *ctx);
+    void (*one)(void *jobs, Py_ssize_t i);
+    PyObject *(*result)(void *job);
+    void (*release)(void *job);
+} JobKind;
+
+/* The list of results of `kind` jobs, one per item of `items`, run on the pool. */
+static PyObject *run_jobs(const JobKind *kind, PyObject *items, int threads, const void *ctx)
 {
+    PyObject *seq = PySequence_Fast(items, "jobs must be a sequence"), *result = NULL;
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), parsed = 0;
+    char *jobs = PyMem_Calloc(n ? (size_t)n : 1, kind->size);
+    if (jobs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; parsed < n; parsed++)
+        if (kind->parse(PySequence_Fast_GET_ITEM(seq, parsed), jobs + (size_t)parsed * kind->size, ctx) < 0) {
+            parsed++;
+            goto done;
+        }
+    Batch batch = {jobs, n, 0, kind->one};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(&batch, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
+        PyObject *item = kind->result(jobs + (size_t)i * kind->size);
+        if (item == NULL)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, i, item);
+    }
+done:
+    for (Py_ssize_t i = 0; jobs != NULL && i < parsed; i++)
+        kind->release(jobs + (size_t)i * kind->size);
+    PyMem_Free(jobs);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* The whole-record batch calls' arguments: (jobs, threads), with zstd loaded. */
+static int parse_batch_args(PyObject *args, PyObject **jobs, int *threads)
+{
+    if (!PyArg_ParseTuple(args, "Oi", jobs, threads))
+        return -1;
+    if (!zl.ok) {
+        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
+        return -1;
+    }
+    return 0;
+}
+
+static void release_job(void *job)
+{
+    RecordJob *j = job;
     release_view(&j->body);
     release_view(&j->base);
     release_view(&j->prev);
@@ -1470,8 +1532,9 @@ static void release_job(RecordJob *j)
 }
 
 /* A job from its tuple (see encode_records' doc); -1 with an exception set. */
-static int parse_job(PyObject *item, RecordJob *j)
+static int parse_job(PyObject *item, void *job, const void *unused)
 {
+    RecordJob *j = job;
     PyObject *body, *planes_prefix, *base, *delta_prefix, *prev, *ext_prefix;
     if (!PyTuple_Check(item)) {
         PyErr_SetString(PyExc_TypeError, "each job must be a tuple");
@@ -1521,53 +1584,25 @@ PyDoc_STRVAR(encode_records_doc,
 "from 2*base - prev) and, when that is longer than planes_limit, the planes record if\n"
 "it is shorter. The records are codec.encode_tensor's, byte for byte.");
 
+static PyObject *record_of(void *job)
+{
+    RecordJob *j = job;
+    if (j->out.failed) {
+        raise_buf_failure(j->out.failed);
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)j->out.p, (Py_ssize_t)j->out.len);
+}
+
+static const JobKind record_jobs = {sizeof(RecordJob), parse_job, encode_one, record_of, release_job};
+
 static PyObject *native_encode_records(PyObject *self, PyObject *args)
 {
-    PyObject *jobs_obj, *seq = NULL, *result = NULL;
+    PyObject *jobs;
     int threads;
-    if (!PyArg_ParseTuple(args, "Oi", &jobs_obj, &threads))
+    if (parse_batch_args(args, &jobs, &threads) < 0)
         return NULL;
-    if (!zl.ok) {
-        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
-        return NULL;
-    }
-    seq = PySequence_Fast(jobs_obj, "jobs must be a sequence");
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), parsed = 0;
-    RecordJob *jobs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(RecordJob));
-    if (jobs == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (; parsed < n; parsed++)
-        if (parse_job(PySequence_Fast_GET_ITEM(seq, parsed), &jobs[parsed]) < 0) {
-            parsed++;
-            goto done;
-        }
-    Batch batch = {jobs, n, 0, encode_one};
-    Py_BEGIN_ALLOW_THREADS
-    pool_run(&batch, threads < 1 ? 1 : threads);
-    Py_END_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (jobs[i].out.failed) {
-            raise_buf_failure(jobs[i].out.failed);
-            goto done;
-        }
-    result = PyList_New(n);
-    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
-        PyObject *rec = PyBytes_FromStringAndSize((const char *)jobs[i].out.p, (Py_ssize_t)jobs[i].out.len);
-        if (rec == NULL)
-            Py_CLEAR(result);
-        else
-            PyList_SET_ITEM(result, i, rec);
-    }
-done:
-    for (Py_ssize_t i = 0; jobs != NULL && i < parsed; i++)
-        release_job(&jobs[i]);
-    PyMem_Free(jobs);
-    Py_DECREF(seq);
-    return result;
+    return run_jobs(&record_jobs, jobs, threads, NULL);
 }
 
 /* ---- reading sections: frames.decode_section in C --------------------------------------- */
@@ -1819,8 +1854,9 @@ static void read_one(void *jobs, Py_ssize_t i)
     j->ok = hex_matches(j->oid, digest);
 }
 
-static void release_read_job(ReadJob *j)
+static void release_read_job(void *job)
 {
+    ReadJob *j = job;
     release_view(&j->payload);
     release_view(&j->base);
     release_view(&j->prev);
@@ -1828,8 +1864,9 @@ static void release_read_job(ReadJob *j)
 }
 
 /* A read job from its tuple (see read_tensors' doc); -1 with an exception set. */
-static int parse_read_job(PyObject *item, ReadJob *j)
+static int parse_read_job(PyObject *item, void *job, const void *unused)
 {
+    ReadJob *j = job;
     PyObject *payload, *base, *prev;
     Py_ssize_t oid_len;
     if (!PyTuple_Check(item)) {
@@ -1963,51 +2000,23 @@ PyDoc_STRVAR(read_tensors_doc,
 "the record is damaged or the body does not hash to its id (the caller reads that one\n"
 "again the slow way, for its exact error); MemoryError when memory ran out.");
 
+static PyObject *body_of(void *job)
+{
+    ReadJob *j = job;
+    if (j->oom)
+        return PyErr_NoMemory();
+    return Py_NewRef(j->ok ? j->out : Py_None);
+}
+
+static const JobKind read_jobs = {sizeof(ReadJob), parse_read_job, read_one, body_of, release_read_job};
+
 static PyObject *native_read_tensors(PyObject *self, PyObject *args)
 {
-    PyObject *jobs_obj, *seq, *result = NULL;
+    PyObject *jobs;
     int threads;
-    if (!PyArg_ParseTuple(args, "Oi", &jobs_obj, &threads))
+    if (parse_batch_args(args, &jobs, &threads) < 0)
         return NULL;
-    if (!zl.ok) {
-        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
-        return NULL;
-    }
-    seq = PySequence_Fast(jobs_obj, "jobs must be a sequence");
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), parsed = 0;
-    ReadJob *jobs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(ReadJob));
-    if (jobs == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (; parsed < n; parsed++)
-        if (parse_read_job(PySequence_Fast_GET_ITEM(seq, parsed), &jobs[parsed]) < 0) {
-            parsed++;
-            goto done;
-        }
-    Batch batch = {jobs, n, 0, read_one};
-    Py_BEGIN_ALLOW_THREADS
-    pool_run(&batch, threads < 1 ? 1 : threads);
-    Py_END_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (jobs[i].oom) {
-            PyErr_NoMemory();
-            goto done;
-        }
-    result = PyList_New(n);
-    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
-        PyObject *body = jobs[i].ok ? jobs[i].out : Py_None;
-        Py_INCREF(body);
-        PyList_SET_ITEM(result, i, body);
-    }
-done:
-    for (Py_ssize_t i = 0; jobs != NULL && i < parsed; i++)
-        release_read_job(&jobs[i]);
-    PyMem_Free(jobs);
-    Py_DECREF(seq);
-    return result;
+    return run_jobs(&read_jobs, jobs, threads, NULL);
 }
 
 PyDoc_STRVAR(has_zstd_doc,
@@ -2060,10 +2069,29 @@ PyDoc_STRVAR(hash_objects_doc,
 "objects.hash_object(obj_type, body) of each body (hex BLAKE3 of `<type> <len>\\0` + body),\n"
 "in one call without the GIL on the calling thread and up to threads-1 kept workers.");
 
+static int parse_hash_job(PyObject *item, void *job, const void *type)
+{
+    HashJob *j = job;
+    j->type = type;
+    return PyObject_GetBuffer(item, &j->body, PyBUF_SIMPLE);
+}
+
+static PyObject *id_of(void *job)
+{
+    return hex_id(((HashJob *)job)->digest);
+}
+
+static void release_hash_job(void *job)
+{
+    release_view(&((HashJob *)job)->body);
+}
+
+static const JobKind hash_jobs = {sizeof(HashJob), parse_hash_job, hash_one, id_of, release_hash_job};
+
 static PyObject *native_hash_objects(PyObject *self, PyObject *args)
 {
     const char *type;
-    PyObject *bodies, *seq, *result = NULL;
+    PyObject *bodies;
     int threads;
     if (!PyArg_ParseTuple(args, "sOi", &type, &bodies, &threads))
         return NULL;
@@ -2071,38 +2099,7 @@ static PyObject *native_hash_objects(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "object type names are short");
         return NULL;
     }
-    seq = PySequence_Fast(bodies, "bodies must be a sequence");
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0;
-    HashJob *jobs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(HashJob));
-    if (jobs == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (; got < n; got++) {
-        jobs[got].type = type;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &jobs[got].body, PyBUF_SIMPLE) < 0)
-            goto done;
-    }
-    Batch batch = {jobs, n, 0, hash_one};
-    Py_BEGIN_ALLOW_THREADS
-    pool_run(&batch, threads < 1 ? 1 : threads);
-    Py_END_ALLOW_THREADS
-    result = PyList_New(n);
-    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
-        PyObject *oid = hex_id(jobs[i].digest);
-        if (oid == NULL)
-            Py_CLEAR(result);
-        else
-            PyList_SET_ITEM(result, i, oid);
-    }
-done:
-    for (Py_ssize_t i = 0; jobs != NULL && i < got; i++)
-        PyBuffer_Release(&jobs[i].body);
-    PyMem_Free(jobs);
-    Py_DECREF(seq);
-    return result;
+    return run_jobs(&hash_jobs, bodies, threads, type);
 }
 
 /* ---- module ---------------------------------------------------------------------------- */
