@@ -233,7 +233,7 @@ def store_folder(
             stored = store.put_tensors(
                 [(view[s.start : s.end], s.dtype, delta_base_id(rel, s)) for s in layout.tensors],
                 codec_pool() if big else None,
-                WORKERS,
+                WORKERS if big else 1,
             )
             new += sum(created for _, created in stored)
             header_id = put(BLOB, layout.header)
