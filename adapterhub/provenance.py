@@ -107,6 +107,36 @@ def code_version(cwd: Path | None = None) -> dict | None:
     return dict(answer) if answer is not None else None
 
 
+NOT_KEPT = object()  # kept_git_answers: git has to run for this one
+
+
+def kept_git_answers() -> tuple:
+    """(code_version(), default_author()) for the current folder where each is kept and
+    provably current, NOT_KEPT where git has to run; starts no process.
+
+    A commit asks this on its own thread before anything else: the stat calls behind the
+    proof then run back to back (~0.5 ms for a 100-file repo), where on a side thread,
+    each one handing the GIL back and forth with the commit's own work, they cost the
+    commit several times that on two busy cores.
+    """
+    where = os.getcwd()
+    watch = _GitWatch(where)
+    config = watch.config_key()
+    kept = _identity_answers.get(where)
+    if os.environ.get("AH_AUTHOR"):
+        author = os.environ["AH_AUTHOR"]
+    elif config is not None and kept is not None and kept[0] == config:
+        author = _author(*kept[1])
+    else:
+        author = NOT_KEPT
+    code = NOT_KEPT
+    key = watch.worktree_key(config)
+    kept = _code_answers.get(os.path.abspath(where))
+    if key is not None and kept is not None and kept[0] == key:
+        code = dict(kept[1]) if kept[1] is not None else None
+    return code, author
+
+
 def environment() -> dict:
     """Python, platform and the versions of ENV_PACKAGES (a fresh dict each call)."""
     return dict(_environment())
@@ -133,7 +163,11 @@ def default_author() -> str:
     """`$AH_AUTHOR`, else git's user.name/user.email, else user@host."""
     if os.environ.get("AH_AUTHOR"):
         return os.environ["AH_AUTHOR"]
-    name, email = _git_identity()
+    return _author(*_git_identity())
+
+
+def _author(name: str, email: str) -> str:
+    """The author line from git's identity; the user and host stand in for what is unset."""
     if not name:
         import getpass
 
@@ -286,8 +320,9 @@ class _GitWatch:
                 return None
         return tuple(self.parts) if self.ok else None
 
-    def worktree_key(self) -> tuple | None:
-        if self.config_key() is None:
+    def worktree_key(self, config: tuple | None | bool = False) -> tuple | None:
+        """The key for code_version (`config`: config_key's answer, when already asked)."""
+        if (self.config_key() if config is False else config) is None:
             return None
         if self.top is None:
             return tuple(self.parts)  # no repo: the answer is None until a .git appears

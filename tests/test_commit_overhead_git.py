@@ -228,3 +228,26 @@ def test_a_repo_too_big_to_watch_runs_status_every_time_and_is_listed_once(gits,
     _git(repo, "rm", "-q", "--cached", "src/model.py")  # a new index: still not listed again
     assert prov.code_version(repo)["dirty"] is True
     assert sum("ls-files" in c for c in gits) == 1
+
+
+def test_kept_answers_are_those_git_gives_and_a_kept_commit_starts_no_git(gits, tmp_path, monkeypatch):
+    from adapterhub.registry import Registry
+    from ah_testkit import write_adapter
+
+    repo = _repo(tmp_path)
+    monkeypatch.chdir(repo)
+    assert prov.kept_git_answers() == (prov.NOT_KEPT, prov.NOT_KEPT)  # nothing asked yet
+    _settled()
+    reg = Registry.init(tmp_path / "reg")
+    first = reg.commit(write_adapter(tmp_path / "a0", seed=0), "one")
+    assert prov.kept_git_answers() == (prov.code_version(), prov.default_author())
+    before = len(gits)
+    second = reg.commit(write_adapter(tmp_path / "a1", seed=1), "two")
+    assert gits[before:] == []
+    one, two = reg.store.get_commit(first.id), reg.store.get_commit(second.id)
+    assert two.author == one.author == "Global Name <global@example.com>"
+    assert two.provenance == one.provenance and two.provenance["code"] == {"git_commit": _head(repo), "dirty": False}
+    (repo / "train.py").write_text("print(9)\n")
+    assert prov.kept_git_answers()[0] is prov.NOT_KEPT
+    third = reg.commit(write_adapter(tmp_path / "a2", seed=2), "three")
+    assert reg.store.get_commit(third.id).provenance["code"]["dirty"] is True
