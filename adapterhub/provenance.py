@@ -78,9 +78,9 @@ def code_version(cwd: Path | None = None) -> dict | None:
     answer is kept while everything it depends on is provably unchanged (`_GitWatch`):
     a training loop committing every few seconds then runs git once, not every time.
     """
-    where = os.path.abspath(cwd if cwd is not None else os.getcwd())
-    watch = _GitWatch(where)
-    key = watch.worktree_key()
+    where = _folder(cwd)
+    watch = _GitWatch(where) if where is not None else None
+    key = watch.worktree_key() if watch is not None else None
     kept = _code_answers.get(where)
     if key is not None and kept is not None and kept[0] == key:
         return dict(kept[1]) if kept[1] is not None else None
@@ -92,7 +92,7 @@ def code_version(cwd: Path | None = None) -> dict | None:
     except (OSError, subprocess.SubprocessError):
         return None
     if status.returncode != 0:
-        if key is not None and watch.top is None:  # no repo, as the key says
+        if key is not None and watch is not None and watch.top is None:  # no repo, as the key says
             _code_answers[where] = (key, None)
         return None
     commit, dirty = None, False
@@ -102,7 +102,7 @@ def code_version(cwd: Path | None = None) -> dict | None:
         elif line and not line.startswith("#"):
             dirty = True
     answer = None if not commit or commit == "(initial)" else {"git_commit": commit, "dirty": dirty}  # no commit yet
-    if key is not None and (watch.top is not None or answer is None):
+    if key is not None and watch is not None and (watch.top is not None or answer is None):
         _code_answers[where] = (key, answer)
     return dict(answer) if answer is not None else None
 
@@ -119,7 +119,9 @@ def kept_git_answers() -> tuple:
     each one handing the GIL back and forth with the commit's own work, they cost the
     commit several times that on two busy cores.
     """
-    where = os.getcwd()
+    where = _folder(None)
+    if where is None:
+        return NOT_KEPT, NOT_KEPT
     watch = _GitWatch(where)
     config = watch.config_key()
     kept = _identity_answers.get(where)
@@ -131,10 +133,19 @@ def kept_git_answers() -> tuple:
         author = NOT_KEPT
     code = NOT_KEPT
     key = watch.worktree_key(config)
-    kept = _code_answers.get(os.path.abspath(where))
+    kept = _code_answers.get(where)
     if key is not None and kept is not None and kept[0] == key:
         code = dict(kept[1]) if kept[1] is not None else None
     return code, author
+
+
+def _folder(cwd: Path | None) -> str | None:
+    """The folder git would run in, absolute; None when the current folder was removed
+    (git then answers for itself, and nothing is kept)."""
+    try:
+        return os.path.abspath(cwd if cwd is not None else os.getcwd())
+    except OSError:
+        return None
 
 
 def environment() -> dict:
@@ -185,8 +196,8 @@ def _author(name: str, email: str) -> str:
 def _git_identity() -> tuple[str, str]:
     """git's user.name and user.email ("" when unset), kept while git's config files are
     provably unchanged (`_GitWatch.config_key`)."""
-    where = os.getcwd()
-    key = _GitWatch(where).config_key()
+    where = _folder(None)
+    key = _GitWatch(where).config_key() if where is not None else None
     kept = _identity_answers.get(where)
     if key is not None and kept is not None and kept[0] == key:
         return kept[1]

@@ -251,3 +251,18 @@ def test_kept_answers_are_those_git_gives_and_a_kept_commit_starts_no_git(gits, 
     assert prov.kept_git_answers()[0] is prov.NOT_KEPT
     third = reg.commit(write_adapter(tmp_path / "a2", seed=2), "three")
     assert reg.store.get_commit(third.id).provenance["code"]["dirty"] is True
+
+
+def test_a_commit_from_a_removed_folder_still_works(gits, tmp_path, monkeypatch):
+    from adapterhub.registry import Registry
+    from ah_testkit import write_adapter
+
+    reg = Registry.init(tmp_path / "reg")
+    ad = write_adapter(tmp_path / "a0")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    for i in range(2):
+        assert prov.kept_git_answers() == (prov.NOT_KEPT, prov.NOT_KEPT)
+        assert "code" not in reg.store.get_commit(reg.commit(ad, f"from nowhere {i}").id).provenance
