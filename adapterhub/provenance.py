@@ -132,7 +132,7 @@ def kept_git_answers() -> tuple:
     else:
         author = NOT_KEPT
     code = NOT_KEPT
-    key = watch.worktree_key(config)
+    key = watch.worktree_key(config, may_list=False)  # a new index: listed on the side thread
     kept = _code_answers.get(where)
     if key is not None and kept is not None and kept[0] == key:
         code = dict(kept[1]) if kept[1] is not None else None
@@ -331,8 +331,9 @@ class _GitWatch:
                 return None
         return tuple(self.parts) if self.ok else None
 
-    def worktree_key(self, config: tuple | None | bool = False) -> tuple | None:
-        """The key for code_version (`config`: config_key's answer, when already asked)."""
+    def worktree_key(self, config: tuple | None | bool = False, *, may_list: bool = True) -> tuple | None:
+        """The key for code_version (`config`: config_key's answer, when already asked);
+        None, not a `git ls-files`, where the index changed and may_list is false."""
         if (self.config_key() if config is False else config) is None:
             return None
         if self.top is None:
@@ -356,7 +357,7 @@ class _GitWatch:
         self._add(os.path.join(xdg, "git", "attributes"))
         index = os.path.join(git_dir, "index")
         self._add(index)
-        tracked = self._tracked(self.parts[-1][1])
+        tracked = self._tracked(self.parts[-1][1], may_list)
         if tracked is None or not self.ok:
             return None
         files, attributes = tracked
@@ -371,12 +372,14 @@ class _GitWatch:
         self.parts.append(tuple(stats))
         return tuple(self.parts)
 
-    def _tracked(self, index_stat: tuple | None) -> tuple[list[str], list[str]] | None:
+    def _tracked(self, index_stat: tuple | None, may_list: bool = True) -> tuple[list[str], list[str]] | None:
         """(tracked files, the .gitattributes that could apply to them), as full paths;
         from `git ls-files` only when the index changed since last time."""
         kept = _tracked_lists.get(self.top)
         if kept is not None and (kept[0] == index_stat or kept[1] is None):
             return kept[1]  # a repo once too big or holding a submodule is not listed again
+        if not may_list:
+            return None
         try:
             run = subprocess.run(
                 ["git", "--no-optional-locks", "ls-files", "-z", "--stage"],

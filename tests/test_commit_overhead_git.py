@@ -266,3 +266,14 @@ def test_a_commit_from_a_removed_folder_still_works(gits, tmp_path, monkeypatch)
     for i in range(2):
         assert prov.kept_git_answers() == (prov.NOT_KEPT, prov.NOT_KEPT)
         assert "code" not in reg.store.get_commit(reg.commit(ad, f"from nowhere {i}").id).provenance
+
+
+def test_kept_answers_start_no_git_process(gits, tmp_path, monkeypatch):
+    repo = _repo(tmp_path)
+    monkeypatch.chdir(repo)
+    _settled()
+    assert prov.kept_git_answers() == (prov.NOT_KEPT, prov.NOT_KEPT) and gits == []
+    prov.code_version(), prov.default_author()
+    _git(repo, "rm", "-q", "--cached", "src/model.py")  # a new index: the tracked files are listed again...
+    before = len(gits)
+    assert prov.kept_git_answers()[0] is prov.NOT_KEPT and len(gits) == before  # ...but not here
