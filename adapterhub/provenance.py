@@ -132,7 +132,8 @@ def kept_git_answers() -> tuple:
     else:
         author = NOT_KEPT
     code = NOT_KEPT
-    key = watch.worktree_key(config, may_list=False)  # a new index: listed on the side thread
+    # A new index is listed, and a big work tree statted, on the side thread instead.
+    key = watch.worktree_key(config, may_list=False, max_files=MAX_TRACKED_HERE)
     kept = _code_answers.get(where)
     if key is not None and kept is not None and kept[0] == key:
         code = dict(kept[1]) if kept[1] is not None else None
@@ -228,6 +229,9 @@ def _git_identity() -> tuple[str, str]:
 RACY_NS = 2_000_000_000
 # More tracked files than this: statting them all costs about what git status does.
 MAX_TRACKED = 2000
+# At most this many are statted on a commit's own thread (~1 ms; kept_git_answers), more
+# on the side thread where git would run.
+MAX_TRACKED_HERE = 256
 # GIT_* variables that say nothing about which repo, config or index git reads. Any other
 # (GIT_DIR, GIT_INDEX_FILE, GIT_CONFIG_PARAMETERS, ...) turns the keeping off.
 _GIT_ENV_IGNORED = (
@@ -331,9 +335,12 @@ class _GitWatch:
                 return None
         return tuple(self.parts) if self.ok else None
 
-    def worktree_key(self, config: tuple | None | bool = False, *, may_list: bool = True) -> tuple | None:
+    def worktree_key(
+        self, config: tuple | None | bool = False, *, may_list: bool = True, max_files: int | None = None
+    ) -> tuple | None:
         """The key for code_version (`config`: config_key's answer, when already asked);
-        None, not a `git ls-files`, where the index changed and may_list is false."""
+        None, not a `git ls-files`, where the index changed and may_list is false, and
+        None for more than max_files tracked files."""
         if (self.config_key() if config is False else config) is None:
             return None
         if self.top is None:
@@ -361,6 +368,8 @@ class _GitWatch:
         if tracked is None or not self.ok:
             return None
         files, attributes = tracked
+        if max_files is not None and len(files) > max_files:
+            return None
         try:  # the usual case, all tracked files there, without a Python step per field
             stats = [_SIG(st) for st in map(os.lstat, files)]
         except OSError:

@@ -277,3 +277,13 @@ def test_kept_answers_start_no_git_process(gits, tmp_path, monkeypatch):
     _git(repo, "rm", "-q", "--cached", "src/model.py")  # a new index: the tracked files are listed again...
     before = len(gits)
     assert prov.kept_git_answers()[0] is prov.NOT_KEPT and len(gits) == before  # ...but not here
+
+
+def test_a_big_work_tree_is_proven_on_the_side_thread(gits, tmp_path, monkeypatch):
+    repo = _repo(tmp_path)
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(prov, "MAX_TRACKED_HERE", 1)  # the repo tracks two files
+    _settled()
+    first = prov.code_version()
+    assert prov.kept_git_answers()[0] is prov.NOT_KEPT  # not statted here...
+    assert _answer_without_git(gits, prov.code_version) == first  # ...but still kept
