@@ -302,8 +302,8 @@ class _GitWatch:
             if st is not None:
                 if not stat.S_ISDIR(st[0]) or not os.path.isfile(os.path.join(dot_git, "HEAD")):
                     return None  # a linked worktree or submodule (.git file), or not a repo git accepts
-                if os.path.exists(os.path.join(dot_git, "commondir")) or os.path.exists(os.path.join(dot_git, "reftable")):
-                    return None
+                if any(os.path.exists(os.path.join(dot_git, name)) for name in ("commondir", "reftable")):
+                    return None  # a worktree's shared repo, or refs git keeps in another format
                 self.top = folder
                 break
             up = os.path.dirname(folder)

@@ -328,6 +328,7 @@ class RefStore:
         write the new value through."""
         lock = path.with_name(path.name + ".lock")
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+        clash = f"cannot create {refname}: a ref named like one of its parent folders exists"
         try:
             try:
                 return lock, os.open(lock, flags, 0o644)
@@ -335,10 +336,10 @@ class RefStore:
                 try:
                     lock.parent.mkdir(parents=True, exist_ok=True)
                 except (FileExistsError, NotADirectoryError):
-                    raise RefExists(f"cannot create {refname}: a ref named like one of its parent folders exists") from None
+                    raise RefExists(clash) from None
                 return lock, os.open(lock, flags, 0o644)
             except NotADirectoryError:
-                raise RefExists(f"cannot create {refname}: a ref named like one of its parent folders exists") from None
+                raise RefExists(clash) from None
         except FileExistsError:
             raise RefLocked(
                 f"{refname} is locked by another process ({lock} exists); "
