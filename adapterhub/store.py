@@ -253,28 +253,28 @@ class ObjectStore:
         native = kernels.read_tensors
         if native is None:
             return [self.read_tensor(oid) for oid in oids]
-        bodies: list = [None] * len(oids)
         jobs, where, refs = [], [], []
         for i, oid in enumerate(oids):
             planned = self._read_job(oid)
-            if planned is None:
-                bodies[i] = self.read_tensor(oid)
-            else:
+            if planned is not None:
                 jobs.append(planned[0])
                 refs.append(planned[1])
                 where.append(i)
+        bodies: list = [None] * len(oids)
         for i, body, ref in zip(where, native(jobs, threads) if jobs else (), refs):
-            if body is None:
-                bodies[i] = self.read_tensor(oids[i])
-            else:
+            if body is not None:
                 self.base_cache.add(oids[i], body, ref.depth if ref else 0, ref.base if ref else None)
                 bodies[i] = body
-        return bodies
+        # The rest one by one, in order: the first bad id raises, as it would one by one.
+        return [body if body is not None else self.read_tensor(oid) for oid, body in zip(oids, bodies)]
 
     def _read_job(self, oid: str) -> tuple | None:
         """(kernels.read_tensors job, DeltaRef or None) for a tensor, or None to read it
-        one by one."""
-        record = self._read_record(oid)
+        one by one (which raises whatever made it fail here)."""
+        try:
+            record = self._read_record(oid)
+        except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+            return None
         plan = kernels.read_plan(record)
         if plan is None:
             return None
@@ -293,8 +293,8 @@ class ObjectStore:
         if cached is not None:
             body = cached[0]
         else:
-            try:
-                obj_type, body, _ = self._read_verified(oid)
+            try:  # a level of the read budget is the record's own, as in _read_verified
+                obj_type, body, _ = self._read_verified(oid, codec.READ_BUDGET - 1)
             except (ObjectNotFound, CorruptObject, UnsupportedFormat):
                 return None
             if obj_type != TENSOR:

@@ -13,7 +13,8 @@ import pytest
 from adapterhub import codec
 from adapterhub.encoding import kernels
 from adapterhub.errors import CorruptObject, ObjectNotFound, UnsupportedFormat
-from adapterhub.objects import BLOB, TENSOR
+from adapterhub.encoding.chain import READ_BUDGET, DeltaBase
+from adapterhub.objects import BLOB, TENSOR, hash_object, header
 from adapterhub.packstore import PackedObjectStore
 
 needs_native = pytest.mark.skipif(kernels.read_tensors is None, reason="the C extension or libzstd.so.1 is missing")
@@ -162,8 +163,6 @@ def test_bad_read_jobs_are_refused_clearly(job, error, message):
 def test_damaged_sections_come_back_as_none_not_as_bytes():
     """The native call never returns a body it could not decode or verify."""
     body = (np.arange(3000, dtype=np.float32) * 1e-3).tobytes()
-    from adapterhub.objects import hash_object, header
-
     oid = hash_object(TENSOR, body)
     record = codec.encode_tensor(header(TENSOR, len(body)), body, "F32")
     pos, body_len, width, rotate, kind, base_id, depth, prev_id = kernels.read_plan(record)
@@ -209,3 +208,65 @@ def test_damaged_record_headers_read_exactly_as_one_by_one(tmp_path):
         for damaged in variants:
             damage[victim] = damaged
             assert _outcome(batch, lambda: batch.read_tensors([victim], 2)[0]) == _outcome(single, lambda: single.read_tensor(victim))
+
+
+@pytest.mark.parametrize("length", [READ_BUDGET, READ_BUDGET + 1, READ_BUDGET + 2, READ_BUDGET + 3])
+def test_a_chain_longer_than_the_read_budget_fails_alike(tmp_path, length):
+    """A chain of deltas each declaring depth 1 (damage, or writers that disagreed) is cut
+    at the read budget by both reads: the batch spends a level of it on the record itself."""
+    store = _store(tmp_path)
+    values = (np.random.default_rng(0).standard_normal(3000) * 0.02).astype(np.float32)
+    prev = None
+    with store.batch():
+        for k in range(length):
+            body = (values + np.float32(k * 1e-4)).tobytes()
+            oid = hash_object(TENSOR, body)
+            base = DeltaBase(prev[0], prev[1], 0) if prev else None
+            store._write_record(oid, codec.encode_tensor(header(TENSOR, len(body)), body, "F32", base))
+            prev = (oid, body)
+    top = prev[0]
+    batch, single = _store(tmp_path), _store(tmp_path)
+    assert _outcome(batch, lambda: batch.read_tensors([top], 1)[0]) == _outcome(single, lambda: single.read_tensor(top))
+
+
+def test_with_two_bad_tensors_the_first_is_named_as_one_by_one(tmp_path):
+    store, ids = _revisions(tmp_path)
+    first, second = ids[1][1], ids[1][4]
+    cut = bytes(store._read_record(first))[:-7]
+
+    def damage(oid, record):
+        if oid == second:
+            raise ObjectNotFound(oid)
+        return cut if oid == first else record
+
+    error = _same_error(tmp_path, ids[1], damage)
+    assert first in str(error)
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 5000, 64 << 20])
+def test_a_checkout_reads_a_file_in_batches_of_any_size(tmp_path, monkeypatch, batch_bytes):
+    """A file's tensors are decoded in batches of about READ_BATCH_BYTES: one tensor a
+    batch, a few, or all; the file comes back the same, also after a second revision."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from adapterhub import snapshot
+    from adapterhub.registry import Registry
+
+    monkeypatch.setattr(snapshot, "READ_BATCH_BYTES", batch_bytes)
+    registry = Registry.init(tmp_path / "registry")
+    rng = np.random.default_rng(1)
+    tensors = {f"layer.{k}.lora_A.weight": rng.standard_normal((16, 100 + k)).astype(np.float32) for k in range(9)}
+    commits = []
+    for revision in range(2):
+        folder = tmp_path / f"adapter{revision}"
+        folder.mkdir()
+        save_file({name: t + revision * 1e-3 for name, t in tensors.items()}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16}))
+        commits.append((folder, registry.commit(folder, f"revision {revision}").id))
+    for folder, commit in commits:
+        out = tmp_path / f"out-{commit[:8]}"
+        registry.checkout(commit, out)
+        for path in folder.iterdir():
+            assert (out / path.name).read_bytes() == path.read_bytes()

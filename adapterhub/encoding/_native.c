@@ -339,7 +339,8 @@ static PyObject *native_join(PyObject *self, PyObject *args, PyObject *kwargs)
         uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
         const uint8_t *bsrc = has_base ? base.buf : NULL;
         int mode = split_mode(rotate, has_base ? kind : KIND_NONE);
-        memcpy(dst, head.buf, head.len);
+        if (head.len)
+            memcpy(dst, head.buf, head.len);
         ENTER_NOGIL(n * width)
         join_words(width, pptr, bsrc, NULL, dst + head.len, n, mode);
         LEAVE_NOGIL()
@@ -1450,7 +1451,10 @@ static void pool_run(Batch *b, int threads)
     pool.batch = b;
     pool.tickets = pool.running = helpers;
     pool.gen++;
-    pthread_cond_broadcast(&pool.work);
+    /* Wake as many workers as there are tickets (a new worker needs no signal: it was made
+     * for this generation); one that wakes anyway finds no ticket and sleeps again. */
+    for (int k = 0; k < helpers; k++)
+        pthread_cond_signal(&pool.work);
     pthread_mutex_unlock(&pool.mu);
     run_batch(b);
     pthread_mutex_lock(&pool.mu);
@@ -1473,20 +1477,22 @@ typedef struct {
     void (*release)(void *job);
 } JobKind;
 
-/* The list of results of `kind` jobs, one per item of `items`, run on the pool. */
+/* The list of results of `kind` jobs, one per item of `items`, run on the pool. The items
+ * are held in a tuple of their own for the whole call: jobs point into them (prefixes, ids)
+ * while the GIL is released, and another thread may empty the caller's list meanwhile. */
 static PyObject *run_jobs(const JobKind *kind, PyObject *items, int threads, const void *ctx)
 {
-    PyObject *seq = PySequence_Fast(items, "jobs must be a sequence"), *result = NULL;
+    PyObject *seq = PySequence_Tuple(items), *result = NULL;
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), parsed = 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(seq), parsed = 0;
     char *jobs = PyMem_Calloc(n ? (size_t)n : 1, kind->size);
     if (jobs == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     for (; parsed < n; parsed++)
-        if (kind->parse(PySequence_Fast_GET_ITEM(seq, parsed), jobs + (size_t)parsed * kind->size, ctx) < 0) {
+        if (kind->parse(PyTuple_GET_ITEM(seq, parsed), jobs + (size_t)parsed * kind->size, ctx) < 0) {
             parsed++;
             goto done;
         }
@@ -1795,7 +1801,8 @@ static PyObject *native_decode_sections(PyObject *self, PyObject *args, PyObject
         const uint8_t *bsrc = base.obj ? base.buf : NULL, *psrc = prev.obj ? prev.buf : NULL;
         Fault f = {{0}, 0};
         int rc;
-        memcpy(dst, head.buf, head.len);
+        if (head.len)
+            memcpy(dst, head.buf, head.len);
         Py_BEGIN_ALLOW_THREADS
         rc = read_tensor_sections(payload.buf, (size_t)payload.len, (size_t)pos_in, dst + head.len, body_len, width, rotate,
                                   bsrc, psrc, kind, &f);
@@ -2141,6 +2148,12 @@ PyMODINIT_FUNC PyInit__native(void)
     }
     fill_xlog2x();
     load_zstd();
+    {
+        /* BLAKE3 1.3.1 detects the CPU's features on first use into a plain global (a benign
+         * race upstream fixed later with an atomic): detect them here, before any thread. */
+        uint8_t digest[BLAKE3_OUT_LEN];
+        object_id("blob", (const uint8_t *)"", 0, digest);
+    }
     tl_key_ok = pthread_key_create(&tl_key, free_thread_state) == 0;
     pthread_atfork(NULL, NULL, pool_after_fork_child);
     return m;
