@@ -64,3 +64,18 @@ def test_bench_gc_tiny_run():
     # 200 adapters: 4 objects each + 64 shared A matrices + the dictionary; 20 branches
     # dropped, each with its commit, snapshot and two own B tensors.
     assert rows["every 10th branch dropped, --prune now"][-1] == "80"
+
+
+def test_bench_commit_path_quick_run(tmp_path):
+    """bench_commit_path --quick prints its table and records positive speeds."""
+    pytest.importorskip("peft")
+    out_json = tmp_path / "commit_path.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_commit_path.py"), "--quick", "--rounds", "1", "--json", str(out_json)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "commit MB/s" in proc.stdout
+    results = json.loads(out_json.read_text())
+    for label in ("fp32", "bf16"):
+        assert results[label]["commit_mb_s"] > 0 and results[label]["checkout_mb_s"] > 0

@@ -1,0 +1,115 @@
+"""Where a commit's and a checkout's time goes: the codec alone, then the whole path.
+
+bench_storage.py compares tools end to end; this one isolates adapterhub's own stages on
+the same inputs (12 fp32 checkpoints of a LoRA r=16 training run, and the same cast to
+bf16), in process, so that a change to one stage can be measured A/B:
+
+- codec: every tensor of every checkpoint as a delta against the previous checkpoint's
+  (the first as planes), encoded by the native batch call on 1 and on 2 threads;
+- commit: `Registry.commit` of the 12 checkpoints into a fresh registry, `--rounds`
+  times; per revision the fastest round counts (less noise from a shared machine);
+- checkout: `Registry.checkout` of each revision in order, right after the commits.
+
+    python3 benchmarks/bench_commit_path.py            # ~1 minute on 2 cores
+    python3 benchmarks/bench_commit_path.py --quick    # ~20 s (smaller checkpoints)
+
+Run it from two trees (PYTHONPATH=tree) alternately to compare versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_storage import to_bf16  # noqa: E402
+from common import MB, dir_size, format_table, machine_info, train_revisions, write_json, RESULTS_DIR  # noqa: E402
+
+
+def codec_mb_s(folders: list[Path], threads: int, reps: int) -> float | None:
+    """MB/s of the native batch encoder over all tensors (deltas against the previous
+    checkpoint's same-named tensor); None without the native codec."""
+    from adapterhub import codec
+    from adapterhub.encoding import kernels
+    from adapterhub.encoding.chain import DeltaBase
+    from adapterhub.objects import TENSOR, header
+    from adapterhub.safetensors_file import parse_layout
+
+    if getattr(kernels, "encode_records", None) is None:  # a tree from before the batch encoder
+        return None
+    jobs, size, previous = [], 0, {}
+    for folder in folders:
+        data = (folder / "adapter_model.safetensors").read_bytes()
+        current = {}
+        for span in parse_layout(data).tensors:
+            body = data[span.start : span.end]
+            base = DeltaBase("00" * 32, previous[span.name], 0) if span.name in previous else None
+            job = codec._native_job(header(TENSOR, len(body)), body, span.dtype, base)
+            if job is not None:
+                jobs.append(job)
+                size += len(body)
+            current[span.name] = body
+        previous = current
+    start = time.perf_counter()
+    for _ in range(reps):
+        kernels.encode_records(jobs, threads)
+    return size * reps / MB / (time.perf_counter() - start)
+
+
+def commit_and_checkout(folders: list[Path], work: Path, rounds: int) -> tuple[float, float]:
+    """(commit MB/s, best round per revision; in-order checkout MB/s, last round)."""
+    from adapterhub.registry import Registry
+
+    logical = sum(dir_size(f) for f in folders)
+    best = [float("inf")] * len(folders)
+    checkout_s = 0.0
+    for r in range(rounds):
+        registry = Registry.init(work / f"registry{r}")
+        ids = []
+        for i, folder in enumerate(folders):
+            start = time.perf_counter()
+            ids.append(registry.commit(folder, f"revision {i}").id)
+            best[i] = min(best[i], time.perf_counter() - start)
+        checkout_s = 0.0
+        for i, oid in enumerate(ids):
+            start = time.perf_counter()
+            registry.checkout(oid, work / f"out{r}-{i}")
+            checkout_s += time.perf_counter() - start
+        shutil.rmtree(work / f"registry{r}")
+    return logical / MB / sum(best), logical / MB / checkout_s
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 MB checkpoints, 4 of them, 2 rounds")
+    p.add_argument("--rounds", type=int, help="commit rounds (default 3)")
+    p.add_argument("--json", type=Path, default=RESULTS_DIR / "commit_path.json")
+    args = p.parse_args(argv)
+    revisions, size_mb, rounds = (4, 1, 2) if args.quick else (12, 5, 3)
+    rounds = args.rounds or rounds
+    work = Path(tempfile.mkdtemp(prefix="ah-bench-commit-path-"))
+    try:
+        _, fp32 = train_revisions(work / "fp32", revisions, int(size_mb * MB), rank=16)
+        bf16 = to_bf16(fp32, work / "bf16")
+        rows, results = [], {"machine": machine_info(), "revisions": revisions}
+        for label, folders in (("fp32", fp32), ("bf16", bf16)):
+            one, two = codec_mb_s(folders, 1, 3), codec_mb_s(folders, 2, 3)
+            commit, checkout = commit_and_checkout(folders, work / f"run-{label}", rounds)
+            results[label] = dict(codec_1_thread_mb_s=one, codec_2_threads_mb_s=two, commit_mb_s=commit, checkout_mb_s=checkout)
+            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            rows.append([label, fmt(one), fmt(two), fmt(commit), fmt(checkout)])
+        print(f"{revisions} checkpoints of {size_mb} MB (fp32), in process; commit: best of {rounds} rounds per revision")
+        print(format_table(["sequence", "codec MB/s (1 thread)", "codec MB/s (2)", "commit MB/s", "checkout MB/s"], rows))
+        write_json(args.json, results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
