@@ -56,11 +56,11 @@ _pool_lock = threading.Lock()
 
 
 def codec_pool() -> ThreadPoolExecutor:
-    """The process's WORKERS threads for the codec, made on first use and kept: a thread
-    keeps its zstd contexts and scratch memory (_native.c) from one file and commit to the
-    next, where a pool per commit paid for them again each time (the encode phase of 12
-    fp32 checkpoints alone: 320-366 MB/s on a kept pool of two threads, 209-238 with a new
-    pool per commit, 131-270 on one thread). A forked child starts without it."""
+    """The process's WORKERS Python threads for the codec's fallback path (no native batch
+    encoder: numpy kernels, or no libzstd; the native one keeps C threads of its own),
+    made on first use and kept: a thread keeps its zstd contexts and scratch memory from
+    one file and commit to the next, where a pool per commit paid for them again each
+    time. A forked child starts without it."""
     global _pool
     with _pool_lock:
         if _pool is None:
