@@ -1516,16 +1516,18 @@ done:
     return result;
 }
 
-/* The whole-record batch calls' arguments: (jobs, threads), with zstd loaded. */
-static int parse_batch_args(PyObject *args, PyObject **jobs, int *threads)
+/* A whole-record batch call: its arguments (jobs, threads), zstd loaded, then run_jobs. */
+static PyObject *record_batch_call(PyObject *args, const JobKind *kind)
 {
-    if (!PyArg_ParseTuple(args, "Oi", jobs, threads))
-        return -1;
+    PyObject *jobs;
+    int threads;
+    if (!PyArg_ParseTuple(args, "Oi", &jobs, &threads))
+        return NULL;
     if (!zl.ok) {
         PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
-        return -1;
+        return NULL;
     }
-    return 0;
+    return run_jobs(kind, jobs, threads, NULL);
 }
 
 static void release_job(void *job)
@@ -1604,11 +1606,7 @@ static const JobKind record_jobs = {sizeof(RecordJob), parse_job, encode_one, re
 
 static PyObject *native_encode_records(PyObject *self, PyObject *args)
 {
-    PyObject *jobs;
-    int threads;
-    if (parse_batch_args(args, &jobs, &threads) < 0)
-        return NULL;
-    return run_jobs(&record_jobs, jobs, threads, NULL);
+    return record_batch_call(args, &record_jobs);
 }
 
 /* ---- reading sections: frames.decode_section in C --------------------------------------- */
@@ -2019,11 +2017,7 @@ static const JobKind read_jobs = {sizeof(ReadJob), parse_read_job, read_one, bod
 
 static PyObject *native_read_tensors(PyObject *self, PyObject *args)
 {
-    PyObject *jobs;
-    int threads;
-    if (parse_batch_args(args, &jobs, &threads) < 0)
-        return NULL;
-    return run_jobs(&read_jobs, jobs, threads, NULL);
+    return record_batch_call(args, &read_jobs);
 }
 
 PyDoc_STRVAR(has_zstd_doc,
