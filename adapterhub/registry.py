@@ -208,12 +208,6 @@ class Registry:
         # and on the disk; it runs on a thread while the tensors are hashed and encoded,
         # and the default author (another git process) on a second one beside it: on a
         # small commit, waiting for the two one after the other was most of its time.
-        # Git's answers of the last commit, where provably still current, are taken here
-        # first (prov.kept_git_answers says why not on the side threads); only git itself,
-        # when it must run, waits on them.
-        code, kept_author = prov.kept_git_answers()
-        shared = None if code is prov.NOT_KEPT else {"code": code, "environment": prov.environment()}
-        author = author or (None if kept_author is prov.NOT_KEPT else kept_author)
         side = _side_pool()
         record_f = side.submit(
             prov.collect,
@@ -223,7 +217,6 @@ class Registry:
             dataset=dataset,
             train_config=Path(train_config) if train_config else None,
             params=params,
-            shared=shared,
         )
         author_f = side.submit(prov.default_author) if not author else None
         try:

@@ -230,3 +230,19 @@ def test_default_author_reads_git_identity_with_local_winning(tmp_path, monkeypa
     glob.write_text("[user]\n\tname = Only Name\n")
     subprocess.run(["git", "config", "--unset", "user.name"], check=True)
     assert default_author() == f"Only Name <Only Name@{socket.gethostname()}>"
+
+
+def test_a_commit_from_a_removed_current_folder_works_and_records_no_code(tmp_path, monkeypatch):
+    """git cannot run in a folder that no longer exists: the commit still succeeds, with
+    no `code` field (not a stale or made-up one)."""
+    from adapterhub.registry import Registry
+    from ah_testkit import write_adapter
+
+    reg = Registry.init(tmp_path / "reg")
+    adapter = write_adapter(tmp_path / "a0")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    for i in range(2):
+        assert "code" not in reg.store.get_commit(reg.commit(adapter, f"from nowhere {i}").id).provenance
