@@ -501,11 +501,21 @@ def test_whole_record_calls_fall_back_without_libzstd(monkeypatch):
     with using("native"):
         assert kernels.encode_sections is not None
         whole = codec.encode_tensor(h, b, "F32", base)
+    before = kernels.active
     monkeypatch.setattr(native, "has_zstd", lambda: False)
-    with using("native"):
-        assert kernels.encode_sections is None and kernels.decode_sections is None
-        _assert_same_record(codec.encode_tensor(h, b, "F32", base), whole)
-        assert codec.decode("x", whole, lambda oid, depth: a) == h + b
+    try:
+        with using("native"):
+            assert kernels.encode_sections is None and kernels.decode_sections is None
+            assert kernels.encode_records is None and kernels.read_tensors is None and kernels.read_plan is None
+            _assert_same_record(codec.encode_tensor(h, b, "F32", base), whole)
+            assert codec.decode("x", whole, lambda oid, depth: a) == h + b
+    finally:
+        # `using` bound its set back while libzstd still looked missing: bind it again
+        # with libzstd back, or every later test in this process runs without the
+        # whole-record calls.
+        monkeypatch.undo()
+        kernels.use(before)
+    assert kernels.read_tensors is not None
 
 
 @settings(max_examples=200, deadline=None)
