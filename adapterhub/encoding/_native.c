@@ -184,27 +184,27 @@ DEFINE_WIDTH(2, 16, uint16_t, LE16)
 DEFINE_WIDTH(4, 32, uint32_t, LE32)
 DEFINE_WIDTH(8, 64, uint64_t, LE64)
 
-/* split_W / join_W for a width known only at run time (2, 4 or 8). */
+/* fn_W for a width known only at run time (2, 4 or 8). */
+#define BY_WIDTH(width, fn, ...)                                                                \
+    do {                                                                                        \
+        if ((width) == 2)                                                                       \
+            fn##_2(__VA_ARGS__);                                                                \
+        else if ((width) == 4)                                                                  \
+            fn##_4(__VA_ARGS__);                                                                \
+        else                                                                                    \
+            fn##_8(__VA_ARGS__);                                                                \
+    } while (0)
+
 static void split_words(int width, const uint8_t *src, const uint8_t *base, const uint8_t *prev, uint8_t *out,
                         Py_ssize_t n, int mode)
 {
-    if (width == 2)
-        split_2(src, base, prev, out, n, mode);
-    else if (width == 4)
-        split_4(src, base, prev, out, n, mode);
-    else
-        split_8(src, base, prev, out, n, mode);
+    BY_WIDTH(width, split, src, base, prev, out, n, mode);
 }
 
 static void join_words(int width, const uint8_t *const *planes, const uint8_t *base, const uint8_t *prev, uint8_t *out,
                        Py_ssize_t n, int mode)
 {
-    if (width == 2)
-        join_2(planes, base, prev, out, n, mode);
-    else if (width == 4)
-        join_4(planes, base, prev, out, n, mode);
-    else
-        join_8(planes, base, prev, out, n, mode);
+    BY_WIDTH(width, join, planes, base, prev, out, n, mode);
 }
 
 /* ---- argument helpers ------------------------------------------------------------------ */
