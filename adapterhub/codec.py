@@ -289,26 +289,42 @@ def encode_tensors(
 def _native_job(header: bytes, body: bytes | memoryview, dtype: str | None, base: DeltaBase | None) -> tuple | None:
     """The encode_records job for a tensor encode_tensor would code as planes or a delta,
     or None when it also tries plain zstd (small tensors) or has no planes."""
+    n = len(body)
+    key = (dtype, header, n)
     try:
-        layout = _LAYOUTS[dtype]
+        plain = _PLAIN_JOBS[key]
     except KeyError:
-        layout = _LAYOUTS[dtype] = _layout_for(dtype)
-    if layout is None or len(body) < SMALL_TENSOR:
+        plain = _plain_job(header, n, dtype)
+        if len(_PLAIN_JOBS) >= _PLAIN_JOBS_MAX:
+            _PLAIN_JOBS.clear()
+        _PLAIN_JOBS[key] = plain
+    if plain is None:
         return None
-    raw_len = len(header) + len(body)
+    width, rotate, planes_prefix, threshold, layout_byte, head, delta_head, ext_head = plain
+    body_base = delta_prefix = prev = ext_prefix = None
+    if base is not None and base.depth < MAX_CHAIN and len(base.body) == n:
+        body_base = base.body
+        fields = bytes.fromhex(base.oid) + bytes((base.depth + 1, _WRITE_KIND, layout_byte))
+        delta_prefix = delta_head + fields
+        if base.prev is not None and base.prev_oid is not None and len(base.prev) == n and width != 8:
+            prev = base.prev
+            ext_prefix = ext_head + bytes.fromhex(base.prev_oid) + head + fields
+    return (body, width, rotate, planes_prefix, body_base, _WRITE_KIND, delta_prefix, prev, ext_prefix, threshold)
+
+
+def _plain_job(header: bytes, n: int, dtype: str | None) -> tuple | None:
+    """What every job for a tensor of `n` bytes of `dtype` shares, or None (no native job)."""
+    layout = _layout_for(dtype)
+    if layout is None or n < SMALL_TENSOR:
+        return None
+    raw_len = len(header) + n
     head = b"%c%s" % (len(header), header)
     layout_byte = layout.to_byte()
     planes_prefix = RECORD_HEADER.pack(MAGIC, ENC_PLANES, raw_len) + head + bytes((layout_byte,))
-    body_base = delta_prefix = prev = ext_prefix = None
-    if base is not None and base.depth < MAX_CHAIN and len(base.body) == len(body):
-        body_base = base.body
-        fields = bytes.fromhex(base.oid) + bytes((base.depth + 1, _WRITE_KIND, layout_byte))
-        delta_prefix = RECORD_HEADER.pack(MAGIC, ENC_DELTA, raw_len) + head + fields
-        if base.prev is not None and base.prev_oid is not None and len(base.prev) == len(body) and layout.width != 8:
-            prev = base.prev
-            ext_prefix = RECORD_HEADER.pack(MAGIC, ENC_EXTRAPOLATED, raw_len) + bytes.fromhex(base.prev_oid) + head + fields
-    return (body, layout.width, layout.rotate, planes_prefix, body_base, _WRITE_KIND, delta_prefix, prev, ext_prefix,
-            PLANES_WORTH_TRYING[layout.width] * raw_len)
+    delta_head = RECORD_HEADER.pack(MAGIC, ENC_DELTA, raw_len) + head
+    ext_head = RECORD_HEADER.pack(MAGIC, ENC_EXTRAPOLATED, raw_len)
+    return (layout.width, layout.rotate, planes_prefix, PLANES_WORTH_TRYING[layout.width] * raw_len, layout_byte,
+            head, delta_head, ext_head)
 
 
 def _layout_for(dtype: str | None):
@@ -317,8 +333,10 @@ def _layout_for(dtype: str | None):
     return layout_for(dtype)
 
 
-# dtype -> plane layout (None: no planes), filled as dtypes are met.
-_LAYOUTS: dict = {}
+# (dtype, header, body length) -> the parts of a native job every tensor of that kind
+# shares (_plain_job), or None: building the prefixes cost more than the rest of a job.
+_PLAIN_JOBS: dict = {}
+_PLAIN_JOBS_MAX = 4096
 # delta.WRITE_KIND (ORD), here so that making a job imports nothing.
 _WRITE_KIND = 1
 

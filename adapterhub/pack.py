@@ -72,6 +72,10 @@ IDX_TAIL = 32 + 32
 WRITEBACK_STEP = 1 << 20
 # Indexes bigger than this are searched with numpy when the process has it loaded.
 _NUMPY_SEARCH_MIN = 4096
+# add_many hashes and writes its records joined into runs of about this many bytes: a
+# BLAKE3 update per 14 kB record cost ~7.6 us, one per 256 kB run of them ~4.4 us a record
+# (a bf16 checkpoint's 112 records: 0.86 ms against 0.50 ms); the joins cost ~0.4 us.
+ADD_RUN_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -524,11 +528,46 @@ class PackWriter:
         self._offsets.append(self._pos)
         self._lengths.append(len(record))
         self._write(record)
+        self._kick()
+        return True
+
+    def add_many(self, keys: bytes, records: list) -> None:
+        """add() of many records at once (a commit's), `keys` their 32-byte ids back to back.
+
+        For a writer without `dedup`, whose caller knows each id once (`finish` still
+        refuses a repeat); the pack's bytes are those of add() one by one. Records are
+        hashed and written joined into runs of ~ADD_RUN_BYTES, not one by one."""
+        if self._keys is not None:
+            for i, record in enumerate(records):
+                self.add(keys[i * OID_LEN : (i + 1) * OID_LEN], record)
+            return
+        if len(keys) != len(records) * OID_LEN:
+            raise ValueError(f"{len(keys)} bytes of ids for {len(records)} records")
+        self._ids += keys
+        offsets, lengths, at = self._offsets, self._lengths, self._pos
+        run: list = []
+        run_bytes = 0
+        for record in records:
+            n = len(record)
+            offsets.append(at)
+            lengths.append(n)
+            at += n
+            run.append(record)
+            run_bytes += n
+            if run_bytes >= ADD_RUN_BYTES:
+                self._write(run[0] if len(run) == 1 else b"".join(run))
+                self._kick()
+                run, run_bytes = [], 0
+        if run:
+            self._write(run[0] if len(run) == 1 else b"".join(run))
+            self._kick()
+
+    def _kick(self) -> None:
+        """Start the disk on what was appended since the last kick, every WRITEBACK_STEP."""
         if self.durable and self._pos - self._kicked >= WRITEBACK_STEP:
             self._out.flush()
             start_writeback(self._fd, self._kicked, self._pos - self._kicked)
             self._kicked = self._pos
-        return True
 
     def finish(self) -> Path | None:
         """Close the pack, write its index, rename both into place; the index path (None if empty)."""

@@ -252,8 +252,35 @@ class PackedObjectStore(ObjectStore):
             for oid, record in pending.items():
                 self.loose._write_record(ObjectId(oid), record)
             return
-        stream.finish()
-        self.add_pack_written()
+        self._add_own_pack(stream.finish())
+
+    def _add_own_pack(self, idx_path: Path | None) -> None:
+        """Make a pack this store just wrote visible to it without re-listing the pack
+        folder (every pack, each commit): the listing stamp is left as it was, so the next
+        rescan still lists whatever else changed meanwhile. New maps are swapped in whole,
+        as in rescan."""
+        if idx_path is None:
+            return
+        with self._lock:
+            own = self._listing is not None and idx_path.name not in self._packs
+            if own:
+                try:
+                    pack = Pack(idx_path)
+                except (FileNotFoundError, CorruptObject):
+                    pack, own = None, False  # gone already (gc)? a rescan says what is there
+            if own:
+                self._packs[idx_path.name] = pack
+                if pack.count <= SMALL_PACK_IDS:
+                    small = dict(self._small_ids)
+                    again = {k: list(v) for k, v in self._small_again.items()}
+                    for oid in pack.iter_ids():
+                        if small.setdefault(oid, pack) is not pack:
+                            again.setdefault(oid, []).append(pack)
+                    self._small_ids, self._small_again = small, again
+                else:
+                    self._big_packs = self._big_packs + [pack]
+        if not own:
+            self.add_pack_written()
 
     def _hold(self, oid: ObjectId, record: bytes) -> None:
         """Add a record to the open batch. Once the batch is big enough to become a pack,
@@ -261,18 +288,27 @@ class PackedObjectStore(ObjectStore):
         so the disk writes them while the rest of the commit is still being encoded and
         the fsync at the end has little left to wait for. The pack is invisible to
         readers until `_flush` finishes it; the records stay in `_pending` for them."""
+        self._hold_many([(oid, record)])
+
+    def _hold_many(self, written: list[tuple[ObjectId, bytes]]) -> None:
+        """_hold of many (id, record) pairs, in order, handed to the pack in one call."""
         pending = self._pending
         with self._batch_lock:
-            if oid in pending:
-                return  # first wins: the base cache learnt this object's chain from it
-            pending[oid] = record
-            self._pending_bytes += len(record)
-            if self._stream is not None:
-                self._stream.add(oid, record)
-            elif self._pending_bytes >= BATCH_PACK_MIN_BYTES or len(pending) >= BATCH_PACK_MIN_OBJECTS:
+            ids, records = [], []
+            for oid, record in written:
+                if oid in pending:
+                    continue  # first wins: the base cache learnt this object's chain from it
+                pending[oid] = record
+                self._pending_bytes += len(record)
+                ids.append(oid)
+                records.append(record)
+            if self._stream is None:
+                if self._pending_bytes < BATCH_PACK_MIN_BYTES and len(pending) < BATCH_PACK_MIN_OBJECTS:
+                    return
                 self._stream = self.writer(dedup=False)  # `pending` already holds each id once
-                for held_id, held in pending.items():
-                    self._stream.add(held_id, held)
+                ids, records = list(pending), list(pending.values())
+            if ids:
+                self._stream.add_many(bytes.fromhex("".join(ids)), records)
 
     # --- contract primitives -------------------------------------------------------------
     def has(self, oid: str) -> bool:
@@ -295,6 +331,30 @@ class PackedObjectStore(ObjectStore):
         if self._listing is None:
             self.rescan()
         return self._lookup(oid) is not None or self.loose.has(oid)
+
+    def _stored_many(self, oids: list[str]) -> list[bool]:
+        # _stored of each, with one listing of the objects folder instead of a failed stat
+        # of a loose path per new object: a loose object lies in its fan-out folder, so
+        # one whose folder was not listed is not there (or came since: see _stored).
+        pending = self._pending
+        if self._listing is None:
+            self.rescan()
+        small, big = self._small_ids, self._big_packs
+        fans: set[str] | None = None  # the objects folder's names, listed at the first miss
+        listed = False
+        out = []
+        for oid in oids:
+            if (pending is not None and oid in pending) or oid in small or (big and self._lookup(oid) is not None):
+                out.append(True)
+                continue
+            if not listed:
+                listed = True
+                try:
+                    fans = set(os.listdir(self.root))
+                except OSError:  # not listable: ask each path, as _stored does
+                    fans = None
+            out.append((fans is None or oid[:2] in fans) and self.loose.has(oid))
+        return out
 
     def _read_record(self, oid: str) -> bytes:
         pending = self._pending
@@ -330,6 +390,13 @@ class PackedObjectStore(ObjectStore):
             self._hold(oid, record)
             return
         self.loose._write_record(oid, record)
+
+    def _write_records(self, written: list[tuple[ObjectId, bytes]]) -> None:
+        if self._pending is not None:
+            self._hold_many(written)
+            return
+        for oid, record in written:
+            self.loose._write_record(oid, record)
 
     def _freshen(self, oid: ObjectId) -> bool:
         pending = self._pending

@@ -60,6 +60,22 @@ class BaseCache:
                 _, (old, _, _) = self._items.popitem(last=False)
                 self._bytes -= len(old)
 
+    def add_written(self, items: list[tuple[str, bytes | memoryview, int, str | None]]) -> None:
+        """add() of many (id, body, depth, base), under one lock; a body is copied to bytes
+        only when it enters (a commit's bodies are views of the file it read)."""
+        limit = self.max_bytes // 4
+        with self._lock:
+            entries = self._items
+            for oid, body, depth, base in items:
+                if len(body) > limit or oid in entries:
+                    continue
+                body = bytes(body)
+                entries[oid] = (body, depth, base)
+                self._bytes += len(body)
+                while self._bytes > self.max_bytes:
+                    _, (old, _, _) = entries.popitem(last=False)
+                    self._bytes -= len(old)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
@@ -92,6 +108,11 @@ class ObjectStore:
     def _write_record(self, oid: ObjectId, record: bytes) -> None:
         raise NotImplementedError
 
+    def _write_records(self, written: list[tuple[ObjectId, bytes]]) -> None:
+        """_write_record of each (id, record), in order (a backend may take them at once)."""
+        for oid, record in written:
+            self._write_record(oid, record)
+
     def iter_ids(self) -> Iterator[ObjectId]:
         raise NotImplementedError
 
@@ -102,6 +123,10 @@ class ObjectStore:
         already accept, so a store may answer this without the system calls `has` needs
         to be exact."""
         return self.has(oid)
+
+    def _stored_many(self, oids: list[str]) -> list[bool]:
+        """_stored of each id (a backend may answer them with fewer system calls)."""
+        return [self._stored(oid) for oid in oids]
 
     def _freshen(self, oid: ObjectId) -> bool:
         """Mark an existing object as just written (a put found it already stored).
@@ -166,11 +191,12 @@ class ObjectStore:
         fallback); then they are written in order.
         """
         oids = kernels.hash_objects(TENSOR, [body for body, _, _ in items], workers)
+        stored = self._stored_many(oids)
         results: list[tuple[ObjectId, bool]] = []
         todo: list[int] = []
         seen: set[str] = set()
         for i, oid in enumerate(oids):
-            new = oid not in seen and not (self._stored(oid) and self._freshen(oid))
+            new = oid not in seen and not (stored[i] and self._freshen(oid))
             seen.add(oid)
             results.append((oid, new))
             if new:
@@ -181,10 +207,15 @@ class ObjectStore:
             base = self._delta_base(oids[i], base_id, len(body)) if base_id and dtype is not None else None
             jobs.append((header(TENSOR, len(body)), body, dtype, base))
         records = codec.encode_tensors(jobs, workers, pool)
-        for i, job, record in zip(todo, jobs, records):
-            self._write_record(oids[i], record)
-            if job[2] is not None:
-                self._remember_written(oids[i], job[1], record, job[3])
+        self._write_records([(oids[i], record) for i, record in zip(todo, records)])
+        # What the base cache learns (as _remember_written): a record is a delta only
+        # when its job offered a base.
+        delta_at, delta_encodings = codec.ENCODING_AT, codec.DELTA_ENCODINGS
+        self.base_cache.add_written([
+            (oids[i], body, base.depth + 1, base.oid) if base is not None and record[delta_at] in delta_encodings
+            else (oids[i], body, 0, None)
+            for i, (_, body, dtype, base), record in zip(todo, jobs, records) if dtype is not None
+        ])
         return results
 
     def encode_record(
