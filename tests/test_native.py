@@ -642,3 +642,31 @@ def test_hash_objects_refuses_bad_arguments():
     with pytest.raises(ValueError, match="short"):
         native.hash_objects("x" * 40, [b"ok"], 1)
     assert native.hash_objects("tensor", [], 2) == []
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4]),
+    k=st.integers(0, 15),
+    expect=st.integers(0, 300),
+    seed=st.integers(0, 2**32 - 1),
+    plant=st.one_of(st.none(), st.integers(0, 10**6)),
+)
+def test_code_validation_of_valid_codes_with_one_planted_bad_code(bits, k, expect, seed, plant):
+    """count_escapes reads 2-bit codes 32 at a time: valid codes (below k, or the escape)
+    with at most one invalid code planted anywhere, word edges and tail included."""
+    k = k % (1 << bits)
+    per, escape = 8 // bits, (1 << bits) - 1
+    rng = np.random.default_rng(seed)
+    valid = list(range(k)) + [escape]
+    codes = [valid[i] for i in rng.integers(0, len(valid), expect)]
+    invalid = [c for c in range(escape) if c >= k]
+    if plant is not None and expect and invalid:
+        codes[plant % expect] = invalid[plant % len(invalid)]
+    packed = bytearray(-(-expect // per))
+    for i, code in enumerate(codes):
+        packed[i // per] |= code << (bits * (per - 1 - i % per))
+    want = reference.count_escapes(bytes(packed), bits, k, expect)
+    assert native.count_escapes(bytes(packed), bits, k, expect) == want
+    padded = codes + [0] * (-expect % per)  # padding codes are zero, and checked too
+    assert want == (-2 if any(c >= k and c != escape for c in padded) else codes.count(escape))

@@ -666,9 +666,24 @@ static Py_ssize_t count_escapes_c(const uint8_t *pk, Py_ssize_t n, int bits, int
         }
         info[v] = (uint16_t)(esc | (bad << 8));
     }
-    Py_ssize_t result = 0;
+    Py_ssize_t result = 0, j = 0;
     unsigned bad = 0;
-    for (Py_ssize_t j = 0; j < n; j++) {
+    if (bits == 2) {
+        /* 32 codes a step: per code, hi = its high bit, lo = its low bit; the escape is
+         * hi & lo, and a code >= k that is not the escape is, by k: 0 any other, 1 codes
+         * 1 and 2, 2 code 2 (k = 3 leaves none). The tail goes by the table below. */
+        const uint64_t L = 0x5555555555555555ull;
+        uint64_t bad_bits = 0;
+        for (; j + 8 <= n; j += 8) {
+            uint64_t x;
+            memcpy(&x, pk + j, 8);
+            uint64_t hi = (x >> 1) & L, lo = x & L;
+            result += __builtin_popcountll(hi & lo);
+            bad_bits |= k == 0 ? ~(hi & lo) & L : k == 1 ? hi ^ lo : k == 2 ? hi & ~lo : 0;
+        }
+        bad = bad_bits != 0;
+    }
+    for (; j < n; j++) {
         uint16_t f = info[pk[j]];
         result += f & 0xFF;
         bad |= f >> 8;
