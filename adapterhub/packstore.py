@@ -23,7 +23,7 @@ from typing import Iterator
 from . import codec
 from .errors import CorruptObject, ObjectNotFound
 from .objects import ObjectId
-from .pack import Pack, PackWriter, pack_paths
+from .pack import Pack, PackWriter, pack_names
 from .store import LooseObjectStore, ObjectStore
 
 PACK_DIR = "pack"
@@ -101,15 +101,16 @@ class PackedObjectStore(ObjectStore):
                 stamp = None
             if stamp == self._listing and self._listing is not None:
                 return False
-            current = {p.name: p for p in pack_paths(self.pack_dir)}
+            names = pack_names(self._pack_dir_str)
+            current = set(names)
             removed = [name for name in self._packs if name not in current]
             for name in removed:
                 self._packs.pop(name).close()
             added = []
-            for name, path in current.items():
+            for name in names:
                 if name not in self._packs:
                     try:
-                        self._packs[name] = _open_listed(path)
+                        self._packs[name] = _open_listed(self.pack_dir / name)
                     except FileNotFoundError:
                         continue  # removed by gc between listing and opening
                     added.append(self._packs[name])
@@ -252,35 +253,8 @@ class PackedObjectStore(ObjectStore):
             for oid, record in pending.items():
                 self.loose._write_record(ObjectId(oid), record)
             return
-        self._add_own_pack(stream.finish())
-
-    def _add_own_pack(self, idx_path: Path | None) -> None:
-        """Make a pack this store just wrote visible to it without re-listing the pack
-        folder (every pack, each commit): the listing stamp is left as it was, so the next
-        rescan still lists whatever else changed meanwhile. New maps are swapped in whole,
-        as in rescan."""
-        if idx_path is None:
-            return
-        with self._lock:
-            own = self._listing is not None and idx_path.name not in self._packs
-            if own:
-                try:
-                    pack = Pack(idx_path)
-                except (FileNotFoundError, CorruptObject):
-                    pack, own = None, False  # gone already (gc)? a rescan says what is there
-            if own:
-                self._packs[idx_path.name] = pack
-                if pack.count <= SMALL_PACK_IDS:
-                    small = dict(self._small_ids)
-                    again = {k: list(v) for k, v in self._small_again.items()}
-                    for oid in pack.iter_ids():
-                        if small.setdefault(oid, pack) is not pack:
-                            again.setdefault(oid, []).append(pack)
-                    self._small_ids, self._small_again = small, again
-                else:
-                    self._big_packs = self._big_packs + [pack]
-        if not own:
-            self.add_pack_written()
+        stream.finish()
+        self.add_pack_written()
 
     def _hold(self, oid: ObjectId, record: bytes) -> None:
         """Add a record to the open batch. Once the batch is big enough to become a pack,

@@ -2,8 +2,8 @@
 
 put_tensors checks existence, writes records and teaches the base cache for a whole
 file's tensors at once (PackedObjectStore._stored_many, _write_records, PackWriter.add_many,
-BaseCache.add_written), and a commit's pack joins the store's listing without a re-list
-(_add_own_pack). Each must leave the same bytes on disk and give the same answers.
+BaseCache.add_written), and a store lists its packs by name (pack_names, Pack.iter_ids in
+blocks). Each must leave the same bytes on disk and give the same answers.
 """
 
 from __future__ import annotations
@@ -141,6 +141,31 @@ def test_native_jobs_are_the_same_from_the_cache():
             assert first == again
     codec._PLAIN_JOBS.clear()
     assert codec._native_job(head, body[:100], "F32", None) is None  # small: plain zstd is tried too
+
+
+def test_pack_names_and_ids_list_what_they_listed_one_by_one(tmp_path):
+    from adapterhub.pack import Pack, pack_names, pack_paths
+
+    recs = _records(4, 100, seed=4)
+    folder = tmp_path / "pack"
+    for i, (oid, rec) in enumerate(recs):
+        with PackWriter(folder) as w:
+            w.add(oid, rec)
+            w.finish()
+    (folder / "pack-x.idx.tmp").write_bytes(b"")
+    (folder / ".tmp-1.idx").write_bytes(b"")
+    (folder / "pack-y.pack").write_bytes(b"")
+    (folder / "notpack-z.idx").write_bytes(b"")
+    want = sorted(p for p in folder.iterdir() if p.suffix == ".idx" and p.name.startswith("pack-"))
+    assert pack_paths(folder) == want and pack_names(folder) == [p.name for p in want] and len(want) == 4
+    assert pack_names(tmp_path / "missing") == [] and pack_paths(tmp_path / "missing") == []
+    with PackWriter(tmp_path / "big") as w:  # more ids than iter_ids hexes at a time
+        for i in range(4100):
+            w.add(hash_object(BLOB, b"%d" % i), b"record %d" % i)  # the writer does not decode
+        idx = w.finish()
+    pack = Pack(idx)
+    assert list(pack.iter_ids()) == [pack._id(i).hex() for i in range(pack.count)]
+    pack.close()
 
 
 def test_a_commit_pack_is_found_and_a_later_rescan_still_lists_other_packs(tmp_path):
