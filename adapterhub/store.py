@@ -185,10 +185,12 @@ class ObjectStore:
     ) -> list[tuple[ObjectId, bool]]:
         """put_ex of many tensors, given as (body, dtype, delta base id), in three phases.
 
-        The ids are hashed in one call (native: on `workers` C threads); existence checks
-        and delta-base lookups run here one by one; then codec.encode_tensors makes the
-        records (one native call on `workers` C threads; `pool` serves only its Python
-        fallback); then they are written in order.
+        The ids are hashed in one call (native: on `workers` C threads); existence is
+        asked of the store for all of them at once (_stored_many) and the delta bases are
+        looked up one by one; then codec.encode_tensors makes the records (one native call
+        on `workers` C threads; `pool` serves only its Python fallback); then they are
+        written in order in one call (_write_records: one hand-over to the batch's pack)
+        and the base cache learns them under one lock.
         """
         oids = kernels.hash_objects(TENSOR, [body for body, _, _ in items], workers)
         stored = self._stored_many(oids)
