@@ -278,61 +278,41 @@ class ObjectStore:
         """read_tensor of many tensors (a checkout's), the same bodies and errors.
 
         With the native codec their plane and delta records are decoded and re-hashed in
-        one call on `threads` C threads without the GIL; the bases they need come from
-        the base cache (a checkout of the next revision finds the last one's there) or
-        from a verified read first. Whatever that call does not take (other encodings, a
-        base that cannot be read) or finds damaged is read again one by one by
-        read_tensor, which raises the exact error."""
+        native calls on `threads` C threads without the GIL, one call per level of their
+        delta chains: the bases they need come from the base cache (a checkout of the next
+        revision finds the last one's there), or are decoded here first, all of a level
+        at once (a cold checkout of a deep chain was one Python-driven decode per record
+        and level). Whatever those calls do not take (other encodings, a base that cannot
+        be read) or find damaged is read again one by one by read_tensor, which raises the
+        exact error."""
         native = kernels.read_tensors
         if native is None:
             return [self.read_tensor(oid) for oid in oids]
-        jobs, where, refs = [], [], []
-        for i, oid in enumerate(oids):
-            planned = self._read_job(oid)
-            if planned is not None:
-                jobs.append(planned[0])
-                refs.append(planned[1])
-                where.append(i)
-        bodies: list = [None] * len(oids)
-        for i, body, ref in zip(where, native(jobs, threads) if jobs else (), refs):
-            if body is not None:
-                self.base_cache.add(oids[i], body, ref.depth if ref else 0, ref.base if ref else None)
-                bodies[i] = body
+        wanted = set(oids)
+        plan = _ReadPlan(self)
+        for oid in wanted:
+            plan.add(oid, codec.READ_BUDGET, requested=True)
+        memo = plan.bodies
+        levels: dict[int, list[_ReadNode]] = {}
+        uses: dict[str, int] = {}
+        for node in plan.nodes.values():
+            levels.setdefault(node.height, []).append(node)
+            for source in node.sources:
+                uses[source] = uses.get(source, 0) + 1
+        for height in sorted(levels):
+            level = [node for node in levels[height] if all(source in memo for source in node.sources)]
+            jobs = [node.job(memo) for node in level]
+            for node, body in zip(level, native(jobs, threads) if jobs else ()):
+                if body is not None:
+                    memo[node.oid] = body
+                    self.base_cache.add(node.oid, body, node.plan[6], node.plan[5])
+            for node in levels[height]:  # bases no later level needs leave memory
+                for source in node.sources:
+                    uses[source] -= 1
+                    if not uses[source] and source not in wanted:
+                        memo.pop(source, None)
         # The rest one by one, in order: the first bad id raises, as it would one by one.
-        return [body if body is not None else self.read_tensor(oid) for oid, body in zip(oids, bodies)]
-
-    def _read_job(self, oid: str) -> tuple | None:
-        """(kernels.read_tensors job, DeltaRef or None) for a tensor, or None to read it
-        one by one (which raises whatever made it fail here)."""
-        try:
-            record = self._read_record(oid)
-        except (ObjectNotFound, CorruptObject, UnsupportedFormat):
-            return None
-        plan = kernels.read_plan(record)
-        if plan is None:
-            return None
-        pos, body_len, width, rotate, kind, base_id, depth, prev_id = plan
-        base = prev = None
-        if base_id is not None:
-            base = self._base_body(base_id, body_len)
-            prev = self._base_body(prev_id, body_len) if prev_id is not None else None
-            if base is None or prev_id is not None and prev is None:
-                return None
-        return (oid, record, pos, body_len, width, rotate, base, kind, prev), DeltaRef(base_id, depth) if base_id else None
-
-    def _base_body(self, oid: str, length: int) -> bytes | None:
-        """A delta base's body of `length` bytes, cached or read verified; None otherwise."""
-        cached = self.base_cache.get(oid)
-        if cached is not None:
-            body = cached[0]
-        else:
-            try:  # a level of the read budget is the record's own, as in _read_verified
-                obj_type, body, _ = self._read_verified(oid, codec.READ_BUDGET - 1)
-            except (ObjectNotFound, CorruptObject, UnsupportedFormat):
-                return None
-            if obj_type != TENSOR:
-                return None
-        return body if len(body) == length else None
+        return [memo[oid] if oid in plan.nodes and oid in memo else self.read_tensor(oid) for oid in oids]
 
     def read(self, oid: str) -> tuple[str, bytes]:
         """(type, body) of a stored object, verified against its id."""
@@ -528,3 +508,99 @@ class LooseObjectStore(ObjectStore):
 
     def remove(self, oid: str) -> None:
         self._path(oid).unlink(missing_ok=True)
+
+
+class _ReadNode:
+    """A tensor record read_tensors decodes natively: its read_plan, the ids of the bodies
+    it needs (delta base, extrapolation source) and its level (1 + theirs; 1 when it
+    needs none, or only bodies at hand)."""
+
+    __slots__ = ("oid", "record", "plan", "height", "sources")
+
+    def __init__(self, oid: str, record: bytes, plan: tuple, height: int):
+        self.oid, self.record, self.plan, self.height = oid, record, plan, height
+        self.sources = tuple(s for s in (plan[5], plan[7]) if s is not None)
+
+    def job(self, bodies: dict[str, bytes]) -> tuple:
+        pos, body_len, width, rotate, kind, base_id, _depth, prev_id = self.plan
+        base = bodies[base_id] if base_id is not None else None
+        prev = bodies[prev_id] if prev_id is not None else None
+        return (self.oid, self.record, pos, body_len, width, rotate, base, kind, prev)
+
+
+class _ReadPlan:
+    """Which records read_tensors decodes, level by level, and the bodies at hand.
+
+    The budget rules are _read_verified's: a delta record spends one level and its
+    sources get the rest, so a hand-made cycle ends; a requested tensor is always decoded
+    from its record (a caller's read re-hashes what is stored), a source may come from the
+    base cache. A source that read_plan cannot plan (another encoding) is read verified
+    one by one, as before. What cannot be planned is left out: read_tensors then reads it
+    one by one, which raises the exact error."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self.nodes: dict[str, _ReadNode] = {}
+        self.bodies: dict[str, bytes] = {}
+        self._refused: dict[str, int] = {}  # id -> the largest budget it was refused with
+        self._open: set[str] = set()  # the ids being planned (a cycle ends here)
+
+    def add(self, oid: str, budget: int, *, requested: bool = False, length: int | None = None) -> int | None:
+        """The level after which `oid`'s body is available (0: at hand now), or None."""
+        node = self.nodes.get(oid)
+        if node is None and not requested:
+            body = self.bodies.get(oid)
+            if body is None:
+                cached = self.store.base_cache.get(oid)
+                if cached is not None:
+                    body = self.bodies[oid] = cached[0]
+            if body is not None:
+                return 0 if length is None or len(body) == length else None
+        if node is not None:
+            return node.height if length is None or node.plan[1] == length else None
+        if oid in self._open or self._refused.get(oid, -1) >= budget:
+            return None
+        height = self._plan(oid, budget, requested, length)
+        if height is None:
+            self._refused[oid] = max(budget, self._refused.get(oid, -1))
+        return height
+
+    def _plan(self, oid: str, budget: int, requested: bool, length: int | None) -> int | None:
+        store = self.store
+        try:
+            record = store._read_record(oid)
+        except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+            return None
+        plan = kernels.read_plan(record)
+        if plan is None:
+            if requested:
+                return None
+            try:  # a source in another encoding, read as _read_verified reads it
+                obj_type, body, _ = store._read_verified(oid, budget)
+            except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+                return None
+            if obj_type != TENSOR or (length is not None and len(body) != length):
+                return None
+            self.bodies[oid] = body
+            return 0
+        body_len, base_id, prev_id = plan[1], plan[5], plan[7]
+        if length is not None and body_len != length:
+            return None
+        height = 1
+        if base_id is not None:
+            if budget < 1:
+                return None
+            self._open.add(oid)
+            try:
+                for source in (base_id, prev_id):
+                    if source is None:
+                        continue
+                    below = self.add(source, budget - 1, length=body_len)
+                    if below is None:
+                        return None
+                    height = max(height, below + 1)
+            finally:
+                self._open.discard(oid)
+        self.nodes[oid] = _ReadNode(oid, record, plan, height)
+        return height
+

@@ -270,3 +270,56 @@ def test_a_checkout_reads_a_file_in_batches_of_any_size(tmp_path, monkeypatch, b
         registry.checkout(commit, out)
         for path in folder.iterdir():
             assert (out / path.name).read_bytes() == path.read_bytes()
+
+
+@needs_native
+def test_a_cold_deep_chain_is_decoded_a_level_per_native_call(tmp_path, monkeypatch):
+    """The newest of 12 revisions (chains 11 deep, extrapolated links among them) read by a
+    fresh store: the same bodies as one by one, one native call per chain level for all
+    tensors at once, and no record decoded one by one."""
+    store, ids = _revisions(tmp_path, revisions=12)
+    newest = ids[-1]
+    want = [_store(tmp_path).read_tensor(oid) for oid in newest]
+    calls = []
+    native = kernels.read_tensors
+
+    def counted(jobs, threads):
+        calls.append(len(jobs))
+        return native(jobs, threads)
+
+    monkeypatch.setattr(kernels, "read_tensors", counted)
+    cold = _store(tmp_path)
+    monkeypatch.setattr(cold, "_read_verified", lambda *a, **k: pytest.fail("a record was decoded one by one"))
+    assert cold.read_tensors(newest, 2) == want
+    assert len(calls) == 12 and set(calls) == {len(newest)}
+
+
+@needs_native
+@pytest.mark.parametrize("level", [0, 5, 10])
+def test_a_damaged_link_deep_in_a_cold_chain_fails_as_one_by_one(tmp_path, level):
+    store, ids = _revisions(tmp_path, revisions=12)
+    victim = ids[level][3]
+
+    def flip(oid, record):
+        if oid != victim:
+            return record
+        damaged = bytearray(record)
+        damaged[-9] ^= 0x40
+        return bytes(damaged)
+
+    _same_error(tmp_path, ids[-1], flip)
+
+
+@needs_native
+def test_a_cycle_of_deltas_ends_alike(tmp_path):
+    """Two hand-made delta records naming each other as base: both reads end, alike."""
+    store = _store(tmp_path)
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal(2000) * 0.02).astype(np.float32).tobytes()
+    b = (np.frombuffer(a, np.float32) + np.float32(1e-4)).tobytes()
+    ida, idb = hash_object(TENSOR, a), hash_object(TENSOR, b)
+    with store.batch():
+        store._write_record(ida, codec.encode_tensor(header(TENSOR, len(a)), a, "F32", DeltaBase(idb, b, 0)))
+        store._write_record(idb, codec.encode_tensor(header(TENSOR, len(b)), b, "F32", DeltaBase(ida, a, 0)))
+    batch, single = _store(tmp_path), _store(tmp_path)
+    assert _outcome(batch, lambda: batch.read_tensors([ida, idb], 2)) == _outcome(single, lambda: [single.read_tensor(ida), single.read_tensor(idb)])
