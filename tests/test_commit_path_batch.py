@@ -16,7 +16,7 @@ import pytest
 from adapterhub import codec
 from adapterhub.encoding.chain import DeltaBase
 from adapterhub.objects import BLOB, TENSOR, hash_object, header
-from adapterhub.pack import ADD_RUN_BYTES, PackWriter
+from adapterhub.pack import ADD_BUFFER_BYTES, PackWriter
 from adapterhub.packstore import PackedObjectStore
 from adapterhub.store import BaseCache
 
@@ -34,7 +34,7 @@ def _files(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("size", [100, 40_000, ADD_RUN_BYTES + 5])
+@pytest.mark.parametrize("size", [100, 40_000, ADD_BUFFER_BYTES // 3, ADD_BUFFER_BYTES - 30, ADD_BUFFER_BYTES + 5])
 def test_add_many_writes_the_pack_add_writes(tmp_path, size):
     recs = _records(20, size)
     one, many = tmp_path / "one", tmp_path / "many"
