@@ -8,7 +8,12 @@ bf16), in process, so that a change to one stage can be measured A/B:
   (the first as planes), encoded by the native batch call on 1 and on 2 threads;
 - commit: `Registry.commit` of the 12 checkpoints into a fresh registry, `--rounds`
   times; per revision the fastest round counts (less noise from a shared machine);
-- checkout: `Registry.checkout` of each revision in order, right after the commits.
+- checkout: `Registry.checkout` of each revision in order, right after the commits;
+- CPU: what a commit costs in CPU time (all the process's threads, and its `git`
+  children: provenance), against ZipNN compressing the same files on one thread. Wall
+  times on a shared 2-core machine swing by 2x; CPU time much less, and it says what
+  two cores can do at best: a commit can only keep up with ZipNN's two-thread throughput
+  if its CPU time per checkpoint is at most about twice ZipNN's one-thread CPU time.
 
     python3 benchmarks/bench_commit_path.py            # ~1 minute on 2 cores
     python3 benchmarks/bench_commit_path.py --quick    # ~20 s (smaller checkpoints)
@@ -19,6 +24,7 @@ Run it from two trees (PYTHONPATH=tree) alternately to compare versions.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -61,27 +67,57 @@ def codec_mb_s(folders: list[Path], threads: int, reps: int) -> float | None:
     return size * reps / MB / (time.perf_counter() - start)
 
 
-def commit_and_checkout(folders: list[Path], work: Path, rounds: int) -> tuple[float, float]:
-    """(commit MB/s, best round per revision; in-order checkout MB/s, last round)."""
+def _cpu_s() -> tuple[float, float]:
+    """(CPU seconds of this process's threads, of its waited-for children) so far."""
+    t = os.times()
+    return t.user + t.system, t.children_user + t.children_system
+
+
+def commit_and_checkout(folders: list[Path], work: Path, rounds: int) -> tuple[float, float, float, float]:
+    """(commit MB/s, best round per revision; in-order checkout MB/s, last round; CPU ms
+    per commit in process and in git children, lowest round)."""
     from adapterhub.registry import Registry
 
     logical = sum(dir_size(f) for f in folders)
     best = [float("inf")] * len(folders)
     checkout_s = 0.0
+    cpu = (float("inf"), float("inf"))
     for r in range(rounds):
         registry = Registry.init(work / f"registry{r}")
         ids = []
+        own0, kids0 = _cpu_s()
         for i, folder in enumerate(folders):
             start = time.perf_counter()
             ids.append(registry.commit(folder, f"revision {i}").id)
             best[i] = min(best[i], time.perf_counter() - start)
+        own1, kids1 = _cpu_s()
+        if own1 - own0 + kids1 - kids0 < sum(cpu) * len(folders) / 1e3:
+            cpu = ((own1 - own0) / len(folders) * 1e3, (kids1 - kids0) / len(folders) * 1e3)
         checkout_s = 0.0
         for i, oid in enumerate(ids):
             start = time.perf_counter()
             registry.checkout(oid, work / f"out{r}-{i}")
             checkout_s += time.perf_counter() - start
         shutil.rmtree(work / f"registry{r}")
-    return logical / MB / sum(best), logical / MB / checkout_s
+    return logical / MB / sum(best), logical / MB / checkout_s, cpu[0], cpu[1]
+
+
+def zipnn_cpu_ms(folders: list[Path], dtype: str, reps: int = 3) -> float | None:
+    """CPU ms ZipNN (one thread, in memory) spends compressing one checkpoint's weights
+    file, lowest of `reps` passes; None without zipnn."""
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return None
+    files = [(f / "adapter_model.safetensors").read_bytes() for f in folders]
+    zipnn = ZipNN(input_format="byte", bytearray_dtype=dtype, threads=1)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.process_time()
+        for data in files:
+            zipnn.compress(data)
+        best = min(best, time.process_time() - start)
+    return best / len(files) * 1e3
 
 
 def main(argv=None) -> int:
@@ -96,15 +132,21 @@ def main(argv=None) -> int:
     try:
         _, fp32 = train_revisions(work / "fp32", revisions, int(size_mb * MB), rank=16)
         bf16 = to_bf16(fp32, work / "bf16")
-        rows, results = [], {"machine": machine_info(), "revisions": revisions}
-        for label, folders in (("fp32", fp32), ("bf16", bf16)):
+        rows, cpu_rows, results = [], [], {"machine": machine_info(), "revisions": revisions}
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        for label, folders, dtype in (("fp32", fp32, "float32"), ("bf16", bf16, "bfloat16")):
             one, two = codec_mb_s(folders, 1, 3), codec_mb_s(folders, 2, 3)
-            commit, checkout = commit_and_checkout(folders, work / f"run-{label}", rounds)
-            results[label] = dict(codec_1_thread_mb_s=one, codec_2_threads_mb_s=two, commit_mb_s=commit, checkout_mb_s=checkout)
-            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            commit, checkout, cpu_own, cpu_git = commit_and_checkout(folders, work / f"run-{label}", rounds)
+            zipnn_ms = zipnn_cpu_ms(folders, dtype)
+            results[label] = dict(codec_1_thread_mb_s=one, codec_2_threads_mb_s=two, commit_mb_s=commit, checkout_mb_s=checkout,
+                                  commit_cpu_ms=cpu_own, commit_git_cpu_ms=cpu_git, zipnn_cpu_ms=zipnn_ms)
             rows.append([label, fmt(one), fmt(two), fmt(commit), fmt(checkout)])
+            ratio = None if zipnn_ms is None else (cpu_own + cpu_git) / zipnn_ms
+            cpu_rows.append([label, fmt(cpu_own), fmt(cpu_git), fmt(zipnn_ms), fmt(ratio)])
         print(f"{revisions} checkpoints of {size_mb} MB (fp32), in process; commit: best of {rounds} rounds per revision")
         print(format_table(["sequence", "codec MB/s (1 thread)", "codec MB/s (2)", "commit MB/s", "checkout MB/s"], rows))
+        print("\nCPU per checkpoint (ms): a commit's, in this process and in its git children, and ZipNN's (1 thread)")
+        print(format_table(["sequence", "commit CPU", "git CPU", "ZipNN CPU", "commit / ZipNN"], cpu_rows))
         write_json(args.json, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)

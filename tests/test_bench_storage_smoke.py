@@ -79,3 +79,5 @@ def test_bench_commit_path_quick_run(tmp_path):
     results = json.loads(out_json.read_text())
     for label in ("fp32", "bf16"):
         assert results[label]["commit_mb_s"] > 0 and results[label]["checkout_mb_s"] > 0
+        assert results[label]["commit_cpu_ms"] > 0 and results[label]["commit_git_cpu_ms"] >= 0
+    assert "commit / ZipNN" in proc.stdout
