@@ -71,7 +71,7 @@ class PackedObjectStore(ObjectStore):
         self._pack_dir_str = os.fspath(self.pack_dir)
         self.durable = durable
         self._packs: dict[str, Pack] = {}
-        self._small_ids: dict[str, Pack] = {}  # id -> small pack holding it
+        self._small_ids: dict[str, tuple[Pack, int]] = {}  # id -> small pack holding it, position there
         self._small_again: dict[str, list[Pack]] = {}  # id -> other small packs holding it
         self._big_packs: list[Pack] = []
         self._listing: tuple | None = None
@@ -122,8 +122,8 @@ class PackedObjectStore(ObjectStore):
             again: dict[str, list[Pack]] = {} if removed else {k: list(v) for k, v in self._small_again.items()}
             for pack in self._packs.values() if removed else added:
                 if pack.count <= SMALL_PACK_IDS:
-                    for oid in pack.iter_ids():
-                        if small.setdefault(oid, pack) is not pack:
+                    for i, oid in enumerate(pack.iter_ids()):
+                        if small.setdefault(oid, (pack, i))[0] is not pack:
                             again.setdefault(oid, []).append(pack)
             self._small_ids = small
             self._small_again = again
@@ -136,9 +136,9 @@ class PackedObjectStore(ObjectStore):
 
     def _locate(self, oid: str) -> tuple[Pack | None, int | None]:
         """(pack, position in its index) of `oid`, or (None, None); no re-listing."""
-        pack = self._small_ids.get(oid)
-        if pack is not None:
-            return pack, None
+        found = self._small_ids.get(oid)
+        if found is not None:
+            return found
         for pack in self._big_packs:
             i = pack.find(oid)
             if i is not None:
@@ -172,7 +172,7 @@ class PackedObjectStore(ObjectStore):
         if self._listing is None:
             self.rescan()
         small = self._small_ids.get(oid)
-        packs = ([small] if small is not None else []) + self._small_again.get(oid, [])
+        packs = ([small[0]] if small is not None else []) + self._small_again.get(oid, [])
         for pack in packs:
             records.append(pack.read_record(oid))
         for pack in self._big_packs:
