@@ -328,7 +328,7 @@ def run_scale(work: Path, n: int) -> tuple[str, dict]:
         ["projected 1,000,000", f"{data['projected_1m_minutes']:.1f} min at this rate"],
         ["payload per adapter", f"{data['payload_raw_per_adapter']:.0f} B raw, {data['payload_zstd3_per_adapter']:.0f} B as zstd-3 per file"],
         ["stored per adapter", f"{data['stored_per_adapter']:.0f} B (objects + packs + packed-refs, shared tensors once)"],
-        ["metadata per adapter", f"{data['metadata_per_adapter']:.0f} B = {100 * data['metadata_vs_payload']:.0f}% of the zstd-3 payload"
+        ["metadata per adapter", f"{data['metadata_per_adapter']:.0f} B = {100 * data['metadata_vs_payload']:.1f}% of the zstd-3 payload"
                                  " (commit + snapshot records, pack indexes, packed-ref line)"],
         ["resolve one branch", f"{data['resolve_ms_median']:.1f} ms median (open registry + resolve)"],
         ["check out one adapter", f"{data['checkout_ms_median']:.1f} ms median"],
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
         verdicts.append(check("scale: 1,000,000 in < 30 min (projected)", scale["projected_1m_minutes"] < 30,
                               f"{scale['projected_1m_minutes']:.1f} min"))
         verdicts.append(check("scale: metadata < 10% of the payload", scale["metadata_vs_payload"] < 0.10,
-                              f"{100 * scale['metadata_vs_payload']:.0f}%"))
+                              f"{100 * scale['metadata_vs_payload']:.1f}%"))
         verdicts.append(check("scale: resolve + checkout < 100 ms", scale["resolve_ms_median"] + scale["checkout_ms_median"] < 100,
                               f"{scale['resolve_ms_median'] + scale['checkout_ms_median']:.1f} ms"))
         print("\ntargets (issue 4):")
