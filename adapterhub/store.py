@@ -299,12 +299,14 @@ class ObjectStore:
             levels.setdefault(node.height, []).append(node)
             for source in node.sources:
                 uses[source] = uses.get(source, 0) + 1
+        decoded: set[str] = set()  # what was read from its own record (memo also holds cached sources)
         for height in sorted(levels):
             level = [node for node in levels[height] if all(source in memo for source in node.sources)]
             jobs = [node.job(memo) for node in level]
             for node, body in zip(level, native(jobs, threads) if jobs else ()):
                 if body is not None:
                     memo[node.oid] = body
+                    decoded.add(node.oid)
                     self.base_cache.add(node.oid, body, node.plan[6], node.plan[5])
             for node in levels[height]:  # bases no later level needs leave memory
                 for source in node.sources:
@@ -312,7 +314,7 @@ class ObjectStore:
                     if not uses[source] and source not in wanted:
                         memo.pop(source, None)
         # The rest one by one, in order: the first bad id raises, as it would one by one.
-        return [memo[oid] if oid in plan.nodes and oid in memo else self.read_tensor(oid) for oid in oids]
+        return [memo[oid] if oid in decoded else self.read_tensor(oid) for oid in oids]
 
     def read(self, oid: str) -> tuple[str, bytes]:
         """(type, body) of a stored object, verified against its id."""

@@ -323,3 +323,26 @@ def test_a_cycle_of_deltas_ends_alike(tmp_path):
         store._write_record(idb, codec.encode_tensor(header(TENSOR, len(b)), b, "F32", DeltaBase(ida, a, 0)))
     batch, single = _store(tmp_path), _store(tmp_path)
     assert _outcome(batch, lambda: batch.read_tensors([ida, idb], 2)) == _outcome(single, lambda: [single.read_tensor(ida), single.read_tensor(idb)])
+
+
+def _flip_last(record) -> bytes:
+    """The record with its last byte changed: headers intact, data damaged."""
+    damaged = bytearray(record)
+    damaged[-1] ^= 0x5A
+    return bytes(damaged)
+
+
+@needs_native
+def test_a_damaged_record_is_refused_even_when_its_body_is_cached_as_a_base(tmp_path):
+    """A tensor asked for together with one whose delta base it is: its body is in the
+    base cache, but its own damaged record must still fail the read, as one by one."""
+    store, ids = _revisions(tmp_path)
+    base, child = ids[1][2], ids[2][2]
+    warm_batch, warm_single = _store(tmp_path), _store(tmp_path)
+    for warm in (warm_batch, warm_single):
+        warm.read_tensor(base)  # now in the base cache
+        original = warm._read_record
+        warm._read_record = lambda oid, original=original: _flip_last(original(oid)) if oid == base else original(oid)
+    got = _outcome(warm_batch, lambda: warm_batch.read_tensors([child, base], 2))
+    assert got == _outcome(warm_single, lambda: [warm_single.read_tensor(child), warm_single.read_tensor(base)])
+    assert got[0] == "CorruptObject"
