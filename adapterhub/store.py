@@ -288,7 +288,7 @@ class ObjectStore:
         native = kernels.read_tensors
         if native is None:
             return [self.read_tensor(oid) for oid in oids]
-        wanted = set(oids)
+        wanted = dict.fromkeys(oids)  # in order: the plan must not depend on set order
         plan = _ReadPlan(self)
         for oid in wanted:
             plan.add(oid, codec.READ_BUDGET, requested=True)
@@ -301,8 +301,12 @@ class ObjectStore:
                 uses[source] = uses.get(source, 0) + 1
         decoded: set[str] = set()  # what was read from its own record (memo also holds cached sources)
         for height in sorted(levels):
-            level = [node for node in levels[height] if all(source in memo for source in node.sources)]
-            jobs = [node.job(memo) for node in level]
+            level, jobs = [], []
+            for node in levels[height]:
+                job = node.job(self, memo) if all(source in memo for source in node.sources) else None
+                if job is not None:
+                    level.append(node)
+                    jobs.append(job)
             for node, body in zip(level, native(jobs, threads) if jobs else ()):
                 if body is not None:
                     memo[node.oid] = body
@@ -514,31 +518,41 @@ class LooseObjectStore(ObjectStore):
 
 class _ReadNode:
     """A tensor record read_tensors decodes natively: its read_plan, the ids of the bodies
-    it needs (delta base, extrapolation source) and its level (1 + theirs; 1 when it
-    needs none, or only bodies at hand)."""
+    it needs (delta base, extrapolation source), its level (1 + theirs; 1 when it needs
+    none, or only bodies at hand) and the read budget its chain needs (0 for planes, else
+    1 + its sources'; a body at hand needs none). The record itself is read again for
+    the job: a plan of deep chains would otherwise hold every record of every level."""
 
-    __slots__ = ("oid", "record", "plan", "height", "sources")
+    __slots__ = ("oid", "plan", "height", "need", "sources")
 
-    def __init__(self, oid: str, record: bytes, plan: tuple, height: int):
-        self.oid, self.record, self.plan, self.height = oid, record, plan, height
+    def __init__(self, oid: str, plan: tuple, height: int, need: int):
+        self.oid, self.plan, self.height, self.need = oid, plan, height, need
         self.sources = tuple(s for s in (plan[5], plan[7]) if s is not None)
 
-    def job(self, bodies: dict[str, bytes]) -> tuple:
+    def job(self, store: ObjectStore, bodies: dict[str, bytes]) -> tuple | None:
+        """The native job, or None when the record cannot be read now (gc moved or removed
+        it: the one-by-one read then says what is wrong; a record that changed under the
+        plan fails the native checks or the re-hash and is read one by one too)."""
+        try:
+            record = store._read_record(self.oid)
+        except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+            return None
         pos, body_len, width, rotate, kind, base_id, _depth, prev_id = self.plan
         base = bodies[base_id] if base_id is not None else None
         prev = bodies[prev_id] if prev_id is not None else None
-        return (self.oid, self.record, pos, body_len, width, rotate, base, kind, prev)
+        return (self.oid, record, pos, body_len, width, rotate, base, kind, prev)
 
 
 class _ReadPlan:
     """Which records read_tensors decodes, level by level, and the bodies at hand.
 
     The budget rules are _read_verified's: a delta record spends one level and its
-    sources get the rest, so a hand-made cycle ends; a requested tensor is always decoded
-    from its record (a caller's read re-hashes what is stored), a source may come from the
-    base cache. A source that read_plan cannot plan (another encoding) is read verified
-    one by one, as before. What cannot be planned is left out: read_tensors then reads it
-    one by one, which raises the exact error."""
+    sources get the rest, so a hand-made cycle ends; a node planned once is reused only
+    where the budget left covers what its chain needs. A requested tensor is always
+    decoded from its record (a caller's read re-hashes what is stored), a source may come
+    from the base cache. A source that read_plan cannot plan (another encoding) is read
+    verified one by one, as before. What cannot be planned is left out: read_tensors then
+    reads it one by one, which raises the exact error."""
 
     def __init__(self, store: ObjectStore):
         self.store = store
@@ -547,8 +561,9 @@ class _ReadPlan:
         self._refused: dict[str, int] = {}  # id -> the largest budget it was refused with
         self._open: set[str] = set()  # the ids being planned (a cycle ends here)
 
-    def add(self, oid: str, budget: int, *, requested: bool = False, length: int | None = None) -> int | None:
-        """The level after which `oid`'s body is available (0: at hand now), or None."""
+    def add(self, oid: str, budget: int, *, requested: bool = False, length: int | None = None) -> tuple[int, int] | None:
+        """(level after which `oid`'s body is available, 0 when at hand now; the budget its
+        chain needs), or None when it cannot be planned within `budget`."""
         node = self.nodes.get(oid)
         if node is None and not requested:
             body = self.bodies.get(oid)
@@ -557,17 +572,19 @@ class _ReadPlan:
                 if cached is not None:
                     body = self.bodies[oid] = cached[0]
             if body is not None:
-                return 0 if length is None or len(body) == length else None
+                return (0, 0) if length is None or len(body) == length else None
         if node is not None:
-            return node.height if length is None or node.plan[1] == length else None
+            if node.need > budget or (length is not None and node.plan[1] != length):
+                return None
+            return node.height, node.need
         if oid in self._open or self._refused.get(oid, -1) >= budget:
             return None
-        height = self._plan(oid, budget, requested, length)
-        if height is None:
+        planned = self._plan(oid, budget, requested, length)
+        if planned is None:
             self._refused[oid] = max(budget, self._refused.get(oid, -1))
-        return height
+        return planned
 
-    def _plan(self, oid: str, budget: int, requested: bool, length: int | None) -> int | None:
+    def _plan(self, oid: str, budget: int, requested: bool, length: int | None) -> tuple[int, int] | None:
         store = self.store
         try:
             record = store._read_record(oid)
@@ -584,11 +601,12 @@ class _ReadPlan:
             if obj_type != TENSOR or (length is not None and len(body) != length):
                 return None
             self.bodies[oid] = body
-            return 0
+            return 0, 0
+        del record  # read again for the job (see _ReadNode)
         body_len, base_id, prev_id = plan[1], plan[5], plan[7]
         if length is not None and body_len != length:
             return None
-        height = 1
+        height, need = 1, 0
         if base_id is not None:
             if budget < 1:
                 return None
@@ -600,9 +618,8 @@ class _ReadPlan:
                     below = self.add(source, budget - 1, length=body_len)
                     if below is None:
                         return None
-                    height = max(height, below + 1)
+                    height, need = max(height, below[0] + 1), max(need, below[1] + 1)
             finally:
                 self._open.discard(oid)
-        self.nodes[oid] = _ReadNode(oid, record, plan, height)
-        return height
-
+        self.nodes[oid] = _ReadNode(oid, plan, height, need)
+        return height, need

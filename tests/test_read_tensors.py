@@ -346,3 +346,60 @@ def test_a_damaged_record_is_refused_even_when_its_body_is_cached_as_a_base(tmp_
     got = _outcome(warm_batch, lambda: warm_batch.read_tensors([child, base], 2))
     assert got == _outcome(warm_single, lambda: [warm_single.read_tensor(child), warm_single.read_tensor(base)])
     assert got[0] == "CorruptObject"
+
+
+@needs_native
+@pytest.mark.parametrize("order", ["tip first", "below first"])
+def test_a_node_planned_once_is_reused_only_within_the_budget_left(tmp_path, order):
+    """Two tensors of one over-long chain asked for together, the base cache off (bodies
+    too big for it): the one just under the read budget reads, the one past it fails,
+    whichever is planned first - as one by one."""
+    store = _store(tmp_path)
+    values = (np.random.default_rng(1).standard_normal(3000) * 0.02).astype(np.float32)
+    prev, chain = None, []
+    with store.batch():
+        for k in range(READ_BUDGET + 2):
+            body = (values + np.float32(k * 1e-4)).tobytes()
+            oid = hash_object(TENSOR, body)
+            base = DeltaBase(prev[0], prev[1], 0) if prev else None  # each declares depth 1
+            store._write_record(oid, codec.encode_tensor(header(TENSOR, len(body)), body, "F32", base))
+            prev = (oid, body)
+            chain.append(oid)
+    asked = [chain[-1], chain[-2]] if order == "tip first" else [chain[-2], chain[-1]]
+    batch, single = _store(tmp_path), _store(tmp_path)
+    batch.base_cache.max_bytes = single.base_cache.max_bytes = 0
+    got = _outcome(batch, lambda: batch.read_tensors(asked, 2))
+    assert got == _outcome(single, lambda: [single.read_tensor(oid) for oid in asked])
+    assert got[0] == "CorruptObject" and "deeper than" in got[1]
+
+
+class _Counted(bytes):
+    """A record that counts how many of its kind are alive."""
+
+    alive = 0
+
+    def __new__(cls, data):
+        _Counted.alive += 1
+        return super().__new__(cls, data)
+
+    def __del__(self):
+        _Counted.alive -= 1
+
+
+@needs_native
+def test_a_cold_chain_holds_one_level_of_records_at_a_time(tmp_path, monkeypatch):
+    """Planning reads every record of the chains; only the level being decoded may keep
+    them (a deep chain's records all at once would multiply a batch's memory by its depth)."""
+    store, ids = _revisions(tmp_path, revisions=12)
+    cold = _store(tmp_path)
+    original = cold._read_record
+    monkeypatch.setattr(cold, "_read_record", lambda oid: _Counted(original(oid)))
+    native, seen = kernels.read_tensors, []
+
+    def counted(jobs, threads):
+        seen.append((_Counted.alive, len(jobs)))
+        return native(jobs, threads)
+
+    monkeypatch.setattr(kernels, "read_tensors", counted)
+    assert cold.read_tensors(ids[-1], 2) == [_store(tmp_path).read_tensor(oid) for oid in ids[-1]]
+    assert len(seen) == 12 and all(alive <= jobs + 1 for alive, jobs in seen), seen
