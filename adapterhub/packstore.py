@@ -76,13 +76,37 @@ class PackedObjectStore(ObjectStore):
         self._big_packs: list[Pack] = []
         self._listing: tuple | None = None
         self._lock = threading.Lock()
-        # id -> record of objects written inside `batch()`, not yet visible on disk.
-        self._pending: dict[str, bytes] | None = None
-        self._pending_bytes = 0
-        # The batch's pack, opened once the batch is sure to become one (_write_record).
-        self._stream: PackWriter | None = None
+        # The open batch (see `batch()`) belongs to the thread that opened it: its
+        # pending records (id -> record, not yet on disk), their size, and its pack once
+        # the batch is sure to become one (_write_record). Other threads neither see nor
+        # join it.
+        self._batch_state = threading.local()
         self._batch_lock = threading.Lock()
         self._last_read: tuple[str, bytes] | None = None  # (id, record) last read from a pack
+
+    @property
+    def _pending(self) -> dict[str, bytes] | None:
+        return getattr(self._batch_state, "pending", None)
+
+    @_pending.setter
+    def _pending(self, value: dict[str, bytes] | None) -> None:
+        self._batch_state.pending = value
+
+    @property
+    def _pending_bytes(self) -> int:
+        return getattr(self._batch_state, "size", 0)
+
+    @_pending_bytes.setter
+    def _pending_bytes(self, value: int) -> None:
+        self._batch_state.size = value
+
+    @property
+    def _stream(self) -> PackWriter | None:
+        return getattr(self._batch_state, "stream", None)
+
+    @_stream.setter
+    def _stream(self, value: PackWriter | None) -> None:
+        self._batch_state.stream = value
 
     # --- packs ---------------------------------------------------------------------------
     def packs(self) -> list[Pack]:
@@ -224,9 +248,11 @@ class PackedObjectStore(ObjectStore):
         moved afterwards never names an object a reader cannot find), or as loose files
         when they are few and small (BATCH_PACK_MIN_*). Leaving the block with an exception
         stores nothing (the pack's temp file is removed): no orphan objects from a refused
-        or failed commit. Writes from
-        any thread of this store join the batch (commits encode tensors on a pool);
-        nested batches join the outer one.
+        or failed commit. The batch is the opening thread's: its writes join it, nested
+        batches join the outer one; another thread's writes go on as outside a batch, and
+        its own batch is its own. Two threads committing through one Registry thus never
+        share a pack writer (one flushing while the other still added records lost
+        commits and published packs that did not match their index).
         """
         if self._pending is not None:
             yield
