@@ -81,7 +81,6 @@ class PackedObjectStore(ObjectStore):
         # the batch is sure to become one (_write_record). Other threads neither see nor
         # join it.
         self._batch_state = threading.local()
-        self._batch_lock = threading.Lock()
         self._last_read: tuple[str, bytes] | None = None  # (id, record) last read from a pack
 
     @property
@@ -292,23 +291,22 @@ class PackedObjectStore(ObjectStore):
 
     def _hold_many(self, written: list[tuple[ObjectId, bytes]]) -> None:
         """_hold of many (id, record) pairs, in order, handed to the pack in one call."""
-        pending = self._pending
-        with self._batch_lock:
-            ids, records = [], []
-            for oid, record in written:
-                if oid in pending:
-                    continue  # first wins: the base cache learnt this object's chain from it
-                pending[oid] = record
-                self._pending_bytes += len(record)
-                ids.append(oid)
-                records.append(record)
-            if self._stream is None:
-                if self._pending_bytes < BATCH_PACK_MIN_BYTES and len(pending) < BATCH_PACK_MIN_OBJECTS:
-                    return
-                self._stream = self.writer(dedup=False)  # `pending` already holds each id once
-                ids, records = list(pending), list(pending.values())
-            if ids:
-                self._stream.add_many(bytes.fromhex("".join(ids)), records)
+        pending = self._pending  # this thread's batch: no lock needed
+        ids, records = [], []
+        for oid, record in written:
+            if oid in pending:
+                continue  # first wins: the base cache learnt this object's chain from it
+            pending[oid] = record
+            self._pending_bytes += len(record)
+            ids.append(oid)
+            records.append(record)
+        if self._stream is None:
+            if self._pending_bytes < BATCH_PACK_MIN_BYTES and len(pending) < BATCH_PACK_MIN_OBJECTS:
+                return
+            self._stream = self.writer(dedup=False)  # `pending` already holds each id once
+            ids, records = list(pending), list(pending.values())
+        if ids:
+            self._stream.add_many(bytes.fromhex("".join(ids)), records)
 
     # --- contract primitives -------------------------------------------------------------
     def has(self, oid: str) -> bool:
