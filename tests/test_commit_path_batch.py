@@ -126,6 +126,44 @@ def test_base_cache_add_written_keeps_what_add_keeps():
         assert many.get(oid) == one.get(oid) and type(many.get(oid)[0]) is bytes
 
 
+def test_base_cache_keeps_views_of_a_small_file_and_counts_the_file_once():
+    cache = BaseCache(max_bytes=4000)
+    data = bytes(range(256)) * 6  # 1536 bytes: at most half the budget, so views stay views
+    view = memoryview(data)
+    cache.add_written([("a", view[:400], 0, None), ("b", view[400:900], 1, "a"), ("c", view[900:1400], 2, "b")])
+    assert all(cache.get(k)[0].obj is data for k in "abc")
+    assert cache.get("b")[0] == data[400:900]
+    assert cache._bytes == len(data)  # the whole file, once, whatever its entries add up to
+    # Bytes push the oldest entries out; the file leaves the budget with its last view only.
+    cache.add("d", bytes(1000), 0)
+    cache.add("e", bytes(1000), 0)
+    assert cache._bytes == len(data) + 2000 and len(cache._items) == 5
+    cache.add("f", bytes(1000), 0)  # over budget: a goes, b and c still hold the file, then they go
+    assert list(cache._items) == ["d", "e", "f"] and cache._bytes == 3000 and not cache._held
+    # A view of a bytes object over half the budget, or of a bytearray, is copied.
+    big, mutable = bytes(2100), bytearray(100)
+    cache.add_written([("g", memoryview(big)[:500], 0, None), ("h", memoryview(mutable)[:50], 0, None)])
+    assert type(cache.get("g")[0]) is bytes and type(cache.get("h")[0]) is bytes
+    mutable[:50] = b"x" * 50
+    assert cache.get("h")[0] == bytes(50)
+    cache.clear()
+    assert cache._bytes == 0 and not cache._held
+
+
+def test_a_commit_leaves_its_tensors_in_the_cache_as_views_of_the_file(tmp_path):
+    store = _store(tmp_path / "objects")
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal(6000).astype(np.float32).tobytes()
+    view = memoryview(data)
+    items = [(view[:12000], "F32", None), (view[12000:], "F32", None)]
+    with store.batch():
+        stored = store.put_tensors(items)
+    for (oid, created), (body, _, _) in zip(stored, items):
+        cached = store.base_cache.get(oid)[0]
+        assert created and cached.obj is data and cached == body
+        assert store.read_tensor(oid) == body
+
+
 def test_native_jobs_are_the_same_from_the_cache():
     rng = np.random.default_rng(5)
     body = rng.standard_normal(3000).astype(np.float32).tobytes()
