@@ -221,6 +221,7 @@ class ObjectStore:
             results.append((oid, new))
             if new:
                 todo.append(i)
+        self._fetch_bases([(items[i][2], len(items[i][0])) for i in todo if items[i][2] and items[i][1] is not None], workers)
         jobs = []
         for i in todo:
             body, dtype, base_id = items[i]
@@ -237,6 +238,28 @@ class ObjectStore:
             for i, (_, body, dtype, base), record in zip(todo, jobs, records) if dtype is not None
         ])
         return results
+
+    def _fetch_bases(self, bases: list[tuple[str, int]], workers: int) -> None:
+        """Bring the delta bases a file's tensors name into the base cache in one batched
+        read (read_tensors: every level of their chains at once), as far as half the cache
+        holds them. A fresh process (each `ah commit` from the command line) found none
+        there and decoded each base's chain one record at a time: ~240 ms of a 5 MB
+        checkpoint's commit at chain depth 6. Nothing is decided here: a base this read
+        cannot bring (missing, damaged, not a tensor) is looked up one by one by
+        _delta_base as before, which keeps its rules."""
+        cache = self.base_cache
+        wanted, room = [], cache.max_bytes // 2
+        for base_id, size in dict.fromkeys(bases):
+            if size > room:
+                break
+            if cache.get(base_id) is None:
+                wanted.append(base_id)
+                room -= size
+        if wanted:
+            try:
+                self.read_tensors(wanted, workers)
+            except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+                pass
 
     def encode_record(
         self, oid: str, obj_type: str, body: bytes | memoryview, *, dtype: str | None = None, delta_base: str | None = None
