@@ -331,33 +331,43 @@ class ObjectStore:
             return [self.read_tensor(oid) for oid in oids]
         wanted = dict.fromkeys(oids)  # in order: the plan must not depend on set order
         plan = _ReadPlan(self)
+        add, budget = plan.add, codec.READ_BUDGET
         for oid in wanted:
-            plan.add(oid, codec.READ_BUDGET, requested=True)
+            add(oid, budget, requested=True)
         memo = plan.bodies
         levels: dict[int, list[_ReadNode]] = {}
-        uses: dict[str, int] = {}
         for node in plan.nodes.values():
             levels.setdefault(node.height, []).append(node)
-            for source in node.sources:
-                uses[source] = uses.get(source, 0) + 1
+        uses: dict[str, int] = {}
+        if len(levels) > 1:  # one level (the bases at hand): no base to let go of early
+            for node in plan.nodes.values():
+                for source in node.sources:
+                    uses[source] = uses.get(source, 0) + 1
         decoded: set[str] = set()  # what was read from its own record (memo also holds cached sources)
         for height in sorted(levels):
             level, jobs = [], []
             for node in levels[height]:
-                job = node.job(self, memo) if all(source in memo for source in node.sources) else None
-                if job is not None:
-                    level.append(node)
-                    jobs.append(job)
+                for source in node.sources:
+                    if source not in memo:
+                        break
+                else:
+                    job = node.job(self, memo)
+                    if job is not None:
+                        level.append(node)
+                        jobs.append(job)
+            learnt = []
             for node, body in zip(level, native(jobs, threads) if jobs else ()):
                 if body is not None:
                     memo[node.oid] = body
                     decoded.add(node.oid)
-                    self.base_cache.add(node.oid, body, node.plan[6], node.plan[5])
-            for node in levels[height]:  # bases no later level needs leave memory
-                for source in node.sources:
-                    uses[source] -= 1
-                    if not uses[source] and source not in wanted:
-                        memo.pop(source, None)
+                    learnt.append((node.oid, body, node.plan[6], node.plan[5]))
+            self.base_cache.add_written(learnt)
+            if uses:
+                for node in levels[height]:  # bases no later level needs leave memory
+                    for source in node.sources:
+                        uses[source] -= 1
+                        if not uses[source] and source not in wanted:
+                            memo.pop(source, None)
         # The rest one by one, in order: the first bad id raises, as it would one by one.
         return [memo[oid] if oid in decoded else self.read_tensor(oid) for oid in oids]
 
@@ -561,23 +571,28 @@ class _ReadNode:
     """A tensor record read_tensors decodes natively: its read_plan, the ids of the bodies
     it needs (delta base, extrapolation source), its level (1 + theirs; 1 when it needs
     none, or only bodies at hand) and the read budget its chain needs (0 for planes, else
-    1 + its sources'; a body at hand needs none). The record itself is read again for
-    the job: a plan of deep chains would otherwise hold every record of every level."""
+    1 + its sources'; a body at hand needs none). A level-1 record (a checkout of the next
+    revision: every base in the base cache) is kept from planning for the job, which the
+    first native call takes at once; a higher one is read again for its job: a plan of
+    deep chains would otherwise hold every record of every level."""
 
-    __slots__ = ("oid", "plan", "height", "need", "sources")
+    __slots__ = ("oid", "plan", "height", "need", "sources", "record")
 
-    def __init__(self, oid: str, plan: tuple, height: int, need: int):
-        self.oid, self.plan, self.height, self.need = oid, plan, height, need
-        self.sources = tuple(s for s in (plan[5], plan[7]) if s is not None)
+    def __init__(self, oid: str, plan: tuple, height: int, need: int, record: bytes | None):
+        self.oid, self.plan, self.height, self.need, self.record = oid, plan, height, need, record
+        base_id, prev_id = plan[5], plan[7]
+        self.sources = () if base_id is None else (base_id,) if prev_id is None else (base_id, prev_id)
 
     def job(self, store: ObjectStore, bodies: dict[str, bytes]) -> tuple | None:
         """The native job, or None when the record cannot be read now (gc moved or removed
         it: the one-by-one read then says what is wrong; a record that changed under the
         plan fails the native checks or the re-hash and is read one by one too)."""
-        try:
-            record = store._read_record(self.oid)
-        except (ObjectNotFound, CorruptObject, UnsupportedFormat):
-            return None
+        record, self.record = self.record, None
+        if record is None:
+            try:
+                record = store._read_record(self.oid)
+            except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+                return None
         pos, body_len, width, rotate, kind, base_id, _depth, prev_id = self.plan
         base = bodies[base_id] if base_id is not None else None
         prev = bodies[prev_id] if prev_id is not None else None
@@ -607,11 +622,7 @@ class _ReadPlan:
         chain needs), or None when it cannot be planned within `budget`."""
         node = self.nodes.get(oid)
         if node is None and not requested:
-            body = self.bodies.get(oid)
-            if body is None:
-                cached = self.store.base_cache.get(oid)
-                if cached is not None:
-                    body = self.bodies[oid] = cached[0]
+            body = self._at_hand(oid)
             if body is not None:
                 return (0, 0) if length is None or len(body) == length else None
         if node is not None:
@@ -624,6 +635,15 @@ class _ReadPlan:
         if planned is None:
             self._refused[oid] = max(budget, self._refused.get(oid, -1))
         return planned
+
+    def _at_hand(self, oid: str) -> bytes | None:
+        """The body of `oid` when this plan holds it or the base cache does."""
+        body = self.bodies.get(oid)
+        if body is None:
+            cached = self.store.base_cache.get(oid)
+            if cached is not None:
+                body = self.bodies[oid] = cached[0]
+        return body
 
     def _plan(self, oid: str, budget: int, requested: bool, length: int | None) -> tuple[int, int] | None:
         store = self.store
@@ -643,7 +663,6 @@ class _ReadPlan:
                 return None
             self.bodies[oid] = body
             return 0, 0
-        del record  # read again for the job (see _ReadNode)
         body_len, base_id, prev_id = plan[1], plan[5], plan[7]
         if length is not None and body_len != length:
             return None
@@ -651,16 +670,22 @@ class _ReadPlan:
         if base_id is not None:
             if budget < 1:
                 return None
-            self._open.add(oid)
-            try:
-                for source in (base_id, prev_id):
-                    if source is None:
-                        continue
-                    below = self.add(source, budget - 1, length=body_len)
-                    if below is None:
-                        return None
-                    height, need = max(height, below[0] + 1), max(need, below[1] + 1)
-            finally:
-                self._open.discard(oid)
-        self.nodes[oid] = _ReadNode(oid, plan, height, need)
+            sources = (base_id,) if prev_id is None else (base_id, prev_id)
+            held = [None if source in self.nodes else self._at_hand(source) for source in sources]
+            if None not in held:  # all at hand (add would say (0, 0) for each)
+                if any(len(body) != body_len for body in held):
+                    return None
+                need = 1
+            else:
+                record = None  # sources to plan first, maybe a deep chain: not held meanwhile
+                self._open.add(oid)
+                try:
+                    for source in sources:
+                        below = self.add(source, budget - 1, length=body_len)
+                        if below is None:
+                            return None
+                        height, need = max(height, below[0] + 1), max(need, below[1] + 1)
+                finally:
+                    self._open.discard(oid)
+        self.nodes[oid] = _ReadNode(oid, plan, height, need, record)  # None unless at level 1
         return height, need

@@ -403,3 +403,37 @@ def test_a_cold_chain_holds_one_level_of_records_at_a_time(tmp_path, monkeypatch
     monkeypatch.setattr(kernels, "read_tensors", counted)
     assert cold.read_tensors(ids[-1], 2) == [_store(tmp_path).read_tensor(oid) for oid in ids[-1]]
     assert len(seen) == 12 and all(alive <= jobs + 1 for alive, jobs in seen), seen
+
+
+@needs_native
+def test_a_warm_read_reads_each_record_once(tmp_path, monkeypatch):
+    """The next revision's tensors with every base in the base cache (an in-order
+    checkout): each record is read once, kept from planning for its native job."""
+    store, ids = _revisions(tmp_path)
+    warm = _store(tmp_path)
+    want = [_store(tmp_path).read_tensor(oid) for oid in ids[-1]]
+    warm.read_tensors(ids[-2], 2)  # the bases, now cached
+    reads = []
+    original = warm._read_record
+    monkeypatch.setattr(warm, "_read_record", lambda oid: reads.append(oid) or original(oid))
+    assert warm.read_tensors(ids[-1], 2) == want
+    assert sorted(reads) == sorted(ids[-1])
+
+
+@needs_native
+def test_planning_a_cold_chain_holds_no_record_while_it_plans_the_bases(tmp_path, monkeypatch):
+    """A record whose bases are not at hand is let go before they are planned: a deep
+    cold chain never holds its records of every level at once, even while planning."""
+    store, ids = _revisions(tmp_path, revisions=12, tensors=1)
+    cold = _store(tmp_path)
+    original = cold._read_record
+    peak = []
+
+    def read(oid):
+        record = _Counted(original(oid))
+        peak.append(_Counted.alive)
+        return record
+
+    monkeypatch.setattr(cold, "_read_record", read)
+    assert cold.read_tensors(ids[-1], 2) == [_store(tmp_path).read_tensor(ids[-1][0])]
+    assert max(peak) <= 2, peak
