@@ -252,12 +252,18 @@ def store_folder(
 
 def iter_file_bytes(store: ObjectStore, entry: FileEntry, snap_id: str = "") -> Iterator[bytes]:
     """The bytes of one snapshot file, in order, each piece verified on read."""
+    for pieces in _file_batches(store, entry):
+        yield from pieces
+
+
+def _file_batches(store: ObjectStore, entry: FileEntry) -> Iterator[list[bytes]]:
+    """iter_file_bytes' pieces, a list at a time: the blob; or the safetensors prefix, then
+    each batch of tensors (materialize writes a list with one system call)."""
     if entry.kind == "file":
-        data = _read_blob(store, entry.blob, BLOB)
-        yield data
+        yield [_read_blob(store, entry.blob, BLOB)]
         return
     header = _read_blob(store, entry.blob, BLOB)
-    yield rebuild_prefix(header)
+    pieces = [rebuild_prefix(header)]  # goes out with the first batch
 
     # Tensors are read in batches of up to READ_BATCH_BYTES (one native call each, on
     # WORKERS threads for big files), so memory stays bounded whatever the file's size.
@@ -276,8 +282,11 @@ def iter_file_bytes(store: ObjectStore, entry: FileEntry, snap_id: str = "") -> 
         for (t, expected), data in zip(batch, bodies):
             if len(data) != expected:
                 raise CorruptObject(t.blob, f"tensor {t.name!r} has {len(data)} bytes, its shape needs {expected}")
-            yield data
-        batch, batch_bytes = [], 0
+        pieces += bodies
+        yield pieces
+        pieces, batch, batch_bytes = [], [], 0
+    if pieces:
+        yield pieces
 
 
 def _read_blob(store: ObjectStore, oid: str, obj_type: str) -> bytes:
@@ -321,13 +330,13 @@ def materialize(
         target = parent / _name
         written = 0
 
-        def counted(chunks):
+        def counted(batches):
             nonlocal written
-            for c in chunks:
-                written += len(c)
-                yield c
+            for pieces in batches:
+                written += sum(map(len, pieces))
+                yield pieces
 
-        atomic_write(target, counted(iter_file_bytes(store, entry, snap_id)), durable=False, user_file=True)
+        atomic_write(target, counted(_file_batches(store, entry)), durable=False, user_file=True)
         if written != entry.size:
             raise CorruptObject(snap_id, f"{entry.path} rebuilt to {written} bytes, snapshot says {entry.size}")
         if progress:
