@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import redelta
-from .errors import AhError
+from .errors import AhError, RefLocked
 from .fsutil import TMP_PREFIX, atomic_write
 from .pack import Pack
 from .packstore import PackedObjectStore
@@ -65,6 +65,8 @@ class GcResult:
         stored_before: bytes of objects on disk (loose + packs) before.
         stored_after: the same after.
         missing: reachable ids that are missing or damaged (nothing was pruned for them).
+        refs_not_packed: why loose refs were left loose (packed-refs was locked: another
+            process writing it, or a stale lock left by a killed one), else None.
     """
 
     reachable: int
@@ -77,6 +79,7 @@ class GcResult:
     stored_before: int
     stored_after: int
     missing: list[str] = field(default_factory=list)
+    refs_not_packed: str | None = None
 
 
 @contextlib.contextmanager
@@ -372,8 +375,15 @@ def collect_garbage(
         _clean_temp_files(store, start)
         # Only when there is something to fold: rewriting a million packed refs unchanged
         # would cost more memory than the rest of this gc.
+        # Folding refs is the last, optional step: a packed-refs lock held by someone else
+        # (or left by a killed gc or import) leaves them loose, readable as ever, and must
+        # not turn the object work above into a failed gc.
+        refs_not_packed = None
         if pack_refs and refs._list_loose("refs/"):
-            refs.pack_refs()
+            try:
+                refs.pack_refs()
+            except RefLocked as exc:
+                refs_not_packed = str(exc)
         return GcResult(
             reachable=len(R),
             packed=len(to_pack),
@@ -385,4 +395,5 @@ def collect_garbage(
             stored_before=before,
             stored_after=stored_bytes(store),
             missing=sorted(reach.missing),
+            refs_not_packed=refs_not_packed,
         )

@@ -223,6 +223,27 @@ def test_gc_killed_midway_loses_nothing(tmp_path):
     assert _loose_count(Registry.open(reg.root)) == 0 and len(_pack_files(reg)) == 2
 
 
+def test_a_stale_packed_refs_lock_leaves_refs_loose_and_gc_succeeds(tmp_path):
+    """A gc (or import) killed while folding refs leaves packed-refs.lock behind: the next
+    gc still packs and prunes objects, leaves the refs loose and says why."""
+    reg, ids = _history(tmp_path, 3)
+    reg.create_branch("side", ids[0])
+    lock = reg.ah_dir / "packed-refs.lock"
+    lock.write_text("")
+    _age_everything(reg)
+    result = _gc(reg)
+    assert result.packed == result.reachable > 0 and _loose_count(reg) == 0
+    assert "packed-refs" in result.refs_not_packed and lock.exists()
+    assert (reg.ah_dir / "refs" / "heads" / "side").exists()  # still loose, still read
+    assert reg.resolve("side") == ids[0] and reg.resolve("main") == ids[-1]
+    rc, out, err = run_ah("--registry", reg.root, "gc", "--prune", "now")
+    assert rc == 0 and "warning: refs were left loose" in err and "packed-refs.lock" in err
+    lock.unlink()
+    result = _gc(reg)
+    assert result.refs_not_packed is None and not (reg.ah_dir / "refs" / "heads" / "side").exists()
+    assert reg.resolve("side") == ids[0]
+
+
 def test_second_gc_is_refused_while_one_runs(tmp_path):
     reg, _ = _history(tmp_path, 1)
     with gc_lock(reg.ah_dir):

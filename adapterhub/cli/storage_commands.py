@@ -79,6 +79,8 @@ def gc_command(ctx, prune: str, aggressive: bool, fmt: str):
     if result.missing:
         click.echo(f"warning: {len(result.missing)} reachable objects are missing or damaged; nothing was pruned "
                    f"(run `ah fsck`), e.g. {result.missing[0]}", err=True)
+    if result.refs_not_packed:
+        click.echo(f"warning: refs were left loose: {result.refs_not_packed}", err=True)
 
 
 def stats_text(s) -> str:
