@@ -556,12 +556,12 @@ class PackWriter:
         refuses a repeat); the pack's bytes are those of add() one by one. Records are
         copied into a kept buffer, hashed and written a buffer at a time (ADD_BUFFER_BYTES);
         one that does not fit is written as it is."""
+        if len(keys) != len(records) * OID_LEN:
+            raise ValueError(f"{len(keys)} bytes of ids for {len(records)} records")
         if self._keys is not None:
             for i, record in enumerate(records):
                 self.add(keys[i * OID_LEN : (i + 1) * OID_LEN], record)
             return
-        if len(keys) != len(records) * OID_LEN:
-            raise ValueError(f"{len(keys)} bytes of ids for {len(records)} records")
         self._ids += keys
         offsets, lengths, at = self._offsets, self._lengths, self._pos
         buf, fill = _add_buffer(), 0

@@ -65,10 +65,14 @@ def test_add_many_with_dedup_skips_repeats_as_add_does(tmp_path):
     assert _files(many) == _files(one)
 
 
-def test_add_many_refuses_ids_that_do_not_match_the_records(tmp_path):
-    with PackWriter(tmp_path, dedup=False) as w:
+@pytest.mark.parametrize("dedup", [False, True])
+def test_add_many_refuses_ids_that_do_not_match_the_records(tmp_path, dedup):
+    with PackWriter(tmp_path, dedup=dedup) as w:
         with pytest.raises(ValueError):
             w.add_many(b"\x01" * 31, [b"x"])
+        with pytest.raises(ValueError):  # an id too many: with dedup it was ignored
+            w.add_many(b"\x01" * 64, [b"x"])
+        assert len(w) == 0
         w.abort()
     assert not [p for p in tmp_path.iterdir() if p.suffix in (".pack", ".idx")]
 
