@@ -612,6 +612,7 @@ class _ReadPlan:
 
     def __init__(self, store: ObjectStore):
         self.store = store
+        self._cache = store.base_cache
         self.nodes: dict[str, _ReadNode] = {}
         self.bodies: dict[str, bytes] = {}
         self._refused: dict[str, int] = {}  # id -> the largest budget it was refused with
@@ -640,7 +641,7 @@ class _ReadPlan:
         """The body of `oid` when this plan holds it or the base cache does."""
         body = self.bodies.get(oid)
         if body is None:
-            cached = self.store.base_cache.get(oid)
+            cached = self._cache.get(oid)
             if cached is not None:
                 body = self.bodies[oid] = cached[0]
         return body
@@ -671,10 +672,14 @@ class _ReadPlan:
             if budget < 1:
                 return None
             sources = (base_id,) if prev_id is None else (base_id, prev_id)
-            held = [None if source in self.nodes else self._at_hand(source) for source in sources]
-            if None not in held:  # all at hand (add would say (0, 0) for each)
-                if any(len(body) != body_len for body in held):
+            nodes, at_hand = self.nodes, self._at_hand
+            for source in sources:  # all at hand, as add would say (0, 0) for each?
+                body = None if source in nodes else at_hand(source)
+                if body is None:
+                    break
+                if len(body) != body_len:
                     return None
+            if body is not None:
                 need = 1
             else:
                 record = None  # sources to plan first, maybe a deep chain: not held meanwhile
