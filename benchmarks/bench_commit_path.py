@@ -9,6 +9,10 @@ bf16), in process, so that a change to one stage can be measured A/B:
 - commit: `Registry.commit` of the 12 checkpoints into a fresh registry, `--rounds`
   times; per revision the fastest round counts (less noise from a shared machine);
 - checkout: `Registry.checkout` of each revision in order, right after the commits;
+- command line: `ah commit` of the same checkpoints, a new process each (how a training
+  script that shells out commits): a fresh process starts with an empty base cache, so
+  it reads its delta bases (the parent's tensors, a whole chain deep) from the store;
+  beside it `ah --version`, the start-up every command pays;
 - CPU: what a commit costs in CPU time (all the process's threads, and its `git`
   children: provenance), against ZipNN compressing the same files on one thread. Wall
   times on a shared 2-core machine swing by 2x; CPU time much less, and it says what
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,6 +107,24 @@ def commit_and_checkout(folders: list[Path], work: Path, rounds: int) -> tuple[f
     return logical / MB / sum(best), logical / MB / checkout_s, cpu[0], cpu[1]
 
 
+def cli_commit_ms(folders: list[Path], work: Path) -> tuple[float, float, float]:
+    """(mean ms of `ah commit` a process each, over the sequence; the slowest one, at the
+    deepest chain; fastest of 3 `ah --version`), in a fresh registry."""
+    ah = [sys.executable, "-m", "adapterhub.cli.main", "--registry", str(work)]
+    subprocess.run(ah + ["init"], check=True, capture_output=True)
+    times = []
+    for i, folder in enumerate(folders):
+        start = time.perf_counter()
+        subprocess.run(ah + ["commit", str(folder), "-m", f"revision {i}"], check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    version = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run(ah + ["--version"], check=True, capture_output=True)
+        version.append(time.perf_counter() - start)
+    return sum(times) / len(times) * 1e3, max(times) * 1e3, min(version) * 1e3
+
+
 def zipnn_cpu_ms(folders: list[Path], dtype: str, reps: int = 3) -> float | None:
     """CPU ms ZipNN (one thread, in memory) spends compressing one checkpoint's weights
     file, lowest of `reps` passes; None without zipnn."""
@@ -132,14 +155,17 @@ def main(argv=None) -> int:
     try:
         _, fp32 = train_revisions(work / "fp32", revisions, int(size_mb * MB), rank=16)
         bf16 = to_bf16(fp32, work / "bf16")
-        rows, cpu_rows, results = [], [], {"machine": machine_info(), "revisions": revisions}
+        rows, cpu_rows, cli_rows, results = [], [], [], {"machine": machine_info(), "revisions": revisions}
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         for label, folders, dtype in (("fp32", fp32, "float32"), ("bf16", bf16, "bfloat16")):
             one, two = codec_mb_s(folders, 1, 3), codec_mb_s(folders, 2, 3)
             commit, checkout, cpu_own, cpu_git = commit_and_checkout(folders, work / f"run-{label}", rounds)
             zipnn_ms = zipnn_cpu_ms(folders, dtype)
+            cli_mean, cli_max, start_ms = cli_commit_ms(folders, work / f"cli-{label}")
             results[label] = dict(codec_1_thread_mb_s=one, codec_2_threads_mb_s=two, commit_mb_s=commit, checkout_mb_s=checkout,
-                                  commit_cpu_ms=cpu_own, commit_git_cpu_ms=cpu_git, zipnn_cpu_ms=zipnn_ms)
+                                  commit_cpu_ms=cpu_own, commit_git_cpu_ms=cpu_git, zipnn_cpu_ms=zipnn_ms,
+                                  cli_commit_ms=cli_mean, cli_commit_max_ms=cli_max, cli_start_ms=start_ms)
+            cli_rows.append([label, fmt(cli_mean), fmt(cli_max), fmt(start_ms)])
             rows.append([label, fmt(one), fmt(two), fmt(commit), fmt(checkout)])
             ratio = None if zipnn_ms is None else (cpu_own + cpu_git) / zipnn_ms
             cpu_rows.append([label, fmt(cpu_own), fmt(cpu_git), fmt(zipnn_ms), fmt(ratio)])
@@ -147,6 +173,8 @@ def main(argv=None) -> int:
         print(format_table(["sequence", "codec MB/s (1 thread)", "codec MB/s (2)", "commit MB/s", "checkout MB/s"], rows))
         print("\nCPU per checkpoint (ms): a commit's, in this process and in its git children, and ZipNN's (1 thread)")
         print(format_table(["sequence", "commit CPU", "git CPU", "ZipNN CPU", "commit / ZipNN"], cpu_rows))
+        print("\n`ah commit` from the command line, a new process per checkpoint (ms of wall time)")
+        print(format_table(["sequence", "mean", "slowest (deepest chain)", "`ah --version`"], cli_rows))
         write_json(args.json, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)

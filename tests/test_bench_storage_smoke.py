@@ -80,4 +80,5 @@ def test_bench_commit_path_quick_run(tmp_path):
     for label in ("fp32", "bf16"):
         assert results[label]["commit_mb_s"] > 0 and results[label]["checkout_mb_s"] > 0
         assert results[label]["commit_cpu_ms"] > 0 and results[label]["commit_git_cpu_ms"] >= 0
-    assert "commit / ZipNN" in proc.stdout
+        assert results[label]["cli_commit_max_ms"] >= results[label]["cli_commit_ms"] > results[label]["cli_start_ms"] > 0
+    assert "commit / ZipNN" in proc.stdout and "`ah --version`" in proc.stdout
