@@ -643,8 +643,18 @@ PyDoc_STRVAR(count_escapes_doc,
 "-1 when the codes after the last one (padding) are not zero, -2 when a code (padding\n"
 "included) is neither below k nor the escape. packed holds ceil(expect/(8/bits)) bytes.");
 
-/* count_escapes for valid arguments (bits 2 or 4, 0 <= k < 2^bits, expect >= 0). */
-static Py_ssize_t count_escapes_c(const uint8_t *pk, Py_ssize_t n, int bits, int k, Py_ssize_t expect)
+/* __builtin_popcountll is a call to libgcc's __popcountdi2 unless the compiler may use the
+ * POPCNT instruction, which the x86-64 baseline the extension is built for lacks. There the
+ * word loop below is compiled a second time for POPCNT, taken when the CPU has it (asked
+ * at import: have_popcnt); elsewhere (another CPU, or -mpopcnt) it is compiled once. */
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) && !defined(__POPCNT__)
+#define POPCNT_VARIANT 1
+static int have_popcnt;
+#endif
+
+/* count_escapes for valid arguments (bits 2 or 4, 0 <= k < 2^bits, expect >= 0), 64 bits of
+ * codes a step; the tail code by code. */
+static ALWAYS_INLINE Py_ssize_t count_escapes_body(const uint8_t *pk, Py_ssize_t n, int bits, int k, Py_ssize_t expect)
 {
     const int per = 8 / bits, escape = (1 << bits) - 1;
     if (expect % per && n) {
@@ -653,27 +663,13 @@ static Py_ssize_t count_escapes_c(const uint8_t *pk, Py_ssize_t n, int bits, int
             if ((last >> (bits * (per - 1 - c))) & escape)
                 return -1;
     }
-    /* Per byte value: escapes in it (low byte) and invalid codes in it (above). */
-    uint16_t info[256];
-    for (int v = 0; v < 256; v++) {
-        unsigned esc = 0, bad = 0;
-        for (int c = 0; c < per; c++) {
-            int code = (v >> (bits * (per - 1 - c))) & escape;
-            if (code == escape)
-                esc++;
-            else if (code >= k)
-                bad++;
-        }
-        info[v] = (uint16_t)(esc | (bad << 8));
-    }
     Py_ssize_t result = 0, j = 0;
-    unsigned bad = 0;
+    uint64_t bad_bits = 0;
     if (bits == 2) {
         /* 32 codes a step: per code, hi = its high bit, lo = its low bit; the escape is
          * hi & lo, and a code >= k that is not the escape is, by k: 0 any other, 1 codes
-         * 1 and 2, 2 code 2 (k = 3 leaves none). The tail goes by the table below. */
+         * 1 and 2, 2 code 2 (k = 3 leaves none). */
         const uint64_t L = 0x5555555555555555ull;
-        uint64_t bad_bits = 0;
         for (; j + 8 <= n; j += 8) {
             uint64_t x;
             memcpy(&x, pk + j, 8);
@@ -681,14 +677,55 @@ static Py_ssize_t count_escapes_c(const uint8_t *pk, Py_ssize_t n, int bits, int
             result += __builtin_popcountll(hi & lo);
             bad_bits |= k == 0 ? ~(hi & lo) & L : k == 1 ? hi ^ lo : k == 2 ? hi & ~lo : 0;
         }
-        bad = bad_bits != 0;
+    } else {
+        /* 16 codes a step, the low and the high codes of the bytes apart, one a byte lane:
+         * lane + 1 carries into bit 4 only for the escape (15); (lane | 0x80) - k keeps bit 7
+         * only for a code >= k (no lane borrows from the next). */
+        const uint64_t N = 0x0F0F0F0F0F0F0F0Full, ONE = 0x0101010101010101ull, TOP = ONE << 7;
+        const uint64_t K = (uint64_t)k * ONE;
+        for (; j + 8 <= n; j += 8) {
+            uint64_t x;
+            memcpy(&x, pk + j, 8);
+            uint64_t lo = x & N, hi = x >> 4 & N;
+            uint64_t lo_esc = (lo + ONE) & ONE << 4, hi_esc = (hi + ONE) & ONE << 4;
+            result += __builtin_popcountll(lo_esc | hi_esc >> 1);
+            bad_bits |= (((lo | TOP) - K) & TOP & ~(lo_esc << 3)) | (((hi | TOP) - K) & TOP & ~(hi_esc << 3));
+        }
     }
     for (; j < n; j++) {
-        uint16_t f = info[pk[j]];
-        result += f & 0xFF;
-        bad |= f >> 8;
+        for (int c = 0; c < per; c++) {
+            int code = (pk[j] >> (bits * (per - 1 - c))) & escape;
+            if (code == escape)
+                result++;
+            else if (code >= k)
+                bad_bits = 1;
+        }
     }
-    return bad ? -2 : result;
+    return bad_bits ? -2 : result;
+}
+
+#ifdef POPCNT_VARIANT
+__attribute__((target("popcnt"))) static Py_ssize_t count_escapes_popcnt(const uint8_t *pk, Py_ssize_t n, int bits, int k,
+                                                                         Py_ssize_t expect)
+{
+    return count_escapes_body(pk, n, bits, k, expect);
+}
+
+static Py_ssize_t count_escapes_plain(const uint8_t *pk, Py_ssize_t n, int bits, int k, Py_ssize_t expect)
+{
+    return count_escapes_body(pk, n, bits, k, expect);
+}
+#endif
+
+static Py_ssize_t count_escapes_c(const uint8_t *pk, Py_ssize_t n, int bits, int k, Py_ssize_t expect)
+{
+#ifdef POPCNT_VARIANT
+    if (have_popcnt)
+        return count_escapes_popcnt(pk, n, bits, k, expect);
+    return count_escapes_plain(pk, n, bits, k, expect);
+#else
+    return count_escapes_body(pk, n, bits, k, expect);
+#endif
 }
 
 static PyObject *native_count_escapes(PyObject *self, PyObject *args)
@@ -717,68 +754,31 @@ PyDoc_STRVAR(unpack_codes_doc,
 "Inverse of pack_codes for codes count_escapes accepted: the `expect` bytes, table[code]\n"
 "for each code below len(table), the next byte of escapes for each escape code.");
 
-/* The unpack loop for a constant code width (bits, per = 8/bits codes a byte): each packed
- * byte is a fixed-size copy of its decoded bytes, then its escape codes (esc_mask bit c: code
- * c escapes) are overwritten from the escape bytes in order. Codes past `expect` in the
- * last byte are ignored. Returns 1 when the escapes run out before the escape codes do. */
-static ALWAYS_INLINE int unpack_loop(const uint8_t *restrict pk, Py_ssize_t n_packed, const uint8_t *restrict esc,
-                                     Py_ssize_t n_esc, const uint8_t dec[256][4], const uint8_t esc_mask[256],
-                                     uint8_t *restrict dst, Py_ssize_t expect, const int per)
+/* Escape codes, found 64 bits of codes at a time and taken in order, get the escape bytes
+ * (the codes were unpacked through the table already, escapes included). `bits` codes a
+ * word: in each byte the codes reversed (first code in the low bits), so that bit order is
+ * code order, code i of the word at bits bits*i; `ones` has the lowest bit of each code.
+ * Escapes are a few percent of the codes: a branch per packed byte on them was mispredicted
+ * often. Returns 1 when the escapes run out before the escape codes do. */
+static ALWAYS_INLINE int put_escapes(const uint8_t *restrict pk, Py_ssize_t n_packed, const uint8_t *restrict esc,
+                                     Py_ssize_t n_esc, uint8_t *restrict dst, Py_ssize_t expect, const int bits)
 {
-    const Py_ssize_t full = expect / per;
-    Py_ssize_t e = 0;
-    for (Py_ssize_t j = 0; j < full; j++) {
-        const uint8_t b = pk[j];
-        memcpy(dst + j * per, dec[b], per);
-        if (esc_mask[b]) {
-            for (int c = 0; c < per; c++) {
-                if (esc_mask[b] >> c & 1) {
-                    if (e >= n_esc)
-                        return 1;
-                    dst[j * per + c] = esc[e++];
-                }
-            }
-        }
-    }
-    if (full < n_packed) {
-        const uint8_t b = pk[full];
-        for (int c = 0; c < (int)(expect - full * per); c++) {
-            if (esc_mask[b] >> c & 1) {
-                if (e >= n_esc)
-                    return 1;
-                dst[full * per + c] = esc[e++];
-            } else {
-                dst[full * per + c] = dec[b][c];
-            }
-        }
-    }
-    return 0;
-}
-
-/* unpack_loop for 2-bit codes in two passes: every packed byte becomes its 4 table bytes
- * (one 4-byte copy, no branch), then the escape codes, found 32 at a time in 64-bit words
- * and taken in order, get the escape bytes. Escapes are a few percent of the codes: a
- * branch per packed byte on them was mispredicted often. */
-static int unpack_2(const uint8_t *restrict pk, Py_ssize_t n_packed, const uint8_t *restrict esc, Py_ssize_t n_esc,
-                    const uint8_t dec[256][4], uint8_t *restrict dst, Py_ssize_t expect)
-{
-    const Py_ssize_t full = expect / 4;
-    for (Py_ssize_t j = 0; j < full; j++)
-        memcpy(dst + 4 * j, dec[pk[j]], 4);
-    if (full < n_packed)
-        memcpy(dst + 4 * full, dec[pk[full]], (size_t)(expect - 4 * full));
-    const uint64_t L = 0x5555555555555555ull;
+    const int per = 8 / bits;
     Py_ssize_t e = 0;
     for (Py_ssize_t w = 0; w < n_packed; w += 8) {
-        uint64_t x = 0;
+        uint64_t x = 0, m;
         memcpy(&x, pk + w, n_packed - w < 8 ? (size_t)(n_packed - w) : 8);
         x = LE64(x);
-        /* codes in each byte reversed (first code in the low bits): bit order is then
-         * code order, and code i of the word sits at bits 2i, 2i+1 */
-        x = (x & 0x3333333333333333ull) << 2 | (x >> 2 & 0x3333333333333333ull);
-        x = (x & 0x0F0F0F0F0F0F0F0Full) << 4 | (x >> 4 & 0x0F0F0F0F0F0F0F0Full);
-        for (uint64_t m = x & x >> 1 & L; m; m &= m - 1) {
-            Py_ssize_t at = 4 * w + __builtin_ctzll(m) / 2;
+        if (bits == 2) {
+            x = (x & 0x3333333333333333ull) << 2 | (x >> 2 & 0x3333333333333333ull);
+            x = (x & 0x0F0F0F0F0F0F0F0Full) << 4 | (x >> 4 & 0x0F0F0F0F0F0F0F0Full);
+            m = x & x >> 1 & 0x5555555555555555ull;
+        } else {
+            x = (x & 0x0F0F0F0F0F0F0F0Full) << 4 | (x >> 4 & 0x0F0F0F0F0F0F0F0Full);
+            m = x & x >> 1 & x >> 2 & x >> 3 & 0x1111111111111111ull;
+        }
+        for (; m; m &= m - 1) {
+            Py_ssize_t at = per * w + __builtin_ctzll(m) / bits;
             if (at >= expect)
                 break; /* padding (count_escapes refuses an escape there) */
             if (e >= n_esc)
@@ -789,6 +789,21 @@ static int unpack_2(const uint8_t *restrict pk, Py_ssize_t n_packed, const uint8
     return 0;
 }
 
+/* The codes of `bits` bits in two passes: every packed byte becomes its per = 8/bits table
+ * bytes (one fixed-size copy, no branch), then put_escapes. */
+static ALWAYS_INLINE int unpack_loop(const uint8_t *restrict pk, Py_ssize_t n_packed, const uint8_t *restrict esc,
+                                     Py_ssize_t n_esc, const uint8_t dec[256][4], uint8_t *restrict dst, Py_ssize_t expect,
+                                     const int bits)
+{
+    const int per = 8 / bits;
+    const Py_ssize_t full = expect / per;
+    for (Py_ssize_t j = 0; j < full; j++)
+        memcpy(dst + per * j, dec[pk[j]], per);
+    if (full < n_packed)
+        memcpy(dst + per * full, dec[pk[full]], (size_t)(expect - per * full));
+    return put_escapes(pk, n_packed, esc, n_esc, dst, expect, bits);
+}
+
 /* unpack_codes for codes count_escapes accepted; table holds k <= 15 values. Returns 1
  * when the escapes run out before the escape codes do. */
 static int unpack_codes_c(const uint8_t *pk, Py_ssize_t n_packed, const uint8_t *esc, Py_ssize_t n_esc,
@@ -797,19 +812,14 @@ static int unpack_codes_c(const uint8_t *pk, Py_ssize_t n_packed, const uint8_t 
     const int per = 8 / bits, escape = (1 << bits) - 1;
     uint8_t table[16] = {0};
     memcpy(table, table_in, (size_t)k);
-    /* Per packed byte value: its `per` decoded bytes, and which of its codes escape. */
-    uint8_t dec[256][4], esc_mask[256];
-    for (int v = 0; v < 256; v++) {
-        esc_mask[v] = 0;
-        for (int c = 0; c < per; c++) {
-            unsigned code = (v >> (bits * (per - 1 - c))) & escape;
-            dec[v][c] = table[code];
-            esc_mask[v] |= (uint8_t)((code == (unsigned)escape) << c);
-        }
-    }
+    /* Per packed byte value: its `per` decoded bytes (an escape's is overwritten). */
+    uint8_t dec[256][4];
+    for (int v = 0; v < 256; v++)
+        for (int c = 0; c < per; c++)
+            dec[v][c] = table[(v >> (bits * (per - 1 - c))) & escape];
     if (bits == 2)
-        return unpack_2(pk, n_packed, esc, n_esc, dec, dst, expect);
-    return unpack_loop(pk, n_packed, esc, n_esc, dec, esc_mask, dst, expect, 2);
+        return unpack_loop(pk, n_packed, esc, n_esc, dec, dst, expect, 2);
+    return unpack_loop(pk, n_packed, esc, n_esc, dec, dst, expect, 4);
 }
 
 static PyObject *native_unpack_codes(PyObject *self, PyObject *args)
@@ -2191,6 +2201,10 @@ PyMODINIT_FUNC PyInit__native(void)
     }
     fill_xlog2x();
     load_zstd();
+#ifdef POPCNT_VARIANT
+    __builtin_cpu_init();
+    have_popcnt = __builtin_cpu_supports("popcnt");
+#endif
     {
         /* BLAKE3 1.3.1 detects the CPU's features on first use into a plain global (a benign
          * race upstream fixed later with an atomic): detect them here, before any thread. */
