@@ -222,6 +222,7 @@ class Registry:
         try:
             # One batch: the new objects land together (one pack for a big checkpoint) and
             # are all on disk when the block ends, before the ref below moves.
+            damaged_before = set(self.store.damaged_bases)
             with self.store.batch():
                 snap_id, stats = store_folder(self.store, folder, progress, delta_from=parent_snap)
                 record = record_f.result()
@@ -247,6 +248,11 @@ class Registry:
         self._last_commit = (oid, stats.snapshot) if stats.snapshot is not None else None
         self._index_sync()
         notice = self._auto_repack()
+        damaged = sorted(self.store.damaged_bases - damaged_before)
+        if damaged:
+            # The commit is whole and sound; the damage is in what it would have diffed against.
+            notice = (f"{len(damaged)} tensor(s) of the parent revision are damaged (e.g. {damaged[0]}): this commit "
+                      "stores those tensors whole instead of as deltas; run `ah fsck`" + (f"; {notice}" if notice else ""))
         short = refname[len(HEADS):] if refname and refname.startswith(HEADS) else refname
         return CommitResult(
             oid, short, commit.parents, stats.files, stats.tensors, stats.logical_bytes, stats.new_objects, notice

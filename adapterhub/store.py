@@ -115,6 +115,11 @@ class ObjectStore:
             cache = self.__dict__["_base_cache"] = BaseCache()
         return cache
 
+    @property
+    def damaged_bases(self) -> set[str]:
+        """Ids of tensors found damaged when offered as delta bases (see _delta_base)."""
+        return self.__dict__.setdefault("_damaged_bases", set())
+
     # --- primitives ---------------------------------------------------------------
     def has(self, oid: str) -> bool:
         raise NotImplementedError
@@ -276,8 +281,12 @@ class ObjectStore:
         return codec.encode_tensor(head, body, dtype, base)
 
     def _delta_base(self, oid: str, base_id: str, length: int) -> DeltaBase | None:
-        """The base for a delta, or None when it is unusable (missing, other size, chain full).
+        """The base for a delta, or None when it is unusable (missing, damaged, other size,
+        chain full).
 
+        A damaged base (its record or one below it) leaves the tensor stored whole and its
+        id in `damaged_bases`, for the commit to tell the user: refusing the commit instead
+        stopped every later commit of a training run on one bad object in its parent.
         When the base is itself a delta, its own base's body comes along (`prev`) so the
         codec may diff against their extrapolation (encoding 4)."""
         if base_id == oid:
@@ -286,13 +295,16 @@ class ObjectStore:
             body, depth, prev_id = self._tensor_for_delta(base_id)
         except ObjectNotFound:
             return None
+        except (CorruptObject, UnsupportedFormat):
+            self.damaged_bases.add(base_id)
+            return None
         if body is None or len(body) != length or depth >= codec.MAX_CHAIN:
             return None
         prev = None
         if prev_id is not None:
             try:
                 prev_body = self._tensor_for_delta(prev_id)[0]
-            except (ObjectNotFound, CorruptObject):
+            except (ObjectNotFound, CorruptObject, UnsupportedFormat):
                 prev_body = None
             prev = prev_body if prev_body is not None and len(prev_body) == length else None
         return DeltaBase(base_id, body, depth, prev, prev_id if prev is not None else None)

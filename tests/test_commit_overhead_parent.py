@@ -5,6 +5,7 @@ Registry per commit makes, and a commit made meanwhile by someone else must be t
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -106,3 +107,43 @@ def test_a_fresh_registry_reads_its_delta_bases_in_one_batch_and_stores_the_same
     for c in kept_ids:
         for name, (blob, _) in _tensor_bases(kept, c).items():
             assert bytes(fresh.store._read_record(blob)) == bytes(kept.store._read_record(blob)), name
+
+
+def _flip_a_byte_of(store, oid: str) -> None:
+    """Damage an object's stored record in place, loose or in a pack."""
+    pack = store._find_in_packs(oid)
+    if pack is None:
+        path, at = store.loose._path(oid), None
+        at = path.stat().st_size // 2
+    else:
+        offset, length = pack.location(pack.find(oid))
+        path, at = pack.path, offset + length // 2
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0x5A]))
+
+
+def test_a_damaged_parent_tensor_is_stored_around_not_a_failed_commit(tmp_path):
+    """One bad object in the parent revision must not stop a training run's commits: the
+    tensor is stored whole (no delta against the damage), the commit says to run fsck,
+    and the next commits go on as deltas against the new, sound revision."""
+    folders = [_checkpoint(tmp_path / f"ck{i}", i) for i in range(5)]
+    reg = Registry.init(tmp_path / "reg")
+    ids = [reg.commit(f, f"step {i}").id for i, f in enumerate(folders[:3])]
+    name, (bad, _) = sorted(_tensor_bases(reg, ids[-1]).items())[0]
+    _flip_a_byte_of(reg.store, bad)
+    reg = Registry.open(tmp_path / "reg")  # a new process: the parent's tensors come from the store
+    third = reg.commit(folders[3], "step 3")
+    assert "damaged" in third.notice and bad in third.notice and "ah fsck" in third.notice
+    bases = _tensor_bases(reg, third.id)
+    assert bases[name][1] is None  # stored whole
+    assert all(base is not None for other, (_, base) in bases.items() if other != name)
+    out = tmp_path / "out"
+    reg.checkout(third.id, out)
+    assert (out / "adapter_model.safetensors").read_bytes() == (folders[3] / "adapter_model.safetensors").read_bytes()
+    fourth = reg.commit(folders[4], "step 4")
+    assert fourth.notice is None or "damaged" not in fourth.notice
+    assert _tensor_bases(reg, fourth.id)[name][1] == bases[name][0]  # a delta against the sound one
