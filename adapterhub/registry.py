@@ -200,10 +200,18 @@ class Registry:
         else:
             refname, parent = self.refs.read_head()
         # The parent's snapshot offers delta bases (issue 4).
+        damaged_parent = None
         if parent and self._last_commit and self._last_commit[0] == parent:
             parent_snap: ObjectId | Snapshot | None = self._last_commit[1]
+        elif parent:
+            # Only delta bases come from the parent's commit and snapshot: when either is
+            # damaged the new revision is stored whole, and the run's commits go on.
+            try:
+                parent_snap = self.store.get_snapshot(self.store.get_commit(parent).snapshot)
+            except (CorruptObject, UnsupportedFormat) as exc:
+                parent_snap, damaged_parent = None, str(exc)
         else:
-            parent_snap = self.store.get_commit(parent).snapshot if parent else None
+            parent_snap = None
         # Provenance (git subprocesses, a base-model fingerprint) waits on other programs
         # and on the disk; it runs on a thread while the tensors are hashed and encoded,
         # and the default author (another git process) on a second one beside it: on a
@@ -249,6 +257,9 @@ class Registry:
         self._index_sync()
         notice = self._auto_repack()
         damaged = sorted(self.store.damaged_bases - damaged_before)
+        if damaged_parent:
+            notice = (f"the parent revision cannot be read ({damaged_parent}): this commit stores its tensors whole; "
+                      "run `ah fsck`" + (f"; {notice}" if notice else ""))
         if damaged:
             # The commit is whole and sound; the damage is in what it would have diffed against.
             notice = (f"{len(damaged)} tensor(s) of the parent revision are damaged (e.g. {damaged[0]}): this commit "

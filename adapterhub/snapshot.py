@@ -8,6 +8,7 @@ directions refuse pickle weights, malformed safetensors and unsafe names.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import stat
@@ -212,9 +213,13 @@ def store_folder(
         return oid
 
     def delta_base_id(rel: str, spec) -> str | None:
-        """The parent's same-named tensor, when it has the same dtype."""
+        """The parent's same-named tensor, when it has the same dtype and size (a base of
+        another size is no delta base: reading it, say a rank-64 parent under a rank-8
+        retrain, only cost time and memory)."""
         base = bases.get((rel, spec.name))
-        return base.blob if base is not None and base.dtype == spec.dtype else None
+        if base is None or base.dtype != spec.dtype or math.prod(base.shape) != math.prod(spec.shape):
+            return None
+        return base.blob
 
     for rel, full in files:
         lower = rel.lower()

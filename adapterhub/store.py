@@ -59,16 +59,26 @@ class BaseCache:
 
     def add_written(self, items: list[tuple[str, bytes | memoryview, int, str | None]]) -> None:
         """add() of many (id, body, depth, base), under one lock. A body that views a bytes
-        object of at most half the budget (a commit's tensors view the file it read) is
-        kept as that view; any other is copied to bytes when it enters."""
+        object of at most half the budget (a commit's tensors view the file it read), when
+        these items use at least half of that object, is kept as a view; any other is
+        copied to bytes when it enters."""
         limit = self.max_bytes // 4
         with self._lock:
             entries, held = self._items, self._held
+            # What these items would use of each owner: one is held whole only when they use
+            # most of it (a file whose tensors mostly exist already, say frozen layers, is
+            # copied: held whole it crowded the last revisions' tensors out of the cache).
+            used: dict[int, int] = {}
+            for oid, body, _, _ in items:
+                if isinstance(body, memoryview) and len(body) <= limit and oid not in entries:
+                    used[id(body.obj)] = used.get(id(body.obj), 0) + body.nbytes
             for oid, body, depth, base in items:
                 if len(body) > limit or oid in entries:
                     continue
                 owner = body.obj if isinstance(body, memoryview) else None
-                if type(owner) is bytes and len(owner) <= self.max_bytes // 2 and body.contiguous:
+                if (type(owner) is bytes and len(owner) <= self.max_bytes // 2 and body.contiguous
+                        and body.format == "B" and (id(owner) in held or 2 * used[id(owner)] >= len(owner))):
+                    body = memoryview(body)  # a view of our own: the caller may release theirs
                     share = held.get(id(owner))
                     if share is None:
                         held[id(owner)] = [owner, 1]
@@ -252,6 +262,8 @@ class ObjectStore:
         checkpoint's commit at chain depth 6. Nothing is decided here: a base this read
         cannot bring (missing, damaged, not a tensor) is looked up one by one by
         _delta_base as before, which keeps its rules."""
+        if kernels.read_tensors is None:  # without the native codec it would read one by one anyway
+            return
         cache = self.base_cache
         wanted, room = [], cache.max_bytes // 2
         for base_id, size in dict.fromkeys(bases):

@@ -147,3 +147,27 @@ def test_a_damaged_parent_tensor_is_stored_around_not_a_failed_commit(tmp_path):
     fourth = reg.commit(folders[4], "step 4")
     assert fourth.notice is None or "damaged" not in fourth.notice
     assert _tensor_bases(reg, fourth.id)[name][1] == bases[name][0]  # a delta against the sound one
+
+
+def test_a_parent_tensor_of_another_size_is_not_read_for_a_delta(tmp_path, monkeypatch):
+    """A retrain at a lower rank keeps the names and dtype but not the sizes: the parent's
+    tensors are no delta bases, so a commit must not read (decode) them at all."""
+    from adapterhub.store import ObjectStore
+
+    reg = Registry.init(tmp_path / "reg")
+    big = tmp_path / "rank16"
+    big.mkdir()
+    rng = np.random.default_rng(1)
+    save_file({"layer.lora_A.weight": rng.standard_normal((16, 256)).astype(np.float32)}, str(big / "adapter_model.safetensors"))
+    reg.commit(big, "rank 16")
+    small = tmp_path / "rank4"
+    small.mkdir()
+    save_file({"layer.lora_A.weight": rng.standard_normal((4, 256)).astype(np.float32)}, str(small / "adapter_model.safetensors"))
+    read = []
+    real = ObjectStore._read_verified
+    monkeypatch.setattr(ObjectStore, "_read_verified", lambda self, oid, *a, **k: (read.append(oid), real(self, oid, *a, **k))[1])
+    fresh = Registry.open(tmp_path / "reg")
+    second = fresh.commit(small, "rank 4")
+    assert len(read) == 2  # the parent's commit and snapshot only, no tensor
+    (blob, base), = _tensor_bases(fresh, second.id).values()
+    assert base is None

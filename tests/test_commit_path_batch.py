@@ -154,6 +154,28 @@ def test_base_cache_keeps_views_of_a_small_file_and_counts_the_file_once():
     assert cache._bytes == 0 and not cache._held
 
 
+def test_base_cache_copies_what_would_pin_a_mostly_unused_file_and_keeps_its_own_views():
+    cache = BaseCache(max_bytes=4000)
+    data = bytes(range(256)) * 6
+    view = memoryview(data)
+    # a quarter of the file enters (the rest of its tensors exist already): copied
+    cache.add_written([("a", view[:384], 0, None)])
+    assert type(cache.get("a")[0]) is bytes and cache._bytes == 384 and not cache._held
+    # most of it enters: viewed, and later views of a held owner join it whatever their size
+    cache.add_written([("b", view[384:1200], 0, None)])
+    cache.add_written([("c", view[1200:1300], 0, None)])
+    assert cache.get("b")[0].obj is data and cache.get("c")[0].obj is data
+    assert cache._bytes == 384 + len(data)
+    # the cache's view outlives the caller's
+    with view[1300:1536] as piece:
+        cache.add_written([("d", piece, 0, None)])
+    assert cache.get("d")[0] == data[1300:1536]
+    # a view of other than bytes (format "f": len() counts floats) is copied
+    floats = memoryview(bytes(1600)).cast("f")
+    cache.add_written([("e", floats, 0, None)])
+    assert type(cache.get("e")[0]) is bytes and len(cache.get("e")[0]) == 1600
+
+
 def test_a_commit_leaves_its_tensors_in_the_cache_as_views_of_the_file(tmp_path):
     store = _store(tmp_path / "objects")
     rng = np.random.default_rng(3)
