@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from .errors import AhError, NotARegistry, RegistryExists, UnknownRevision, UnsupportedFormat, UsageError
+from .errors import AhError, CorruptObject, NotARegistry, RegistryExists, UnknownRevision, UnsupportedFormat, UsageError
 from .fsutil import atomic_write
 from .objects import COMMIT, TAG, Commit, ObjectId, Snapshot, Tag
 from .refs import ANY, HEADS, TAGS, RefStore, check_ref_name

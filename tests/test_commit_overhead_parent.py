@@ -171,3 +171,18 @@ def test_a_parent_tensor_of_another_size_is_not_read_for_a_delta(tmp_path, monke
     assert len(read) == 2  # the parent's commit and snapshot only, no tensor
     (blob, base), = _tensor_bases(fresh, second.id).values()
     assert base is None
+
+
+@pytest.mark.parametrize("what", ["commit", "snapshot"])
+def test_a_parent_commit_or_snapshot_that_cannot_be_read_leaves_the_commit_whole(tmp_path, what):
+    folders = [_checkpoint(tmp_path / f"ck{i}", i) for i in range(3)]
+    reg = Registry.init(tmp_path / "reg")
+    parent = [reg.commit(f, f"step {i}").id for i, f in enumerate(folders[:2])][-1]
+    _flip_a_byte_of(reg.store, parent if what == "commit" else reg.store.get_commit(parent).snapshot)
+    fresh = Registry.open(tmp_path / "reg")
+    third = fresh.commit(folders[2], "step 2")
+    assert third.parents == (parent,) and "cannot be read" in third.notice and "ah fsck" in third.notice
+    assert all(base is None for _, base in _tensor_bases(fresh, third.id).values())
+    fresh.checkout(third.id, tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == \
+        (folders[2] / "adapter_model.safetensors").read_bytes()
