@@ -1,7 +1,7 @@
-"""`ah gc`, `ah stats`, `ah pack-refs`, `ah import`: the storage engine's commands.
+"""`ah gc`, `ah fsck`, `ah stats`, `ah pack-refs`, `ah import`: the storage engine's commands.
 
 Registered on the main group by cli/main.py. Each parses options, makes one library call
-(adapterhub.gc, .stats, .refs, .importer) and renders the result.
+(adapterhub.gc, .fsck, .stats, .refs, .importer) and renders the result.
 """
 
 from __future__ import annotations
@@ -83,6 +83,49 @@ def gc_command(ctx, prune: str, aggressive: bool, fmt: str):
         click.echo(f"warning: refs were left loose: {result.refs_not_packed}", err=True)
 
 
+@click.command("fsck")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.pass_context
+def fsck_command(ctx, fmt: str):
+    """Re-hash every stored object and check that the refs reach only sound objects.
+
+    Read-only. Exit code 1 when anything of error severity is found (warnings alone: 0).
+    """
+    import contextlib
+
+    from ..fsck import check_registry
+    from .progress import count_progress
+
+    reg = _open(ctx)
+    store = _packed_store(reg)
+    bars = contextlib.ExitStack()
+    update = []
+
+    def total(n: int) -> None:
+        update.append(bars.enter_context(count_progress(n, "fsck", unit="object")))
+
+    def progress(k: int) -> None:
+        if update and update[0] is not None:
+            update[0](k)
+
+    with bars:
+        result = check_registry(reg.ah_dir, store.root, reg.refs, progress_total=total, progress=progress)
+    if fmt == "json":
+        render.emit_json(result.to_json())
+    else:
+        for finding in result.findings:
+            click.echo(finding.text())
+        click.echo(
+            f"checked {result.objects_checked} objects ({result.copies_checked} stored copies, "
+            f"{render.human_bytes(result.bytes_checked)}, {result.packs} pack{'s' if result.packs != 1 else ''}) and {result.refs} refs "
+            f"in {result.seconds:.1f}s; {result.reachable} reachable, {result.unreachable} unreachable; "
+            f"{result.errors} errors, {result.warnings} warnings"
+        )
+    if not result.ok:
+        render.error(f"fsck found {result.errors} error{'s' if result.errors != 1 else ''} (listed on stdout)")
+        ctx.exit(1)
+
+
 def stats_text(s) -> str:
     rows = [
         ("objects", f"{s.objects} ({s.loose_objects} loose, {s.packed_objects} packed in {s.packs} packs)"),
@@ -148,4 +191,4 @@ def import_command(ctx, folders, prefix: str, message: str | None, jobs: int | N
     )
 
 
-COMMANDS = [gc_command, stats_command, pack_refs_command, import_command]
+COMMANDS = [gc_command, fsck_command, stats_command, pack_refs_command, import_command]

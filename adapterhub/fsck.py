@@ -1,0 +1,697 @@
+"""`ah fsck`: re-hash every stored copy of every object and check what the refs reach.
+
+Checked, read-only (nothing is repaired, created or locked, so a concurrent commit or gc
+goes on as usual):
+
+1. Every pack and its index against their checksums (`Pack.verify`); a pack that cannot
+   be opened at all (truncated, bad magic) is one finding and its objects go unchecked.
+2. Every stored copy of every object: each loose file and each pack's record of it (an
+   object may be stored loose and packed, or in two packs) is decoded from that copy and
+   re-hashed against its id, with the store's own verified reads (`_read_verified`;
+   tensors in batches through `read_tensors`, as a checkout reads them). A copy that
+   fails because an object it depends on (delta base, extrapolation source, compression
+   dictionary) is missing or damaged is reported apart from the damaged object itself,
+   so the root cause stands out from its dependents. Commits, snapshots and tags are
+   parsed too.
+3. Refs: every branch, tag and other ref (loose and packed) and HEAD name a stored
+   commit (a tag may name a tag object); then the reachability walk that gc uses
+   (reach.walk: history, snapshots, evals, dependency chains) must find everything.
+4. Leftovers of killed writers: temp files, packs without an index and lock files older
+   than an hour are warnings; younger ones belong to writers at work and are only counted.
+
+Unreachable objects are counted, not reported one by one (gc prunes them).
+
+Order: list loose files, then packs, then read the refs (refs move after the objects they
+name are written, and gc moves objects loose -> pack, so this order sees all the refs
+reach); walk first (it decodes, re-hashes and parses every reachable commit, snapshot,
+tag and eval: the copy it read of each is not decoded again); then every other copy,
+tensors in batches. Time is the walk's (as gc's mark) plus native decoding of tensors.
+
+Each finding has a stable id from FINDINGS (documented in docs/user-guide.md): scripts
+may rely on ids and severities; messages are for people and may change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from . import codec
+from .errors import AhError, CorruptObject, ObjectNotFound, UnsupportedFormat
+from .evals import EvalLists
+from .fsutil import TMP_PREFIX
+from .gc import LOCK_NAME as GC_LOCK, TMP_MAX_AGE_S
+from .objects import COMMIT, SNAPSHOT, TAG, ObjectId, parse_object
+from .pack import Pack, pack_names
+from .packstore import PACK_DIR, _open_listed
+from .reach import ID_LEN, IdSet, walk
+from .refs import TAGS, RefStore
+from .store import LooseObjectStore, ObjectStore
+
+ERROR = "error"
+WARNING = "warning"
+
+# id -> (severity, what it means). Stable: add ids, never rename or reuse one.
+FINDINGS = {
+    "object-corrupt": (ERROR, "a stored copy of an object does not decode or does not hash to its id"),
+    "object-malformed": (ERROR, "a commit, snapshot or tag hashes right but does not parse"),
+    "delta-base-corrupt": (ERROR, "a copy cannot be decoded because an object it depends on is damaged"),
+    "delta-base-missing": (ERROR, "a copy depends on an object (delta base, extrapolation source, "
+                                  "compression dictionary) that is not in the store"),
+    "object-missing": (ERROR, "an object reachable from the refs is not in the store"),
+    "wrong-type": (ERROR, "a reachable object is not of the type that names it expects"),
+    "eval-list-corrupt": (ERROR, "a reachable commit's eval list cannot be read"),
+    "pack-corrupt": (ERROR, "a pack or its index cannot be opened (truncated, bad header)"),
+    "pack-checksum": (ERROR, "a pack's bytes do not match its checksum"),
+    "index-checksum": (ERROR, "a pack index's bytes do not match its checksum"),
+    "ref-corrupt": (ERROR, "a ref file or the packed-refs file cannot be read"),
+    "ref-dangling": (ERROR, "a ref names an object that is not in the store"),
+    "ref-wrong-type": (ERROR, "a ref names an object that is not a commit (nor, for a tag, a tag object)"),
+    "head-broken": (ERROR, "HEAD holds neither a valid ref name nor an object id"),
+    "temp-file": (WARNING, "a temp file left by a killed writer (gc removes it)"),
+    "orphan-pack": (WARNING, "a pack file without its index, left by a killed writer (gc removes it)"),
+    "stale-lock": (WARNING, "a lock file left by a killed writer: the ref (or file) it locks cannot be "
+                            "updated until it is removed"),
+}
+# Tensors read_tensors decodes at once: at most this many, of at most this many bytes.
+BATCH_OBJECTS = 1024
+BATCH_BYTES = 64 << 20
+# Records of these encodings are tensors (planes, delta, extrapolated delta): batched.
+_TENSOR_ENCODINGS = (codec.ENC_PLANES, codec.ENC_DELTA, codec.ENC_EXTRAPOLATED)
+LOOSE = "loose"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem. `object` is what it concerns (object id, ref name, file path or pack
+    name); `where` the stored copy (`loose` or a pack file name) when it is about one."""
+
+    id: str
+    severity: str
+    object: str
+    message: str
+    where: str | None = None
+
+    def text(self) -> str:
+        where = f" ({self.where})" if self.where else ""
+        return f"{self.severity}: {self.id} {self.object}{where}: {self.message}"
+
+
+@dataclass
+class FsckResult:
+    """What fsck checked and found.
+
+    Attributes:
+        ok: no error-severity finding.
+        objects_checked: distinct object ids stored (in loose files and packs that open).
+        copies_checked: stored copies re-hashed (an object stored twice counts twice).
+        bytes_checked: stored bytes of those copies.
+        packs: packs listed.
+        refs: refs checked (HEAD not counted).
+        reachable: objects reachable from the refs (delta bases included).
+        unreachable: stored objects no ref reaches (gc prunes them after a grace period).
+        in_progress: temp and lock files young enough to belong to a writer at work.
+        seconds: wall time.
+        findings: the problems, errors first.
+    """
+
+    ok: bool = True
+    objects_checked: int = 0
+    copies_checked: int = 0
+    bytes_checked: int = 0
+    packs: int = 0
+    refs: int = 0
+    reachable: int = 0
+    unreachable: int = 0
+    in_progress: int = 0
+    seconds: float = 0.0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> int:
+        return sum(f.severity == ERROR for f in self.findings)
+
+    @property
+    def warnings(self) -> int:
+        return sum(f.severity == WARNING for f in self.findings)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        out["errors"], out["warnings"] = self.errors, self.warnings
+        return out
+
+
+class _Listed(ObjectStore):
+    """A read-only view of the objects as listed once: loose files plus the packs that
+    open. Unlike PackedObjectStore, a pack that cannot be opened is set aside (and
+    reported) instead of failing every read, and no pack is listed again behind fsck's
+    back. Reads take the first copy: packs, then loose.
+
+    Every object read whole through `read` (the reachability walk reads each commit,
+    snapshot, tag and eval so) was re-hashed against its id there: the view notes which
+    copy it came from (`walked`, per source), its type and its size, so the copy check
+    need not decode it a second time."""
+
+    def __init__(self, root: Path, loose_ids: list[str] | None = None):
+        self.root = Path(root)
+        self.loose = LooseObjectStore(self.root, durable=False)
+        if loose_ids is None:
+            loose_ids = [oid for oid, _path in self.loose.iter_files()]
+        self.loose_ids = set(loose_ids)
+        self.pack_dir = self.root / PACK_DIR
+        self.packs: list[Pack] = []
+        self.broken: list[tuple[str, str]] = []  # (pack index name, why it cannot be opened)
+        for name in pack_names(self.pack_dir):
+            try:
+                self.packs.append(_open_listed(self.pack_dir / name))
+            except FileNotFoundError:
+                continue  # removed by a gc since listed
+            except CorruptObject as exc:
+                self.broken.append((name, exc.reason))
+        self.walked: dict[int, bytearray] = {}  # source (pack position, -1 loose) -> raw ids read whole
+        self.walked_copies = 0
+        self.walked_bytes = 0
+        self.commits = bytearray()  # raw ids read whole as commits (walk and copy check)
+        self.tags = bytearray()
+        self._top: str | None = None  # the id `read` is reading, until its record is found
+        self._top_from: tuple[int, int] | None = None  # (its source, record length)
+
+    def has(self, oid: str) -> bool:
+        return any(p.find(oid) is not None for p in self.packs) or oid in self.loose_ids or self.loose.has(oid)
+
+    def _read_record(self, oid: str) -> bytes:
+        for n, pack in enumerate(self.packs):
+            i = pack.find(oid)
+            if i is not None:
+                record = pack.record_at(oid, *pack.location(i))
+                break
+        else:
+            record, n = self.loose._read_record(oid), -1
+        if oid == self._top:
+            self._top, self._top_from = None, (n, len(record))
+        return record
+
+    def read(self, oid: str) -> tuple[str, bytes]:
+        # The walk reports what it cannot read as missing or damaged: an unknown storage
+        # encoding (a damaged encoding byte, most likely) is damage here, not a reason to stop.
+        self._top, self._top_from = oid, None
+        try:
+            obj_type, body = super().read(oid)
+        except UnsupportedFormat as exc:
+            raise CorruptObject(oid, str(exc)) from None
+        finally:
+            self._top = None
+        if self._top_from is not None:
+            source, size = self._top_from
+            key = bytes.fromhex(oid)
+            self.walked.setdefault(source, bytearray()).extend(key)
+            self.walked_copies += 1
+            self.walked_bytes += size
+            self.note_type(key, obj_type)
+        return obj_type, body
+
+    def note_type(self, key: bytes, obj_type: str) -> None:
+        if obj_type == COMMIT:
+            self.commits += key
+        elif obj_type == TAG:
+            self.tags += key
+
+    def _write_record(self, oid, record) -> None:
+        raise AhError("fsck never writes to the store")
+
+    def find_prefix(self, prefix: str) -> list[ObjectId]:
+        found = set(self.loose.find_prefix(prefix))
+        for pack in self.packs:
+            found.update(pack.find_prefix(prefix))
+        return sorted(found)
+
+    def copies(self, oid: str) -> list[tuple[str, bytes | None]]:
+        """(where, record or None when unreadable) of every stored copy of `oid`."""
+        out = []
+        for pack in self.packs:
+            i = pack.find(oid)
+            if i is not None:
+                try:
+                    out.append((pack.path.name, pack.record_at(oid, *pack.location(i))))
+                except CorruptObject:
+                    out.append((pack.path.name, None))
+        if oid in self.loose_ids:  # listed: a file per miss would cost a failed open each
+            with contextlib.suppress(ObjectNotFound):
+                out.append((LOOSE, self.loose._read_record(oid)))
+        return out
+
+    def dependencies_of(self, oid: str) -> tuple[ObjectId, ...]:
+        """What every copy needs (as PackedObjectStore answers: reach.walk relies on it)."""
+        records = [r for _, r in self.copies(oid) if r is not None]
+        if not records:
+            raise ObjectNotFound(oid)
+        deps: list[ObjectId] = []
+        for record in records:
+            try:
+                found = codec.dependencies(oid, record, self.find_prefix)
+            except UnsupportedFormat as exc:
+                raise CorruptObject(oid, str(exc)) from None
+            for dep in found:
+                if dep not in deps:
+                    deps.append(ObjectId(dep))
+        return tuple(deps)
+
+    def release_pages(self) -> None:
+        for pack in self.packs:
+            pack.release_pages()
+
+    @contextlib.contextmanager
+    def scattered_reads(self):
+        for pack in self.packs:
+            pack.advise_random(True)
+        try:
+            yield
+        finally:
+            for pack in self.packs:
+                pack.advise_random(False)
+            self.release_pages()
+
+    def close(self) -> None:
+        for pack in self.packs:
+            pack.close()
+
+
+class _Copy(ObjectStore):
+    """The store as seen from one source (the loose folder or one pack): an object this
+    source holds is read from its copy here, anything else (a delta base stored
+    elsewhere) from the listed store. The base cache and the verified dictionaries are
+    the listed store's, so a base decoded once serves every source."""
+
+    def __init__(self, listed: _Listed, own: Callable[[str], bytes | None]):
+        self.listed = listed
+        self._own = own
+        # The records being checked, as located when the source was listed: a damaged
+        # index may not find its own entries again, and a read must never check another copy.
+        self.pinned: dict[str, bytes] = {}
+        self.__dict__["_base_cache"] = listed.base_cache
+        self.__dict__["_dicts"] = listed.__dict__.setdefault("_dicts", {})
+
+    def _read_record(self, oid: str) -> bytes:
+        record = self.pinned.get(oid)
+        if record is None:
+            record = self._own(oid)
+        return record if record is not None else self.listed._read_record(oid)
+
+    def has(self, oid: str) -> bool:
+        return self.listed.has(oid)
+
+    def find_prefix(self, prefix: str) -> list[ObjectId]:
+        return self.listed.find_prefix(prefix)
+
+    def _write_record(self, oid, record) -> None:
+        raise AhError("fsck never writes to the store")
+
+
+def _pack_copy(pack: Pack, oid: str) -> bytes | None:
+    """`pack`'s record of `oid`, or None when it holds none."""
+    i = pack.find(oid)
+    return None if i is None else pack.record_at(oid, *pack.location(i))
+
+
+# Pack entries listed at a time (ids as Python objects: a few MB, whatever the pack's size).
+_CHUNK = 1 << 16
+
+
+def _pack_order(pack: Pack, skip: IdSet) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(id, a call reading its record) of every entry of `pack` but those in `skip`, in
+    the order the records lie in the pack (read front to back), from the index's
+    columns: no search per entry."""
+    import numpy as np
+
+    ids = pack.id_array()
+    offsets, lengths = pack.location_arrays()
+    order = np.argsort(offsets, kind="stable")
+    for at in range(0, len(order), _CHUNK):
+        part = order[at : at + _CHUNK]
+        part = part[~skip.mask(ids[part])]
+        for key, off, ln in zip(ids[part].tolist(), offsets[part].tolist(), lengths[part].tolist()):
+            oid = key.ljust(ID_LEN, b"\0").hex()
+            yield oid, partial(pack.record_at, oid, off, ln)
+
+
+class _Checker:
+    """One fsck run: the steps of check_registry and the findings they add."""
+
+    def __init__(self, ah_dir: Path, listed: _Listed, refs: RefStore, progress: Callable[[int], None] | None, threads: int):
+        self.ah_dir = ah_dir
+        self.listed = listed
+        self.refs = refs
+        self.progress = progress
+        self.threads = threads
+        self.result = FsckResult()
+        self.bad: dict[str, int] = {}  # id -> copies that failed
+        self.missing_deps: set[str] = set()  # dependencies reported by delta-base-missing
+        self.dangling: set[str] = set()  # ref targets reported by ref-dangling
+
+    def add(self, kind: str, obj: str, message: str, where: str | None = None) -> None:
+        self.result.findings.append(Finding(kind, FINDINGS[kind][0], obj, message, where))
+
+    # --- refs ----------------------------------------------------------------------------------
+    def _ref_chunks(self, report: bool) -> Iterator[tuple[list[str], bytes]]:
+        """(names, their targets' raw ids back to back) of every ref, loose refs shadowing
+        packed ones, then a detached HEAD, in chunks (a million packed refs are never one
+        list). With `report`, unreadable refs and HEAD become findings."""
+        refs = self.refs
+        loose: dict[str, str] = {}
+        for dirpath, _dirs, files in os.walk(self.ah_dir / "refs"):
+            for fn in files:
+                if fn.endswith(".lock") or fn.startswith("."):
+                    continue  # locks and temp files: see check_leftovers
+                name = (Path(dirpath) / fn).relative_to(self.ah_dir).as_posix()
+                try:
+                    oid = refs.read(name)
+                except CorruptObject as exc:
+                    if report:
+                        self.add("ref-corrupt", name, exc.reason)
+                    continue
+                if oid is not None:
+                    loose[name] = oid
+        yield list(loose), b"".join(bytes.fromhex(o) for o in loose.values())
+        names, keys = [], bytearray()
+        try:
+            for name, oid in refs.packed.iter_prefix("refs/"):
+                if name in loose:
+                    continue
+                names.append(name)
+                keys += bytes.fromhex(oid)
+                if len(names) >= _CHUNK:
+                    yield names, bytes(keys)
+                    names, keys = [], bytearray()
+        except CorruptObject as exc:
+            if report:
+                self.add("ref-corrupt", "packed-refs", exc.reason)
+        yield names, bytes(keys)
+        try:
+            target, head = refs.read_head()
+        except CorruptObject as exc:
+            if report:
+                self.add("head-broken", "HEAD", exc.reason)
+        except OSError as exc:
+            if report:
+                self.add("head-broken", "HEAD", f"cannot be read: {exc.strerror or exc}")
+        else:
+            if target is None and head is not None:
+                yield ["HEAD"], bytes.fromhex(head)
+
+    def roots(self) -> IdSet:
+        """What the refs and a detached HEAD name: where the walk starts."""
+        return IdSet.build([keys for _names, keys in self._ref_chunks(report=False)])
+
+    def check_refs(self, stored: IdSet, missing: set[str]) -> None:
+        """Each ref names a stored commit (under refs/tags/, a tag object will do). Types
+        come from the walk, which read every ref's target; a target it could not read
+        (`missing`) is damaged and reported as such."""
+        import numpy as np
+
+        commits = IdSet.build([bytes(self.listed.commits)])
+        tags = IdSet.build([bytes(self.listed.tags)])
+        for names, keys in self._ref_chunks(report=True):
+            if not names:
+                continue
+            if names != ["HEAD"]:
+                self.result.refs += len(names)
+            arr = np.frombuffer(keys, dtype="S32")
+            ok, is_tag, present = commits.mask(arr), tags.mask(arr), stored.mask(arr)
+            for i in np.nonzero(~ok)[0].tolist():
+                name, oid = names[i], keys[i * ID_LEN : (i + 1) * ID_LEN].hex()
+                if is_tag[i] and name.startswith(TAGS):
+                    continue
+                if not present[i]:
+                    if self.listed.has(oid):
+                        continue  # written since the objects were listed: not checked, not lost
+                    self.dangling.add(oid)
+                    self.add("ref-dangling", name, f"names {oid}, which is not in the store{self._unopened()}")
+                elif oid not in missing:
+                    self.add("ref-wrong-type", name, f"names {oid}, which is not a commit")
+
+    # --- reachability --------------------------------------------------------------------------
+    def walk(self, roots: IdSet):
+        """reach.walk from the roots, as gc walks: every reachable commit, snapshot, tag and
+        eval is read (re-hashed and parsed) there, through the listed view."""
+        return walk(self.listed, roots, self.ah_dir)
+
+    def report_unreachable_parts(self, missing: set[str], stored: IdSet) -> None:
+        """What the walk could not follow and no other finding explains."""
+        if not missing:
+            return
+        fresh = _Listed(self.listed.root)  # what a gc may have moved from loose into a new pack meanwhile
+        try:
+            for oid in sorted(missing):
+                if oid in self.bad or oid in self.missing_deps or oid in self.dangling:
+                    continue  # reported on its copies / what needs it / the ref naming it
+                if oid not in stored:
+                    if not fresh.has(oid):
+                        self.add("object-missing", oid, f"reachable from the refs but not in the store{self._unopened()}")
+                    continue
+                self._diagnose(oid)
+        finally:
+            fresh.close()
+
+    def _unopened(self) -> str:
+        return " (or only in a pack that cannot be opened)" if self.listed.broken else ""
+
+    def _diagnose(self, oid: str) -> None:
+        """A reachable object whose copies hash right, yet the walk could not follow it."""
+        try:
+            obj_type, body = self.listed.read(oid)
+        except (ObjectNotFound, CorruptObject) as exc:
+            self.add("object-corrupt", oid, getattr(exc, "reason", str(exc)))
+            return
+        if obj_type in (COMMIT, SNAPSHOT, TAG):
+            try:
+                parse_object(oid, obj_type, body)
+            except CorruptObject as exc:
+                self.add("object-malformed", oid, f"{obj_type}: {exc.reason}")
+                return
+        if obj_type == COMMIT:
+            try:
+                EvalLists(self.ah_dir).read(oid)
+            except CorruptObject as exc:
+                self.add("eval-list-corrupt", oid, exc.reason)
+                return
+            except OSError as exc:
+                self.add("eval-list-corrupt", oid, f"cannot be read: {exc.strerror or exc}")
+                return
+        if obj_type != SNAPSHOT:
+            self.add("wrong-type", oid, f"a commit names it as its snapshot, but it is a {obj_type}")
+        else:
+            self.add("object-corrupt", oid, "reachable, but what it depends on cannot be listed")
+
+    # --- every copy ----------------------------------------------------------------------------
+    def check_packs(self) -> None:
+        for name, why in self.listed.broken:
+            self.add("pack-corrupt", name, f"cannot be opened, its objects were not checked: {why}")
+        for n, pack in enumerate(self.listed.packs):
+            try:
+                pack.verify()
+            except CorruptObject as exc:
+                kind = "index-checksum" if exc.oid.endswith(".idx") else "pack-checksum"
+                self.add(kind, exc.oid.removeprefix("pack "), exc.reason)
+            skip = IdSet.build([bytes(self.listed.walked.get(n, b""))])
+            try:
+                self.check_source(pack.path.name, _Copy(self.listed, partial(_pack_copy, pack)), _pack_order(pack, skip))
+            except CorruptObject as exc:  # its index points into a large-offset table it lacks
+                self.add("pack-corrupt", pack.idx_path.name, f"its entries cannot be listed: {exc.reason}")
+            pack.release_pages()
+
+    def check_loose(self, loose_ids: list[str]) -> None:
+        loose = self.listed.loose
+        skip = IdSet.build([bytes(self.listed.walked.get(-1, b""))])
+
+        def own(oid: str) -> bytes | None:
+            try:
+                return loose._read_record(oid)
+            except ObjectNotFound:
+                return None
+
+        todo = ((oid, partial(own, oid)) for oid in loose_ids if oid not in skip)
+        self.check_source(LOOSE, _Copy(self.listed, own), todo)
+
+    def check_source(self, where: str, view: _Copy, copies: Iterable[tuple[str, Callable[[], bytes | None]]]) -> None:
+        """Re-hash each copy `view` holds, given as (id, a call that reads its record), in
+        the order given (pack order): tensors in batches, the rest one by one."""
+        batch: list[str] = []
+        batch_bytes = 0
+        done = 0
+        for oid, read in copies:
+            try:
+                record = read()
+            except CorruptObject as exc:  # a pack entry pointing outside its pack
+                self._bad_copy(oid, where, "object-corrupt", exc.reason)
+                continue
+            if record is None:
+                continue  # a loose file removed since listed (gc packed or pruned it)
+            self.result.copies_checked += 1
+            self.result.bytes_checked += len(record)
+            done += 1
+            if self.progress is not None and done % 256 == 0:
+                self.progress(256)
+            if len(record) >= codec.RECORD_HEADER.size and record[:4] == codec.MAGIC and record[4] in _TENSOR_ENCODINGS:
+                batch.append(oid)
+                view.pinned[oid] = record
+                batch_bytes += len(record)
+                if len(batch) >= BATCH_OBJECTS or batch_bytes >= BATCH_BYTES:
+                    self._check_tensors(where, view, batch)
+                    batch, batch_bytes = [], 0
+            else:
+                view.pinned[oid] = record
+                self._check_one(where, view, oid)
+                view.pinned.pop(oid, None)
+        if batch:
+            self._check_tensors(where, view, batch)
+        if self.progress is not None and done % 256:
+            self.progress(done % 256)
+
+    def _check_tensors(self, where: str, view: _Copy, oids: list[str]) -> None:
+        try:
+            view.read_tensors(oids, self.threads)
+        except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+            for oid in oids:  # which ones, and why: one by one
+                self._check_one(where, view, oid)
+        finally:
+            view.pinned.clear()
+
+    def _check_one(self, where: str, view: _Copy, oid: str) -> None:
+        try:
+            obj_type, body, _ = view._read_verified(oid)
+        except ObjectNotFound as exc:
+            if exc.oid == oid and where == LOOSE:
+                return  # removed since listed
+            self._classify(where, view, oid, exc)
+            return
+        except (CorruptObject, UnsupportedFormat) as exc:
+            self._classify(where, view, oid, exc)
+            return
+        if obj_type in (COMMIT, SNAPSHOT, TAG):  # not read by the walk: unreachable, or a second copy
+            try:
+                parse_object(oid, obj_type, body)
+            except CorruptObject as exc:
+                self._bad_copy(oid, where, "object-malformed", f"{obj_type}: {exc.reason}")
+                return
+            self.listed.note_type(bytes.fromhex(oid), obj_type)
+
+    def _classify(self, where: str, view: _Copy, oid: str, exc: Exception) -> None:
+        """Why a copy failed: its own bytes, or an object it depends on (the root cause is
+        then reported on that object's own copies)."""
+        other = getattr(exc, "oid", oid)
+        reason = getattr(exc, "reason", None) or str(exc)
+        if other != oid:
+            self._bad_copy(oid, where, "delta-base-corrupt", f"cannot be decoded: it depends on {other}, which is damaged ({reason})")
+            return
+        record = view.pinned.get(oid, b"")
+        try:
+            deps = codec.dependencies(oid, record, self.listed.find_prefix)
+        except (CorruptObject, UnsupportedFormat) as dep_exc:
+            if record[codec.ENCODING_AT : codec.ENCODING_AT + 1] == bytes([codec.ENC_DICT_PREFIX]):
+                # no object matches the dictionary prefix the record names
+                self._bad_copy(oid, where, "delta-base-missing", getattr(dep_exc, "reason", str(dep_exc)))
+                return
+            deps = ()
+        absent = [d for d in deps if not self.listed.has(d)]
+        if absent:
+            self.missing_deps.update(absent)
+            self._bad_copy(oid, where, "delta-base-missing", f"it depends on {absent[0]}, which is not in the store")
+            return
+        self._bad_copy(oid, where, "object-corrupt", reason)
+
+    def _bad_copy(self, oid: str, where: str, kind: str, message: str) -> None:
+        self.bad[oid] = self.bad.get(oid, 0) + 1
+        self.add(kind, oid, message, where)
+
+    # --- leftovers -----------------------------------------------------------------------------
+    def check_leftovers(self, now: float) -> None:
+        """Temp files, index-less packs and lock files anywhere under .ah/ (gc.lock is not
+        one: gc holds it with flock, and the file stays)."""
+        for dirpath, _dirs, files in os.walk(self.ah_dir):
+            folder = Path(dirpath)
+            for fn in files:
+                path = folder / fn
+                if fn.startswith(TMP_PREFIX):
+                    kind = "temp-file"
+                elif fn.endswith(".lock") and not (folder == self.ah_dir and fn == GC_LOCK):
+                    kind = "stale-lock"
+                elif fn.endswith(".pack") and folder == self.listed.pack_dir and not path.with_suffix(".idx").exists():
+                    kind = "orphan-pack"
+                else:
+                    continue
+                try:
+                    age = now - os.stat(path).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age <= TMP_MAX_AGE_S:
+                    self.result.in_progress += 1
+                    continue
+                rel = path.relative_to(self.ah_dir).as_posix()
+                hours = age / 3600
+                if kind == "stale-lock":
+                    message = f"left {hours:.0f} h ago by a writer that did not finish; remove it if no process is writing"
+                else:
+                    message = f"left {hours:.0f} h ago by a writer that did not finish; `ah gc` removes it"
+                self.add(kind, rel, message)
+
+
+def check_registry(
+    ah_dir: Path,
+    objects_dir: Path,
+    refs: RefStore,
+    *,
+    progress_total: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
+) -> FsckResult:
+    """Check a registry's store and refs (module docstring); never writes.
+
+    `progress_total(n)` is told the number of stored copies once they are listed, and
+    `progress(k)` each time k more were checked.
+    """
+    start = time.monotonic()
+    now = time.time()
+    ah_dir = Path(ah_dir)
+    if threads is None:
+        from .snapshot import WORKERS as threads
+    # Refs move after the objects they name are written, and gc moves objects loose ->
+    # pack: listing loose files first, then packs, then reading the refs sees everything
+    # the refs name (what is written later is not checked, and not reported missing).
+    loose_ids = [oid for oid, _path in LooseObjectStore(objects_dir).iter_files()]
+    listed = _Listed(objects_dir, loose_ids)
+    checker = _Checker(ah_dir, listed, refs, progress, threads)
+    result = checker.result
+    try:
+        result.packs = len(listed.packs) + len(listed.broken)
+        stored = IdSet.build([p.id_array() for p in listed.packs] + [b"".join(bytes.fromhex(o) for o in loose_ids)])
+        result.objects_checked = len(stored)
+        if progress_total is not None:
+            progress_total(len(loose_ids) + sum(p.count for p in listed.packs))
+        # The walk first: it reads (re-hashes, parses) every reachable commit, snapshot,
+        # tag and eval once, and the copy check then skips the copies it read.
+        reach = checker.walk(checker.roots())
+        result.copies_checked, result.bytes_checked = listed.walked_copies, listed.walked_bytes
+        if progress is not None:
+            progress(listed.walked_copies)
+        checker.check_packs()
+        checker.check_loose(loose_ids)
+        del loose_ids
+        checker.check_refs(stored, reach.missing)
+        checker.report_unreachable_parts(reach.missing, stored)
+        result.reachable = len(reach.ids)
+        result.unreachable = int((~reach.ids.mask(stored.array)).sum())
+        del reach, stored
+        checker.check_leftovers(now)
+    finally:
+        listed.close()
+    order = {ERROR: 0, WARNING: 1}
+    result.findings.sort(key=lambda f: order[f.severity])
+    result.ok = result.errors == 0
+    result.seconds = time.monotonic() - start
+    return result

@@ -1,0 +1,311 @@
+"""`ah fsck`: a sound registry passes; each kind of damage is found under its stable id,
+on the copy that holds it, with exit code 1 (warnings alone exit 0); fsck never writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from adapterhub.fsck import FINDINGS, check_registry
+from adapterhub.gc import collect_garbage
+from adapterhub.objects import SNAPSHOT
+from adapterhub.pack import Pack, pack_paths
+from adapterhub.registry import Registry
+from conftest import run_ah
+from test_encoding import write_checkpoint
+
+OLD = time.time() - 3 * 3600
+
+
+def _history(tmp_path: Path, steps: int = 4) -> tuple[Registry, list[str]]:
+    """A registry with `steps` revisions of a small checkpoint on main (tensors stored as
+    deltas against the previous revision's) and one on a second branch."""
+    reg = Registry.init(tmp_path / "reg")
+    ids = []
+    for step in range(steps):
+        ids.append(reg.commit(write_checkpoint(tmp_path / f"ck{step}", step), f"step {step}").id)
+    reg.commit(write_checkpoint(tmp_path / "side", 7), "side", branch="side")
+    return reg, ids
+
+
+def _packed(reg: Registry) -> Pack:
+    """gc everything into one pack; that pack."""
+    collect_garbage(reg.ah_dir, reg.store, reg.refs, grace_s=0)
+    (idx,) = pack_paths(reg.ah_dir / "objects" / "pack")
+    return Pack(idx)
+
+
+def _tensors(reg: Registry, commit: str) -> list[str]:
+    snap = reg.store.get_snapshot(reg.store.get_commit(commit).snapshot)
+    return [t.blob for f in snap.files for t in f.tensors]
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x40
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+
+
+def _loose_path(reg: Registry, oid: str) -> Path:
+    return reg.ah_dir / "objects" / oid[:2] / oid[2:]
+
+
+def _fsck(reg: Registry, *extra: str) -> tuple[int, dict, str]:
+    rc, out, err = run_ah("--registry", reg.root, "fsck", "--format", "json", *extra)
+    return rc, json.loads(out), err
+
+
+def _ids(report: dict) -> list[tuple[str, str]]:
+    return sorted((f["id"], f["object"]) for f in report["findings"])
+
+
+def _tree(root: Path) -> dict[str, tuple[int, str]]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for fn in files:
+            p = Path(dirpath) / fn
+            out[str(p.relative_to(root))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def test_a_sound_registry_passes_loose_and_packed(tmp_path):
+    reg, ids = _history(tmp_path)
+    rc, out, err = run_ah("--registry", reg.root, "fsck")
+    assert rc == 0, err
+    assert err == ""
+    (summary,) = out.splitlines()
+    assert summary.startswith("checked ") and "0 errors, 0 warnings" in summary
+    rc, report, _ = _fsck(reg)
+    assert rc == 0 and report["ok"] is True and report["findings"] == []
+    n = report["objects_checked"]
+    assert n == report["copies_checked"] == report["reachable"] > 4 * len(ids)
+    assert report["unreachable"] == 0 and report["refs"] == 2
+    _packed(reg).close()
+    rc, report, _ = _fsck(reg)
+    assert rc == 0 and report["findings"] == [] and report["packs"] == 1
+    assert report["objects_checked"] == n
+
+
+def test_flipped_byte_in_a_loose_object(tmp_path):
+    reg, ids = _history(tmp_path)
+    tensor = _tensors(reg, ids[-1])[0]
+    path = _loose_path(reg, tensor)
+    _flip(path, path.stat().st_size - 3)
+    rc, out, err = run_ah("--registry", reg.root, "fsck")
+    assert rc == 1
+    lines = out.splitlines()
+    assert any(line.startswith(f"error: object-corrupt {tensor} (loose): ") for line in lines), out
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    rc, report, _ = _fsck(reg)
+    assert rc == 1 and report["ok"] is False
+    assert ("object-corrupt", tensor) in _ids(report)
+    (f,) = [f for f in report["findings"] if f["object"] == tensor]
+    assert f["severity"] == "error" and f["where"] == "loose"
+
+
+def test_damaged_delta_base_names_root_cause_and_dependents_apart(tmp_path):
+    reg, ids = _history(tmp_path, steps=4)
+    pack = _packed(reg)
+    base = _tensors(reg, ids[0])[0]  # the first revision's tensor: later ones are deltas on it
+    offset, length = pack.location(pack.find(base))
+    pack.close()
+    _flip(pack.path, offset + length - 2)
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    found = _ids(report)
+    assert ("object-corrupt", base) in found
+    assert ("pack-checksum", pack.path.name) in found
+    (root,) = [f for f in report["findings"] if f["id"] == "object-corrupt"]
+    assert root["where"] == pack.path.name
+    dependents = [f for f in report["findings"] if f["id"] == "delta-base-corrupt"]
+    assert dependents, found
+    assert all(base in f["message"] and f["object"] != base for f in dependents)
+
+
+def test_truncated_pack(tmp_path):
+    reg, ids = _history(tmp_path)
+    pack = _packed(reg)
+    pack.close()
+    with open(pack.path, "r+b") as fh:
+        fh.truncate(pack.path.stat().st_size - 100)
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    found = _ids(report)
+    assert ("pack-corrupt", pack.idx_path.name) in found
+    # Everything lived in that pack: the refs now name nothing readable.
+    assert ("ref-dangling", "refs/heads/main") in found
+    assert all(f["id"] in ("pack-corrupt", "ref-dangling") for f in report["findings"]), found
+
+
+def test_damaged_pack_index(tmp_path):
+    reg, ids = _history(tmp_path)
+    pack = _packed(reg)
+    first = pack.entry(0).oid
+    lengths_at = 24 + 1024 + pack.count * (32 + 4)  # version 2: head, fan-out, ids, offsets
+    pack.close()
+    _flip(pack.idx_path, lengths_at)  # entry 0's record length, off by 64
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    found = {(f["id"], f["object"], f["where"]) for f in report["findings"]}
+    assert ("index-checksum", pack.idx_path.name, None) in found
+    assert ("object-corrupt", first, pack.path.name) in found
+    # Only the index is damaged: the pack's own checksum still matches.
+    assert not any(f["id"] == "pack-checksum" for f in report["findings"])
+    # A damaged index whose copy of the pack checksum no longer matches the pack: the
+    # pack cannot be opened at all.
+    _flip(pack.idx_path, lengths_at)
+    _flip(pack.idx_path, pack.idx_path.stat().st_size - 40)
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    assert ("pack-corrupt", pack.idx_path.name) in _ids(report)
+
+
+def test_missing_snapshot_reachable_from_a_branch(tmp_path):
+    reg, ids = _history(tmp_path)
+    snap = reg.store.get_commit(ids[1]).snapshot
+    _loose_path(reg, snap).unlink()
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    assert ("object-missing", snap) in _ids(report)
+
+
+def test_missing_delta_base(tmp_path):
+    reg, ids = _history(tmp_path)
+    base = _tensors(reg, ids[0])[0]
+    dependent = _tensors(reg, ids[1])[0]
+    assert reg.store.delta_base_of(dependent) == base
+    _loose_path(reg, base).unlink()
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    (f,) = [f for f in report["findings"] if f["object"] == dependent]
+    assert f["id"] == "delta-base-missing" and base in f["message"] and f["where"] == "loose"
+
+
+def test_ref_to_a_missing_commit_and_to_a_non_commit(tmp_path):
+    reg, ids = _history(tmp_path)
+    ghost = "ab" * 32
+    (reg.ah_dir / "refs" / "heads" / "ghost").write_text(ghost + "\n")
+    snap = reg.store.get_commit(ids[0]).snapshot
+    (reg.ah_dir / "refs" / "tags" / "snap").write_text(snap + "\n")
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    found = _ids(report)
+    assert ("ref-dangling", "refs/heads/ghost") in found
+    assert ("ref-wrong-type", "refs/tags/snap") in found
+    # The walk still follows the snapshot the tag names: nothing else is reported.
+    assert len(found) == 2, found
+
+
+def test_packed_ref_and_detached_head_are_checked(tmp_path):
+    reg, ids = _history(tmp_path)
+    reg.refs.pack_refs()
+    assert not (reg.ah_dir / "refs" / "heads" / "main").exists()
+    (reg.ah_dir / "HEAD").write_text("cd" * 32 + "\n")
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    assert _ids(report) == [("ref-dangling", "HEAD")]
+    assert report["refs"] == 2
+    (reg.ah_dir / "HEAD").write_text("garbage\n")
+    rc, report, _ = _fsck(reg)
+    assert rc == 1 and _ids(report) == [("head-broken", "HEAD")]
+
+
+def test_damaged_in_one_copy_sound_in_another(tmp_path):
+    reg, ids = _history(tmp_path)
+    pack = _packed(reg)
+    tensor = _tensors(reg, ids[-1])[1]
+    commit = ids[2]
+    # A bad loose copy beside the sound packed one...
+    record = bytearray(pack.read_record(tensor))
+    record[-2] ^= 0x40
+    path = _loose_path(reg, tensor)
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(bytes(record))
+    # ... and a sound loose copy beside a damaged packed one.
+    offset, length = pack.location(pack.find(commit))
+    _loose_path(reg, commit).parent.mkdir(exist_ok=True)
+    _loose_path(reg, commit).write_bytes(pack.record_at(commit, offset, length))
+    pack.close()
+    _flip(pack.path, offset + length - 2)
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    bad = {(f["id"], f["object"], f["where"]) for f in report["findings"]}
+    assert bad == {
+        ("object-corrupt", tensor, "loose"),
+        ("object-corrupt", commit, pack.path.name),
+        ("pack-checksum", pack.path.name, None),
+    }
+    assert report["copies_checked"] == report["objects_checked"] + 2
+
+
+def test_leftover_temp_files_and_stale_locks_are_warnings(tmp_path):
+    reg, _ids_ = _history(tmp_path)
+    tmp = reg.ah_dir / "objects" / "pack" / ".tmp-dead.pack"
+    tmp.write_bytes(b"AHPK")
+    lock = reg.ah_dir / "refs" / "heads" / "main.lock"
+    lock.write_text("")
+    young = reg.ah_dir / "objects" / ".tmp-writing"
+    young.write_bytes(b"x")
+    for p in (tmp, lock):
+        os.utime(p, (OLD, OLD))
+    rc, out, err = run_ah("--registry", reg.root, "fsck")
+    assert rc == 0, err
+    assert "warning: temp-file objects/pack/.tmp-dead.pack: " in out
+    assert "warning: stale-lock refs/heads/main.lock: " in out
+    rc, report, _ = _fsck(reg)
+    assert rc == 0 and report["ok"] is True
+    assert _ids(report) == [("stale-lock", "refs/heads/main.lock"), ("temp-file", "objects/pack/.tmp-dead.pack")]
+    assert all(f["severity"] == "warning" for f in report["findings"])
+    assert report["in_progress"] == 1  # the young temp file: a writer at work
+
+
+def test_unreachable_objects_are_counted_not_reported(tmp_path):
+    reg, ids = _history(tmp_path)
+    reg.refs.delete("refs/heads/side")
+    rc, report, _ = _fsck(reg)
+    assert rc == 0 and report["findings"] == []
+    assert report["unreachable"] > 0
+    assert report["reachable"] + report["unreachable"] == report["objects_checked"]
+
+
+def test_fsck_never_writes(tmp_path):
+    reg, ids = _history(tmp_path)
+    pack = _packed(reg)
+    pack.close()
+    reg.commit(write_checkpoint(tmp_path / "more", 9), "loose one")
+    _flip(pack.path, 40)
+    (reg.ah_dir / "objects" / ".tmp-old").write_bytes(b"x")
+    os.utime(reg.ah_dir / "objects" / ".tmp-old", (OLD, OLD))
+    before = _tree(reg.ah_dir)
+    rc, _report, _ = _fsck(reg)
+    assert rc == 1
+    assert _tree(reg.ah_dir) == before
+
+
+def test_library_result_matches_json_and_ids_are_documented(tmp_path):
+    reg, ids = _history(tmp_path)
+    _loose_path(reg, reg.store.get_commit(ids[0]).snapshot).unlink()
+    result = check_registry(reg.ah_dir, reg.ah_dir / "objects", reg.refs)
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    assert [f.id for f in result.findings] == [f["id"] for f in report["findings"]]
+    assert report["objects_checked"] == result.objects_checked
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text()
+    for kind, (severity, _what) in FINDINGS.items():
+        assert f"`{kind}`" in guide, kind
+        assert severity in ("error", "warning")
+
+
+def test_usage_errors(tmp_path):
+    rc, out, err = run_ah("--registry", tmp_path / "nothing", "fsck")
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    reg, _ = _history(tmp_path)
+    rc, out, err = run_ah("--registry", reg.root, "fsck", "--format", "xml")
+    assert rc == 2 and err.startswith("error: ")
