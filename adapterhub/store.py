@@ -350,50 +350,115 @@ class ObjectStore:
         and level). Whatever those calls do not take (other encodings, a base that cannot
         be read) or find damaged is read again one by one by read_tensor, which raises the
         exact error."""
-        native = kernels.read_tensors
+        return [body for run in self.iter_read_tensors(oids, threads) for body in run]
+
+    def iter_read_tensors(self, oids: list[str], threads: int = 1) -> Iterator[list[bytes]]:
+        """read_tensors' bodies in order, a run of them at a time.
+
+        While every base a record needs is at hand (the base cache holds the revision
+        checked out before), the tensors go in runs of about READ_RUN_BYTES: a run is
+        handed to a kept C thread (kernels.read_tensors_start) while this thread plans the
+        next one, joins it (decoding what the C thread has not taken), hands over the next
+        and only then gives the run to the caller, who writes it while the next decodes.
+        The first record that needs a base decoded first ends the runs: the rest is
+        planned and decoded level by level (read_tensors above) and comes as one list.
+        While the caller holds a run, the kept C threads are its (another thread's batch
+        call runs alone): take the runs without pausing long, or close the iterator."""
+        native, start = kernels.read_tensors, kernels.read_tensors_start
         if native is None:
-            return [self.read_tensor(oid) for oid in oids]
-        wanted = dict.fromkeys(oids)  # in order: the plan must not depend on set order
+            yield [self.read_tensor(oid) for oid in oids]
+            return
         plan = _ReadPlan(self)
-        add, budget = plan.add, codec.READ_BUDGET
-        for oid in wanted:
-            add(oid, budget, requested=True)
+        add, budget, nodes = plan.add, codec.READ_BUDGET, plan.order
         memo = plan.bodies
+        decoded: set[str] = set()  # what was read from its own record (memo also holds cached sources)
+        done = handed = 0  # oids[:done] given to the caller; nodes[:handed] to a native call
+        pending = None  # (end of its run in oids, its nodes, the PendingRead)
+        run_bytes, i = 0, 0
+        while start is not None and i < len(oids):
+            before = len(nodes)
+            add(oids[i], budget, requested=True)
+            i += 1
+            for node in nodes[before:]:
+                if node.height > 1:
+                    break
+                run_bytes += node.plan[1]
+            else:
+                if run_bytes < READ_RUN_BYTES and i < len(oids):
+                    continue
+                level, jobs = self._jobs(nodes[handed:], memo)
+                handed, run_bytes = len(nodes), 0
+                end = self._finish(pending, memo, decoded) if pending is not None else done
+                pending = (i, level, start(jobs, threads) if jobs else None)
+                if done < end:
+                    yield [memo[oid] if oid in decoded else self.read_tensor(oid) for oid in oids[done:end]]
+                    done = end
+                continue
+            break  # a base to decode first: the rest level by level
+        if pending is not None:
+            self._finish(pending, memo, decoded)
+        if i < len(oids) or handed < len(nodes):
+            for oid in dict.fromkeys(oids[i:]):  # in order: the plan must not depend on set order
+                add(oid, budget, requested=True)
+            self._decode_levels(nodes[handed:], memo, decoded, set(oids), threads)
+        # The rest one by one, in order: the first bad id raises, as it would one by one.
+        if done < len(oids):
+            yield [memo[oid] if oid in decoded else self.read_tensor(oid) for oid in oids[done:]]
+
+    def _jobs(self, nodes: list[_ReadNode], memo: dict[str, bytes]) -> tuple[list[_ReadNode], list[tuple]]:
+        """The native jobs of the nodes whose sources are in memo, and those nodes."""
+        level, jobs = [], []
+        for node in nodes:
+            for source in node.sources:
+                if source not in memo:
+                    break
+            else:
+                job = node.job(self, memo)
+                if job is not None:
+                    level.append(node)
+                    jobs.append(job)
+        return level, jobs
+
+    def _finish(self, pending: tuple, memo: dict[str, bytes], decoded: set[str]) -> int:
+        """Wait for a run handed to a C thread and learn it; the end of its run in oids."""
+        end, level, handle = pending
+        self._learn(level, handle.wait() if handle is not None else (), memo, decoded)
+        return end
+
+    def _learn(self, level: list[_ReadNode], bodies, memo: dict[str, bytes], decoded: set[str]) -> None:
+        """Keep what a native call decoded (None: damaged, read one by one later) and teach
+        the base cache its chains, under one lock."""
+        learnt = []
+        for node, body in zip(level, bodies):
+            if body is not None:
+                memo[node.oid] = body
+                decoded.add(node.oid)
+                learnt.append((node.oid, body, node.plan[6], node.plan[5]))
+        self.base_cache.add_written(learnt)
+
+    def _decode_levels(
+        self, todo: list[_ReadNode], memo: dict[str, bytes], decoded: set[str], wanted: set[str], threads: int
+    ) -> None:
+        """Decode planned nodes a level per native call, lowest first; a base no later
+        level needs leaves memory unless it was asked for."""
         levels: dict[int, list[_ReadNode]] = {}
-        for node in plan.nodes.values():
+        for node in todo:
             levels.setdefault(node.height, []).append(node)
         uses: dict[str, int] = {}
         if len(levels) > 1:  # one level (the bases at hand): no base to let go of early
-            for node in plan.nodes.values():
+            for node in todo:
                 for source in node.sources:
                     uses[source] = uses.get(source, 0) + 1
-        decoded: set[str] = set()  # what was read from its own record (memo also holds cached sources)
+        native = kernels.read_tensors
         for height in sorted(levels):
-            level, jobs = [], []
-            for node in levels[height]:
-                for source in node.sources:
-                    if source not in memo:
-                        break
-                else:
-                    job = node.job(self, memo)
-                    if job is not None:
-                        level.append(node)
-                        jobs.append(job)
-            learnt = []
-            for node, body in zip(level, native(jobs, threads) if jobs else ()):
-                if body is not None:
-                    memo[node.oid] = body
-                    decoded.add(node.oid)
-                    learnt.append((node.oid, body, node.plan[6], node.plan[5]))
-            self.base_cache.add_written(learnt)
+            level, jobs = self._jobs(levels[height], memo)
+            self._learn(level, native(jobs, threads) if jobs else (), memo, decoded)
             if uses:
-                for node in levels[height]:  # bases no later level needs leave memory
+                for node in levels[height]:
                     for source in node.sources:
                         uses[source] -= 1
                         if not uses[source] and source not in wanted:
                             memo.pop(source, None)
-        # The rest one by one, in order: the first bad id raises, as it would one by one.
-        return [memo[oid] if oid in decoded else self.read_tensor(oid) for oid in oids]
 
     def read(self, oid: str) -> tuple[str, bytes]:
         """(type, body) of a stored object, verified against its id."""
@@ -591,6 +656,11 @@ class LooseObjectStore(ObjectStore):
         self._path(oid).unlink(missing_ok=True)
 
 
+# A checkout's tensors whose bases are at hand are decoded in runs of about this many bytes
+# (iter_read_tensors): a C thread decodes one while Python plans the next and writes the last.
+READ_RUN_BYTES = 512 << 10
+
+
 class _ReadNode:
     """A tensor record read_tensors decodes natively: its read_plan, the ids of the bodies
     it needs (delta base, extrapolation source), its level (1 + theirs; 1 when it needs
@@ -638,6 +708,7 @@ class _ReadPlan:
         self.store = store
         self._cache = store.base_cache
         self.nodes: dict[str, _ReadNode] = {}
+        self.order: list[_ReadNode] = []  # the nodes as planned: a base before what needs it
         self.bodies: dict[str, bytes] = {}
         self._refused: dict[str, int] = {}  # id -> the largest budget it was refused with
         self._open: set[str] = set()  # the ids being planned (a cycle ends here)
@@ -716,5 +787,6 @@ class _ReadPlan:
                         height, need = max(height, below[0] + 1), max(need, below[1] + 1)
                 finally:
                     self._open.discard(oid)
-        self.nodes[oid] = _ReadNode(oid, plan, height, need, record)  # None unless at level 1
+        node = self.nodes[oid] = _ReadNode(oid, plan, height, need, record)  # None unless at level 1
+        self.order.append(node)
         return height, need

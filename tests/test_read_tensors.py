@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from adapterhub import codec
+from adapterhub import store as store_module
 from adapterhub.encoding import kernels
 from adapterhub.errors import CorruptObject, ObjectNotFound, UnsupportedFormat
 from adapterhub.encoding.chain import READ_BUDGET, DeltaBase
@@ -437,3 +438,92 @@ def test_planning_a_cold_chain_holds_no_record_while_it_plans_the_bases(tmp_path
     monkeypatch.setattr(cold, "_read_record", read)
     assert cold.read_tensors(ids[-1], 2) == [_store(tmp_path).read_tensor(ids[-1][0])]
     assert max(peak) <= 2, peak
+
+
+def _warm_revisions(tmp_path, revisions=3, tensors=12):
+    """A store whose base cache holds every revision but the newest's bases' sources: the
+    newest revision's tensors are read with every base at hand (an in-order checkout)."""
+    store, ids = _revisions(tmp_path, revisions=revisions, tensors=tensors)
+    warm = _store(tmp_path)
+    for rev in ids[:-1]:
+        warm.read_tensors(rev, 2)
+    return warm, ids
+
+
+@needs_native
+@pytest.mark.parametrize("run_bytes", [1, 30_000, 1 << 30])
+def test_runs_of_a_warm_read_are_read_tensor_one_by_one(tmp_path, monkeypatch, run_bytes):
+    """A warm read goes in runs (a C thread decodes the next while the caller takes one):
+    in order, duplicates included, the same bodies as one by one, the base cache taught."""
+    monkeypatch.setattr(store_module, "READ_RUN_BYTES", run_bytes)
+    warm, ids = _warm_revisions(tmp_path)
+    asked = ids[-1] + ids[-1][:3] + ids[-2][:2]
+    want = [_store(tmp_path).read_tensor(oid) for oid in asked]
+    runs = list(warm.iter_read_tensors(asked, 2))
+    assert [body for run in runs for body in run] == want
+    assert len(runs) == 1 if run_bytes > 1 << 20 else len(runs) > 1
+    assert all(warm.base_cache.get(oid) is not None for oid in ids[-1])
+
+
+@needs_native
+def test_a_damaged_record_in_a_later_run_fails_as_one_by_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "READ_RUN_BYTES", 1)
+    warm, ids = _warm_revisions(tmp_path)
+    victim = ids[-1][7]
+    original = warm._read_record
+    warm._read_record = lambda oid: _flip_last(original(oid)) if oid == victim else original(oid)
+    single = _store(tmp_path)
+    single_original = single._read_record
+    single._read_record = lambda oid: _flip_last(single_original(oid)) if oid == victim else single_original(oid)
+    got = []
+    with pytest.raises(CorruptObject) as batch_error:
+        for run in warm.iter_read_tensors(ids[-1], 2):
+            got += run
+    with pytest.raises(CorruptObject) as single_error:
+        for oid in ids[-1]:
+            single.read_tensor(oid)
+    assert str(batch_error.value) == str(single_error.value)
+    assert got == [_store(tmp_path).read_tensor(oid) for oid in ids[-1][:7]]
+
+
+@needs_native
+def test_a_read_left_halfway_lets_the_next_one_run(tmp_path, monkeypatch):
+    """A caller that stops after the first run (its file failed) drops a run a C thread is
+    decoding: it is waited for, and the next read uses the kept threads as before."""
+    monkeypatch.setattr(store_module, "READ_RUN_BYTES", 1)
+    warm, ids = _warm_revisions(tmp_path)
+    want = [_store(tmp_path).read_tensor(oid) for oid in ids[-1]]
+    runs = warm.iter_read_tensors(ids[-1], 2)
+    assert next(runs) == want[:1]
+    runs.close()
+    assert warm.read_tensors(ids[-1], 2) == want
+
+
+@needs_native
+def test_a_base_to_decode_first_ends_the_runs(tmp_path, monkeypatch):
+    """Runs while the bases are at hand, then a tensor whose chain is cold: the rest is read
+    level by level, the same bodies as one by one."""
+    monkeypatch.setattr(store_module, "READ_RUN_BYTES", 1)
+    store, ids = _revisions(tmp_path, revisions=6)
+    warm = _store(tmp_path)
+    warm.read_tensors(ids[-2], 2)  # the newest's bases only
+    asked = ids[-1] + ids[2]  # then tensors of a revision whose bases are not at hand
+    want = [_store(tmp_path).read_tensor(oid) for oid in asked]
+    runs = list(warm.iter_read_tensors(asked, 2))
+    assert [body for run in runs for body in run] == want and len(runs) > 1
+
+
+@needs_native
+def test_a_started_read_waits_like_read_tensors(tmp_path):
+    store, ids = _revisions(tmp_path)
+    plan = store._read_record(ids[0][0])
+    pos, body_len, width, rotate, kind, _, _, _ = kernels.read_plan(plan)
+    jobs = [(ids[0][0], plan, pos, body_len, width, rotate, None, kind, None)] * 5
+    want = kernels.read_tensors(jobs, 2)
+    pending = kernels.read_tensors_start(jobs, 2)
+    assert pending.wait() == want and want[0] == store.read_tensor(ids[0][0])
+    with pytest.raises(RuntimeError):
+        pending.wait()
+    dropped = kernels.read_tensors_start(jobs, 2)
+    del dropped  # waited for, then let go
+    assert kernels.read_tensors_start(jobs, 1).wait() == want

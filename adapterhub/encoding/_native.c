@@ -1479,8 +1479,10 @@ static void pool_after_fork_child(void)
     pool.batch = NULL;
 }
 
-/* Run a batch on the calling thread and up to threads-1 workers (called without the GIL). */
-static void pool_run(Batch *b, int threads)
+/* A batch handed to up to threads-1 workers, without running any of it here: 1 when they
+ * took it (pool_join must follow), 0 when the pool is busy or no worker is wanted (the
+ * caller's pool_join then runs it all). Called without the GIL. */
+static int pool_start(Batch *b, int threads)
 {
     int helpers = threads - 1;
     if (helpers > POOL_MAX)
@@ -1490,8 +1492,7 @@ static void pool_run(Batch *b, int threads)
     pthread_mutex_lock(&pool.mu);
     if (helpers <= 0 || pool.busy) {
         pthread_mutex_unlock(&pool.mu);
-        run_batch(b);
-        return;
+        return 0;
     }
     while (pool.started < helpers) {
         pthread_t t;
@@ -1506,6 +1507,10 @@ static void pool_run(Batch *b, int threads)
     }
     if (helpers > pool.started)
         helpers = pool.started;
+    if (helpers <= 0) {
+        pthread_mutex_unlock(&pool.mu);
+        return 0;
+    }
     pool.busy = 1;
     pool.batch = b;
     pool.tickets = pool.running = helpers;
@@ -1515,13 +1520,28 @@ static void pool_run(Batch *b, int threads)
     for (int k = 0; k < helpers; k++)
         pthread_cond_signal(&pool.work);
     pthread_mutex_unlock(&pool.mu);
+    return 1;
+}
+
+/* The jobs of a batch no worker took yet, run on the calling thread; then, when pool_start
+ * handed it to workers (`started`), the wait for them. Called without the GIL. */
+static void pool_join(Batch *b, int started)
+{
     run_batch(b);
+    if (!started)
+        return;
     pthread_mutex_lock(&pool.mu);
     while (pool.running > 0)
         pthread_cond_wait(&pool.done, &pool.mu);
     pool.busy = 0;
     pool.batch = NULL;
     pthread_mutex_unlock(&pool.mu);
+}
+
+/* Run a batch on the calling thread and up to threads-1 workers (called without the GIL). */
+static void pool_run(Batch *b, int threads)
+{
+    pool_join(b, pool_start(b, threads));
 }
 
 /* What a batch call does with each of its jobs: parse it from its Python item (GIL held;
@@ -1536,30 +1556,40 @@ typedef struct {
     void (*release)(void *job);
 } JobKind;
 
-/* The list of results of `kind` jobs, one per item of `items`, run on the pool. The items
- * are held in a tuple of their own for the whole call: jobs point into them (prefixes, ids)
- * while the GIL is released, and another thread may empty the caller's list meanwhile. */
-static PyObject *run_jobs(const JobKind *kind, PyObject *items, int threads, const void *ctx)
+/* `kind` jobs parsed from `items` into a zeroed array (*n of them, *seq the tuple holding
+ * the items: jobs point into them, prefixes and ids, while the GIL is released, and another
+ * thread may empty the caller's list meanwhile); NULL with an exception set, what was
+ * parsed released. */
+static char *parse_jobs(const JobKind *kind, PyObject *items, const void *ctx, PyObject **seq_out, Py_ssize_t *n_out)
 {
-    PyObject *seq = PySequence_Tuple(items), *result = NULL;
+    PyObject *seq = PySequence_Tuple(items);
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(seq), parsed = 0;
     char *jobs = PyMem_Calloc(n ? (size_t)n : 1, kind->size);
     if (jobs == NULL) {
         PyErr_NoMemory();
-        goto done;
+        Py_DECREF(seq);
+        return NULL;
     }
     for (; parsed < n; parsed++)
         if (kind->parse(PyTuple_GET_ITEM(seq, parsed), jobs + (size_t)parsed * kind->size, ctx) < 0) {
-            parsed++;
-            goto done;
+            for (Py_ssize_t i = 0; i <= parsed; i++)
+                kind->release(jobs + (size_t)i * kind->size);
+            PyMem_Free(jobs);
+            Py_DECREF(seq);
+            return NULL;
         }
-    Batch batch = {jobs, n, 0, kind->one};
-    Py_BEGIN_ALLOW_THREADS
-    pool_run(&batch, threads < 1 ? 1 : threads);
-    Py_END_ALLOW_THREADS
-    result = PyList_New(n);
+    *seq_out = seq;
+    *n_out = n;
+    return jobs;
+}
+
+/* The list of the results of n run jobs (NULL with an exception set); then every job is
+ * released, the array freed and the items' tuple let go. */
+static PyObject *finish_jobs(const JobKind *kind, char *jobs, Py_ssize_t n, PyObject *seq)
+{
+    PyObject *result = PyList_New(n);
     for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
         PyObject *item = kind->result(jobs + (size_t)i * kind->size);
         if (item == NULL)
@@ -1567,12 +1597,26 @@ static PyObject *run_jobs(const JobKind *kind, PyObject *items, int threads, con
         else
             PyList_SET_ITEM(result, i, item);
     }
-done:
-    for (Py_ssize_t i = 0; jobs != NULL && i < parsed; i++)
+    for (Py_ssize_t i = 0; i < n; i++)
         kind->release(jobs + (size_t)i * kind->size);
     PyMem_Free(jobs);
     Py_DECREF(seq);
     return result;
+}
+
+/* The list of results of `kind` jobs, one per item of `items`, run on the pool. */
+static PyObject *run_jobs(const JobKind *kind, PyObject *items, int threads, const void *ctx)
+{
+    PyObject *seq;
+    Py_ssize_t n;
+    char *jobs = parse_jobs(kind, items, ctx, &seq, &n);
+    if (jobs == NULL)
+        return NULL;
+    Batch batch = {jobs, n, 0, kind->one};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(&batch, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    return finish_jobs(kind, jobs, n, seq);
 }
 
 /* A whole-record batch call: its arguments (jobs, threads), zstd loaded, then run_jobs. */
@@ -2079,6 +2123,112 @@ static PyObject *native_read_tensors(PyObject *self, PyObject *args)
     return record_batch_call(args, &read_jobs);
 }
 
+/* read_tensors in two steps (read_tensors_start): the jobs parsed and handed to the pool's
+ * workers, then `wait` runs what they have not taken yet on the calling thread and returns
+ * the list. Between the two the caller runs Python (a checkout writes the last batch while
+ * a worker decodes the next); the object holds the jobs, and the items they point into,
+ * until then. Dropped without a wait, it waits for its workers before letting go. */
+typedef struct {
+    PyObject_HEAD
+    const JobKind *kind;
+    PyObject *seq; /* the items' tuple; NULL once waited for */
+    char *jobs;
+    Py_ssize_t n;
+    Batch batch;
+    int started, joined;
+} PendingRead;
+
+static void pending_join(PendingRead *p)
+{
+    if (p->joined)
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    pool_join(&p->batch, p->started);
+    Py_END_ALLOW_THREADS
+    p->joined = 1;
+}
+
+static PyObject *pending_wait(PyObject *self, PyObject *unused)
+{
+    PendingRead *p = (PendingRead *)self;
+    if (p->seq == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this read was waited for already");
+        return NULL;
+    }
+    pending_join(p);
+    PyObject *seq = p->seq;
+    p->seq = NULL;
+    return finish_jobs(p->kind, p->jobs, p->n, seq);
+}
+
+static void pending_dealloc(PyObject *self)
+{
+    PendingRead *p = (PendingRead *)self;
+    if (p->seq != NULL) {
+        pending_join(p);
+        for (Py_ssize_t i = 0; i < p->n; i++)
+            p->kind->release(p->jobs + (size_t)i * p->kind->size);
+        PyMem_Free(p->jobs);
+        Py_CLEAR(p->seq);
+    }
+    PyObject_Free(self);
+}
+
+static PyMethodDef pending_methods[] = {
+    {"wait", pending_wait, METH_NOARGS, "wait() -> list[bytes | None]\n\nread_tensors' result (once)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PendingReadType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "adapterhub.encoding._native.PendingRead",
+    .tp_basicsize = sizeof(PendingRead),
+    .tp_dealloc = pending_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A read_tensors batch being decoded (read_tensors_start); wait() for its list.",
+    .tp_methods = pending_methods,
+};
+
+PyDoc_STRVAR(read_tensors_start_doc,
+"read_tensors_start(jobs, threads) -> PendingRead\n\n"
+"read_tensors(jobs, threads) begun on up to threads-1 of the kept workers; its wait()\n"
+"decodes what they have not taken yet on the calling thread and returns the same list.");
+
+static PyObject *native_read_tensors_start(PyObject *self, PyObject *args)
+{
+    PyObject *items;
+    int threads;
+    if (!PyArg_ParseTuple(args, "Oi", &items, &threads))
+        return NULL;
+    if (!zl.ok) {
+        PyErr_SetString(PyExc_RuntimeError, "libzstd.so.1 is not available");
+        return NULL;
+    }
+    PyObject *seq;
+    Py_ssize_t n;
+    char *jobs = parse_jobs(&read_jobs, items, NULL, &seq, &n);
+    if (jobs == NULL)
+        return NULL;
+    PendingRead *p = PyObject_New(PendingRead, &PendingReadType);
+    if (p == NULL) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            read_jobs.release(jobs + (size_t)i * read_jobs.size);
+        PyMem_Free(jobs);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    p->kind = &read_jobs;
+    p->seq = seq;
+    p->jobs = jobs;
+    p->n = n;
+    p->batch = (Batch){jobs, n, 0, read_jobs.one};
+    p->joined = 0;
+    Py_BEGIN_ALLOW_THREADS
+    p->started = pool_start(&p->batch, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    return (PyObject *)p;
+}
+
 PyDoc_STRVAR(has_zstd_doc,
 "has_zstd() -> bool\n\nWhether libzstd.so.1 was found, so that encode_sections and decode_sections work.");
 
@@ -2176,6 +2326,7 @@ static PyMethodDef methods[] = {
     {"encode_records", native_encode_records, METH_VARARGS, encode_records_doc},
     {"hash_objects", native_hash_objects, METH_VARARGS, hash_objects_doc},
     {"read_tensors", native_read_tensors, METH_VARARGS, read_tensors_doc},
+    {"read_tensors_start", native_read_tensors_start, METH_VARARGS, read_tensors_start_doc},
     {"read_plan", native_read_plan, METH_O, read_plan_doc},
     {"decode_sections", (PyCFunction)(void (*)(void))native_decode_sections, METH_VARARGS | METH_KEYWORDS, decode_sections_doc},
     {"has_zstd", native_has_zstd, METH_NOARGS, has_zstd_doc},
@@ -2196,6 +2347,10 @@ PyMODINIT_FUNC PyInit__native(void)
                                                      "A stored record's sections are damaged (the message says how).",
                                                      PyExc_ValueError, NULL);
     if (corrupt_record_error == NULL || PyModule_AddObjectRef(m, "CorruptRecord", corrupt_record_error) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyType_Ready(&PendingReadType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -66,6 +66,7 @@ def use(name: str) -> str:
         decode_sections=mod.decode_sections if whole else None,
         encode_records=mod.encode_records if whole else None,
         read_tensors=mod.read_tensors if whole else None,
+        read_tensors_start=mod.read_tensors_start if whole else None,
         read_plan=mod.read_plan if whole else None,
     )
     active = name
@@ -76,6 +77,6 @@ def use(name: str) -> str:
 native = _load_native()
 # What decode_sections raises for a damaged record (tensor.py turns it into CorruptObject).
 CorruptRecord = native.CorruptRecord if native is not None else ValueError
-encode_sections = decode_sections = encode_records = read_tensors = read_plan = None
+encode_sections = decode_sections = encode_records = read_tensors = read_tensors_start = read_plan = None
 active = "numpy"
 use("native" if native is not None and os.environ.get("AH_NO_NATIVE", "") in ("", "0") else "numpy")
