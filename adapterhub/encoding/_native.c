@@ -1135,9 +1135,9 @@ static void trim_scratch(void)
 }
 
 enum { S_RAW = 0, S_ZSTD = 1, S_FILL = 2, S_CODES = 3 };
-/* frames.py's constants, for the same choices. */
+/* frames.py's constants, for the same choices (see there for why these values). */
 #define RAW_ENTROPY_BITS 7.8
-#define CODES_FIRST_LO 0.45
+#define CODES_FIRST_LO 0.2
 #define CODES_FIRST_HI 2.0
 #define CODES_TRIAL_BITS 2.4
 
