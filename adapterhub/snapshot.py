@@ -283,13 +283,17 @@ def _file_batches(store: ObjectStore, entry: FileEntry) -> Iterator[list[bytes]]
         batch_bytes += expected
         if batch_bytes < READ_BATCH_BYTES and i + 1 < len(entry.tensors):
             continue
-        bodies = store.read_tensors([t.blob for t, _ in batch], threads)
-        for (t, expected), data in zip(batch, bodies):
-            if len(data) != expected:
-                raise CorruptObject(t.blob, f"tensor {t.name!r} has {len(data)} bytes, its shape needs {expected}")
-        pieces += bodies
-        yield pieces
-        pieces, batch, batch_bytes = [], [], 0
+        # Run by run (ObjectStore.iter_read_tensors): the caller writes one while the next decodes.
+        checked = 0
+        for bodies in store.iter_read_tensors([t.blob for t, _ in batch], threads):
+            for (t, expected), data in zip(batch[checked:], bodies):
+                if len(data) != expected:
+                    raise CorruptObject(t.blob, f"tensor {t.name!r} has {len(data)} bytes, its shape needs {expected}")
+            checked += len(bodies)
+            pieces += bodies
+            yield pieces
+            pieces = []
+        batch, batch_bytes = [], 0
     if pieces:
         yield pieces
 
