@@ -198,23 +198,39 @@ class _Listed(ObjectStore):
         return record
 
     def read(self, oid: str) -> tuple[str, bytes]:
-        # The walk reports what it cannot read as missing or damaged: an unknown storage
-        # encoding (a damaged encoding byte, most likely) is damage here, not a reason to stop.
+        """(type, body) from the first copy that reads whole and re-hashes: a damaged copy
+        is reported by the copy check, and the walk goes on through a sound one (gc keeps
+        a loose copy before a packed one). An unknown storage encoding (a damaged encoding
+        byte, most likely) is damage here too, not a reason to stop."""
         self._top, self._top_from = oid, None
         try:
             obj_type, body = super().read(oid)
-        except UnsupportedFormat as exc:
-            raise CorruptObject(oid, str(exc)) from None
+            source, size = self._top_from
+        except (CorruptObject, UnsupportedFormat) as exc:
+            obj_type, body, source, size = self._read_other_copy(oid, exc)
         finally:
             self._top = None
-        if self._top_from is not None:
-            source, size = self._top_from
-            key = bytes.fromhex(oid)
-            self.walked.setdefault(source, bytearray()).extend(key)
-            self.walked_copies += 1
-            self.walked_bytes += size
-            self.note_type(key, obj_type)
+        key = bytes.fromhex(oid)
+        self.walked.setdefault(source, bytearray()).extend(key)
+        self.walked_copies += 1
+        self.walked_bytes += size
+        self.note_type(key, obj_type)
         return obj_type, body
+
+    def _read_other_copy(self, oid: str, exc: Exception) -> tuple[str, bytes, int, int]:
+        first = self._top_from[0] if self._top_from is not None else None
+        for source, record in self.copies(oid):
+            if source == first or record is None:
+                continue
+            view = _Copy(self, lambda o, record=record: record if o == oid else None)
+            try:
+                obj_type, body, _ = view._read_verified(oid)
+            except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+                continue
+            return obj_type, body, source, len(record)
+        if isinstance(exc, UnsupportedFormat):
+            raise CorruptObject(oid, str(exc)) from None
+        raise exc
 
     def note_type(self, key: bytes, obj_type: str) -> None:
         if obj_type == COMMIT:
@@ -231,19 +247,20 @@ class _Listed(ObjectStore):
             found.update(pack.find_prefix(prefix))
         return sorted(found)
 
-    def copies(self, oid: str) -> list[tuple[str, bytes | None]]:
-        """(where, record or None when unreadable) of every stored copy of `oid`."""
+    def copies(self, oid: str) -> list[tuple[int, bytes | None]]:
+        """(source: position in `packs`, -1 for loose; record, None when unreadable) of
+        every stored copy of `oid`."""
         out = []
-        for pack in self.packs:
+        for n, pack in enumerate(self.packs):
             i = pack.find(oid)
             if i is not None:
                 try:
-                    out.append((pack.path.name, pack.record_at(oid, *pack.location(i))))
+                    out.append((n, pack.record_at(oid, *pack.location(i))))
                 except CorruptObject:
-                    out.append((pack.path.name, None))
+                    out.append((n, None))
         if oid in self.loose_ids:  # listed: a file per miss would cost a failed open each
             with contextlib.suppress(ObjectNotFound):
-                out.append((LOOSE, self.loose._read_record(oid)))
+                out.append((-1, self.loose._read_record(oid)))
         return out
 
     def dependencies_of(self, oid: str) -> tuple[ObjectId, ...]:
@@ -353,6 +370,7 @@ class _Checker:
         self.bad: dict[str, int] = {}  # id -> copies that failed
         self.missing_deps: set[str] = set()  # dependencies reported by delta-base-missing
         self.dangling: set[str] = set()  # ref targets reported by ref-dangling
+        self._depends: dict[int, tuple[str, ...]] = {}  # finding position -> what that copy depends on
 
     def add(self, kind: str, obj: str, message: str, where: str | None = None) -> None:
         self.result.findings.append(Finding(kind, FINDINGS[kind][0], obj, message, where))
@@ -603,7 +621,22 @@ class _Checker:
             self.missing_deps.update(absent)
             self._bad_copy(oid, where, "delta-base-missing", f"it depends on {absent[0]}, which is not in the store")
             return
+        if deps:  # decided once every copy is checked: a dependency may be damaged too
+            self._depends[len(self.result.findings)] = deps
         self._bad_copy(oid, where, "object-corrupt", reason)
+
+    def blame_dependencies(self) -> None:
+        """A copy that failed on its own id but depends on an object with a damaged copy
+        (an encoding-5 record whose dictionary is damaged fails so): the dependency is the
+        root cause, reported on its own copies; this one is a dependent."""
+        findings = self.result.findings
+        for at, deps in self._depends.items():
+            damaged = [d for d in deps if d in self.bad]
+            if damaged:
+                f = findings[at]
+                findings[at] = Finding("delta-base-corrupt", ERROR, f.object,
+                                       f"cannot be decoded: it depends on {damaged[0]}, which is damaged ({f.message})", f.where)
+        self._depends.clear()
 
     def _bad_copy(self, oid: str, where: str, kind: str, message: str) -> None:
         self.bad[oid] = self.bad.get(oid, 0) + 1
@@ -681,6 +714,7 @@ def check_registry(
             progress(listed.walked_copies)
         checker.check_packs()
         checker.check_loose(loose_ids)
+        checker.blame_dependencies()
         del loose_ids
         checker.check_refs(stored, reach.missing)
         checker.report_unreachable_parts(reach.missing, stored)

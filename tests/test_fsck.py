@@ -13,7 +13,8 @@ import pytest
 
 from adapterhub.fsck import FINDINGS, check_registry
 from adapterhub.gc import collect_garbage
-from adapterhub.objects import SNAPSHOT
+from adapterhub.importer import import_folders
+from adapterhub.objects import COMMIT, canonical_json
 from adapterhub.pack import Pack, pack_paths
 from adapterhub.registry import Registry
 from conftest import run_ah
@@ -166,6 +167,84 @@ def test_damaged_pack_index(tmp_path):
     assert ("pack-corrupt", pack.idx_path.name) in _ids(report)
 
 
+def test_damaged_snapshot_is_reported_once_where_it_lies(tmp_path):
+    reg, ids = _history(tmp_path)
+    snap = reg.store.get_commit(ids[1]).snapshot
+    path = _loose_path(reg, snap)
+    _flip(path, path.stat().st_size - 2)
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    assert [(f["id"], f["object"], f["where"]) for f in report["findings"]] == [("object-corrupt", snap, "loose")]
+
+
+def _commit_like(reg: Registry, commit: str, **changes) -> str:
+    """Store a commit object like `commit` with fields changed (any content: ids still hash)."""
+    body = json.loads(reg.store.read(commit)[1])
+    body.update(changes)
+    return reg.store.put(COMMIT, canonical_json(body))
+
+
+def test_malformed_commit_wrong_type_and_bad_eval_list(tmp_path):
+    reg, ids = _history(tmp_path)
+    malformed = _commit_like(reg, ids[0], parents="not a list")
+    blob = _tensors(reg, ids[0])[0]
+    odd = _commit_like(reg, ids[0], snapshot=blob, message="snapshot is a tensor")
+    reg.refs.update("refs/heads/malformed", malformed)
+    reg.refs.update("refs/heads/odd", odd)
+    evals = reg.ah_dir / "evals" / ids[1][:2] / ids[1][2:]
+    evals.parent.mkdir(parents=True, exist_ok=True)
+    evals.write_text("not an eval list\n")
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    assert _ids(report) == sorted([
+        ("object-malformed", malformed),
+        ("wrong-type", blob),
+        ("eval-list-corrupt", ids[1]),
+    ]), _ids(report)
+
+
+def test_imported_registry_and_a_damaged_compression_dictionary(tmp_path):
+    """`ah import` stores commits and snapshots compressed with a shared dictionary blob
+    (encoding 5): sound, it passes; damaged, it is the root cause, its users dependents."""
+    reg = Registry.init(tmp_path / "reg")
+    folders = _import_adapters(tmp_path / "in", 24)
+    import_folders(reg.ah_dir, reg.store, reg.refs, folders, workers=1)
+    rc, report, _ = _fsck(reg)
+    assert rc == 0 and report["findings"] == [], report["findings"]
+    assert report["reachable"] == report["objects_checked"]
+    commit = reg.refs.read("refs/heads/user000")
+    (dictionary,) = reg.store.dependencies_of(commit)
+    (idx,) = pack_paths(reg.ah_dir / "objects" / "pack")
+    pack = Pack(idx)
+    offset, length = pack.location(pack.find(dictionary))
+    pack.close()
+    _flip(pack.path, offset + length - 2)
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    by_id = {}
+    for f in report["findings"]:
+        by_id.setdefault(f["id"], []).append(f["object"])
+    assert by_id["object-corrupt"] == [dictionary]
+    assert commit in by_id["delta-base-corrupt"] and len(by_id["delta-base-corrupt"]) >= 24
+    assert set(by_id) == {"object-corrupt", "delta-base-corrupt", "pack-checksum"}, by_id.keys()
+
+
+def _import_adapters(root: Path, n: int) -> list[Path]:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = []
+    for i in range(n):
+        d = root / f"user{i:03d}"
+        d.mkdir(parents=True)
+        rng = np.random.default_rng(i)
+        save_file({"q.lora_A.weight": (rng.standard_normal((4, 32)) * 0.02).astype(np.float32)},
+                  str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "base_model_name_or_path": "tiny"}))
+        out.append(d)
+    return out
+
+
 def test_missing_snapshot_reachable_from_a_branch(tmp_path):
     reg, ids = _history(tmp_path)
     snap = reg.store.get_commit(ids[1]).snapshot
@@ -242,6 +321,8 @@ def test_damaged_in_one_copy_sound_in_another(tmp_path):
         ("pack-checksum", pack.path.name, None),
     }
     assert report["copies_checked"] == report["objects_checked"] + 2
+    # The walk went on through the sound copy: all history is still reachable.
+    assert report["reachable"] == report["objects_checked"] and report["unreachable"] == 0
 
 
 def test_leftover_temp_files_and_stale_locks_are_warnings(tmp_path):
