@@ -767,7 +767,10 @@ static ALWAYS_INLINE int put_escapes(const uint8_t *restrict pk, Py_ssize_t n_pa
     Py_ssize_t e = 0;
     for (Py_ssize_t w = 0; w < n_packed; w += 8) {
         uint64_t x = 0, m;
-        memcpy(&x, pk + w, n_packed - w < 8 ? (size_t)(n_packed - w) : 8);
+        if (n_packed - w >= 8)
+            memcpy(&x, pk + w, 8); /* a constant size: one load, not a call to memcpy */
+        else
+            memcpy(&x, pk + w, (size_t)(n_packed - w));
         x = LE64(x);
         if (bits == 2) {
             x = (x & 0x3333333333333333ull) << 2 | (x >> 2 & 0x3333333333333333ull);
