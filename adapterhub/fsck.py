@@ -371,6 +371,19 @@ class _Checker:
         self.missing_deps: set[str] = set()  # dependencies reported by delta-base-missing
         self.dangling: set[str] = set()  # ref targets reported by ref-dangling
         self._depends: dict[int, tuple[str, ...]] = {}  # finding position -> what that copy depends on
+        self._relisted: _Listed | None = None
+
+    def stored_now(self, oid: str) -> bool:
+        """Whether `oid` is stored now, listing the objects again (once): a concurrent
+        commit may have written it (in a new pack) and moved a ref to it since the first
+        listing, or a gc moved it from a loose file into a new pack."""
+        if self._relisted is None:
+            self._relisted = _Listed(self.listed.root)
+        return self._relisted.has(oid)
+
+    def close(self) -> None:
+        if self._relisted is not None:
+            self._relisted.close()
 
     def add(self, kind: str, obj: str, message: str, where: str | None = None) -> None:
         self.result.findings.append(Finding(kind, FINDINGS[kind][0], obj, message, where))
@@ -446,7 +459,7 @@ class _Checker:
                 if is_tag[i] and name.startswith(TAGS):
                     continue
                 if not present[i]:
-                    if self.listed.has(oid):
+                    if self.stored_now(oid):
                         continue  # written since the objects were listed: not checked, not lost
                     self.dangling.add(oid)
                     self.add("ref-dangling", name, f"names {oid}, which is not in the store{self._unopened()}")
@@ -461,20 +474,14 @@ class _Checker:
 
     def report_unreachable_parts(self, missing: set[str], stored: IdSet) -> None:
         """What the walk could not follow and no other finding explains."""
-        if not missing:
-            return
-        fresh = _Listed(self.listed.root)  # what a gc may have moved from loose into a new pack meanwhile
-        try:
-            for oid in sorted(missing):
-                if oid in self.bad or oid in self.missing_deps or oid in self.dangling:
-                    continue  # reported on its copies / what needs it / the ref naming it
-                if oid not in stored:
-                    if not fresh.has(oid):
-                        self.add("object-missing", oid, f"reachable from the refs but not in the store{self._unopened()}")
-                    continue
-                self._diagnose(oid)
-        finally:
-            fresh.close()
+        for oid in sorted(missing):
+            if oid in self.bad or oid in self.missing_deps or oid in self.dangling:
+                continue  # reported on its copies / what needs it / the ref naming it
+            if oid not in stored:
+                if not self.stored_now(oid):
+                    self.add("object-missing", oid, f"reachable from the refs but not in the store{self._unopened()}")
+                continue
+            self._diagnose(oid)
 
     def _unopened(self) -> str:
         return " (or only in a pack that cannot be opened)" if self.listed.broken else ""
@@ -483,8 +490,10 @@ class _Checker:
         """A reachable object whose copies hash right, yet the walk could not follow it."""
         try:
             obj_type, body = self.listed.read(oid)
-        except (ObjectNotFound, CorruptObject) as exc:
-            self.add("object-corrupt", oid, getattr(exc, "reason", str(exc)))
+        except ObjectNotFound:
+            return  # a loose file a concurrent gc packed since listed: nothing to judge
+        except CorruptObject as exc:
+            self.add("object-corrupt", oid, exc.reason)
             return
         if obj_type in (COMMIT, SNAPSHOT, TAG):
             try:
@@ -723,6 +732,7 @@ def check_registry(
         del reach, stored
         checker.check_leftovers(now)
     finally:
+        checker.close()
         listed.close()
     order = {ERROR: 0, WARNING: 1}
     result.findings.sort(key=lambda f: order[f.severity])

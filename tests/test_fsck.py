@@ -369,6 +369,35 @@ def test_fsck_never_writes(tmp_path):
     assert _tree(reg.ah_dir) == before
 
 
+@pytest.mark.parametrize("meanwhile", ["commit-in-a-pack", "commit-loose", "gc"])
+def test_writers_between_listing_and_ref_read_are_not_damage(tmp_path, monkeypatch, meanwhile):
+    """fsck takes no lock: a commit that lands after the objects were listed (its ref then
+    names objects fsck never listed) or a gc that packs loose objects and removes old
+    packs meanwhile must not be reported as missing or damaged."""
+    import adapterhub.fsck as fsck
+    import adapterhub.packstore as packstore
+
+    reg, ids = _history(tmp_path)
+    if meanwhile == "gc":
+        _packed(reg).close()
+        reg.commit(write_checkpoint(tmp_path / "loose", 11), "loose again")
+    if meanwhile == "commit-in-a-pack":
+        monkeypatch.setattr(packstore, "BATCH_PACK_MIN_OBJECTS", 1)
+    roots = fsck._Checker.roots
+
+    def write_then_roots(self):
+        other = Registry.open(reg.root)
+        if meanwhile == "gc":
+            collect_garbage(other.ah_dir, other.store, other.refs, grace_s=0)
+        else:
+            other.commit(write_checkpoint(tmp_path / "late", 12), "landed during fsck")
+        return roots(self)
+
+    monkeypatch.setattr(fsck._Checker, "roots", write_then_roots)
+    result = check_registry(reg.ah_dir, reg.ah_dir / "objects", reg.refs)
+    assert result.findings == [] and result.ok
+
+
 def test_library_result_matches_json_and_ids_are_documented(tmp_path):
     reg, ids = _history(tmp_path)
     _loose_path(reg, reg.store.get_commit(ids[0]).snapshot).unlink()
