@@ -22,7 +22,9 @@ Besides the kernels, the native set has whole-record calls: `encode_sections` an
 `decode_sections`, all of a tensor's plane and tail sections (frames.py's choices, zstd
 included) in one call without the GIL, and `encode_records` / `read_tensors`, whole
 records of a batch of tensors made (codec.encode_tensor's) or read and checked against
-their ids, on kept C threads (`read_plan` parses a record's headers for the latter).
+their ids, on kept C threads (`read_plan` parses a record's headers for the latter;
+`read_tensors_start` hands a batch to the kept threads and returns at once, its `wait()`
+joins them and gives read_tensors' list: Python runs meanwhile).
 They need zstd from C (the system's libzstd.so.1, `_native.has_zstd()`); they are None
 under numpy or without it, and tensor.py then composes the same sections from frames.py
 in Python (codec.encode_tensors and store.read_tensors go one tensor at a time).
