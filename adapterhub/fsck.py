@@ -147,6 +147,13 @@ class FsckResult:
         return out
 
 
+def _age_key(pack: Pack) -> int:
+    try:
+        return os.stat(pack.path).st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
 class _Listed(ObjectStore):
     """A read-only view of the objects as listed once: loose files plus the packs that
     open. Unlike PackedObjectStore, a pack that cannot be opened is set aside (and
@@ -174,6 +181,10 @@ class _Listed(ObjectStore):
                 continue  # removed by a gc since listed
             except CorruptObject as exc:
                 self.broken.append((name, exc.reason))
+        # Oldest first: a commit's pack holds deltas against tensors of older packs, so the
+        # copy check finds their bases decoded already (base cache) instead of decoding
+        # each chain again under every pack that depends on it.
+        self.packs.sort(key=_age_key)
         self.walked: dict[int, bytearray] = {}  # source (pack position, -1 loose) -> raw ids read whole
         self.walked_copies = 0
         self.walked_bytes = 0
