@@ -45,6 +45,10 @@ def test_bench_storage_tiny_run(tmp_path):
         assert tools["adapterhub"]["stored"] <= tools["zstd-3"]["stored"]
     scale = results["scale"]
     assert scale["adapters"] == 60 and scale["rate_per_s"] > 0 and scale["resolve_ms_median"] < 1000
+    # every target of the issue has its verdict line (ZipNN's only where it is installed)
+    checks = ("in-order checkout >= zstd-3 per file", "scale: resolve + checkout < 100 ms")
+    assert all(sum(check in v for v in results["verdicts"]) >= 1 for check in checks)
+    assert all(v.split()[0] in ("[PASS]", "[FAIL]") for v in results["verdicts"])
 
 
 def test_bench_storage_reports_cold_checkouts_around_aggressive_gc(tmp_path):
