@@ -256,17 +256,19 @@ class Registry:
         self._last_commit = (oid, stats.snapshot) if stats.snapshot is not None else None
         self._index_sync()
         notice = self._auto_repack()
-        damaged = sorted(self.store.damaged_bases - damaged_before)
+        # The commit is whole and sound; the damage is in what it would have diffed against.
+        warnings = []
         if damaged_parent:
-            notice = (f"the parent revision cannot be read ({damaged_parent}): this commit stores its tensors whole; "
-                      "run `ah fsck`" + (f"; {notice}" if notice else ""))
+            warnings.append(f"the parent revision cannot be read ({damaged_parent}): this commit stores its tensors "
+                            "whole; run `ah fsck`")
+        damaged = sorted(self.store.damaged_bases - damaged_before)
         if damaged:
-            # The commit is whole and sound; the damage is in what it would have diffed against.
-            notice = (f"{len(damaged)} tensor(s) of the parent revision are damaged (e.g. {damaged[0]}): this commit "
-                      "stores those tensors whole instead of as deltas; run `ah fsck`" + (f"; {notice}" if notice else ""))
+            warnings.append(f"{len(damaged)} tensor(s) of the parent revision are damaged (e.g. {damaged[0]}): this "
+                            "commit stores those tensors whole instead of as deltas; run `ah fsck`")
         short = refname[len(HEADS):] if refname and refname.startswith(HEADS) else refname
         return CommitResult(
-            oid, short, commit.parents, stats.files, stats.tensors, stats.logical_bytes, stats.new_objects, notice
+            oid, short, commit.parents, stats.files, stats.tensors, stats.logical_bytes, stats.new_objects, notice,
+            tuple(warnings),
         )
 
     # --- history ----------------------------------------------------------------------

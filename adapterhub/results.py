@@ -68,6 +68,8 @@ class CommitResult:
         files / tensors / logical_bytes: size of the committed snapshot.
         new_objects: objects the store did not have before (unchanged tensors are reused).
         notice: something the user should do, if any (say, run `ah gc`).
+        warnings: damage found on the way that the commit stored around (a parent's
+            tensor, commit or snapshot that cannot be read: see Registry.commit).
     """
 
     id: ObjectId
@@ -78,6 +80,7 @@ class CommitResult:
     logical_bytes: int
     new_objects: int
     notice: str | None = None
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from adapterhub.registry import Registry
+from conftest import run_ah
 
 
 def _checkpoint(folder, step: int):
@@ -137,7 +139,8 @@ def test_a_damaged_parent_tensor_is_stored_around_not_a_failed_commit(tmp_path):
     _flip_a_byte_of(reg.store, bad)
     reg = Registry.open(tmp_path / "reg")  # a new process: the parent's tensors come from the store
     third = reg.commit(folders[3], "step 3")
-    assert "damaged" in third.notice and bad in third.notice and "ah fsck" in third.notice
+    (warning,) = third.warnings
+    assert "damaged" in warning and bad in warning and "ah fsck" in warning
     bases = _tensor_bases(reg, third.id)
     assert bases[name][1] is None  # stored whole
     assert all(base is not None for other, (_, base) in bases.items() if other != name)
@@ -145,7 +148,7 @@ def test_a_damaged_parent_tensor_is_stored_around_not_a_failed_commit(tmp_path):
     reg.checkout(third.id, out)
     assert (out / "adapter_model.safetensors").read_bytes() == (folders[3] / "adapter_model.safetensors").read_bytes()
     fourth = reg.commit(folders[4], "step 4")
-    assert fourth.notice is None or "damaged" not in fourth.notice
+    assert fourth.warnings == ()
     assert _tensor_bases(reg, fourth.id)[name][1] == bases[name][0]  # a delta against the sound one
 
 
@@ -179,9 +182,13 @@ def test_a_parent_commit_or_snapshot_that_cannot_be_read_leaves_the_commit_whole
     reg = Registry.init(tmp_path / "reg")
     parent = [reg.commit(f, f"step {i}").id for i, f in enumerate(folders[:2])][-1]
     _flip_a_byte_of(reg.store, parent if what == "commit" else reg.store.get_commit(parent).snapshot)
+    shutil.copytree(tmp_path / "reg", tmp_path / "copy")
+    rc, out, err = run_ah("--registry", tmp_path / "copy", "commit", folders[2], "-m", "from the command line")
+    assert rc == 0 and "warning: the parent revision cannot be read" in err and "ah fsck" in err
     fresh = Registry.open(tmp_path / "reg")
     third = fresh.commit(folders[2], "step 2")
-    assert third.parents == (parent,) and "cannot be read" in third.notice and "ah fsck" in third.notice
+    assert third.parents == (parent,) and len(third.warnings) == 1
+    assert "cannot be read" in third.warnings[0] and "ah fsck" in third.warnings[0]
     assert all(base is None for _, base in _tensor_bases(fresh, third.id).values())
     fresh.checkout(third.id, tmp_path / "out")
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == \

@@ -135,6 +135,8 @@ def commit(ctx, folder, message, branch, base_model, base_model_revision, datase
         f"{result.new_objects} new objects stored"
     )
     click.echo(result.id)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if result.notice:
         click.echo(f"hint: {result.notice}", err=True)
 
