@@ -7,7 +7,6 @@ code in `AhGroup.main`; no command prints a traceback for a user mistake.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
