@@ -347,6 +347,8 @@ def _pack_copy(pack: Pack, oid: str) -> bytes | None:
     return None if i is None else pack.record_at(oid, *pack.location(i))
 
 
+# Copies checked between two releases of a pack's mapped pages.
+_RELEASE_EVERY = 1 << 12
 # Pack entries listed at a time (ids as Python objects: a few MB, whatever the pack's size).
 _CHUNK = 1 << 16
 
@@ -538,7 +540,8 @@ class _Checker:
                 self.add(kind, exc.oid.removeprefix("pack "), exc.reason)
             skip = IdSet.build([bytes(self.listed.walked.get(n, b""))])
             try:
-                self.check_source(pack.path.name, _Copy(self.listed, partial(_pack_copy, pack)), _pack_order(pack, skip))
+                self.check_source(pack.path.name, _Copy(self.listed, partial(_pack_copy, pack)), _pack_order(pack, skip),
+                                  pack.release_pages)
             except CorruptObject as exc:  # its index points into a large-offset table it lacks
                 self.add("pack-corrupt", pack.idx_path.name, f"its entries cannot be listed: {exc.reason}")
             pack.release_pages()
@@ -556,9 +559,14 @@ class _Checker:
         todo = ((oid, partial(own, oid)) for oid in loose_ids if oid not in skip)
         self.check_source(LOOSE, _Copy(self.listed, own), todo)
 
-    def check_source(self, where: str, view: _Copy, copies: Iterable[tuple[str, Callable[[], bytes | None]]]) -> None:
+    def check_source(
+        self, where: str, view: _Copy, copies: Iterable[tuple[str, Callable[[], bytes | None]]],
+        release: Callable[[], None] | None = None,
+    ) -> None:
         """Re-hash each copy `view` holds, given as (id, a call that reads its record), in
-        the order given (pack order): tensors in batches, the rest one by one."""
+        the order given (pack order): tensors in batches, the rest one by one. `release`
+        drops the mapped pages of the pack read so far, now and then: mapped pages count
+        as this process's memory, and a pack may be gigabytes."""
         batch: list[str] = []
         batch_bytes = 0
         done = 0
@@ -573,8 +581,11 @@ class _Checker:
             self.result.copies_checked += 1
             self.result.bytes_checked += len(record)
             done += 1
-            if self.progress is not None and done % 256 == 0:
-                self.progress(256)
+            if done % 256 == 0:
+                if self.progress is not None:
+                    self.progress(256)
+                if release is not None and done % _RELEASE_EVERY == 0:
+                    release()
             if len(record) >= codec.RECORD_HEADER.size and record[:4] == codec.MAGIC and record[4] in _TENSOR_ENCODINGS:
                 batch.append(oid)
                 view.pinned[oid] = record
