@@ -333,7 +333,9 @@ def test_leftover_temp_files_and_stale_locks_are_warnings(tmp_path):
     lock.write_text("")
     young = reg.ah_dir / "objects" / ".tmp-writing"
     young.write_bytes(b"x")
-    for p in (tmp, lock):
+    orphan = reg.ah_dir / "objects" / "pack" / ("pack-" + "ef" * 32 + ".pack")
+    orphan.write_bytes(b"AHPK")
+    for p in (tmp, lock, orphan):
         os.utime(p, (OLD, OLD))
     rc, out, err = run_ah("--registry", reg.root, "fsck")
     assert rc == 0, err
@@ -341,7 +343,11 @@ def test_leftover_temp_files_and_stale_locks_are_warnings(tmp_path):
     assert "warning: stale-lock refs/heads/main.lock: " in out
     rc, report, _ = _fsck(reg)
     assert rc == 0 and report["ok"] is True
-    assert _ids(report) == [("stale-lock", "refs/heads/main.lock"), ("temp-file", "objects/pack/.tmp-dead.pack")]
+    assert _ids(report) == [
+        ("orphan-pack", f"objects/pack/{orphan.name}"),
+        ("stale-lock", "refs/heads/main.lock"),
+        ("temp-file", "objects/pack/.tmp-dead.pack"),
+    ]
     assert all(f["severity"] == "warning" for f in report["findings"])
     assert report["in_progress"] == 1  # the young temp file: a writer at work
 
