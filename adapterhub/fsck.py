@@ -190,6 +190,7 @@ class _Listed(ObjectStore):
         self.walked_bytes = 0
         self.commits = bytearray()  # raw ids read whole as commits (walk and copy check)
         self.tags = bytearray()
+        self.progress: Callable[[int], None] | None = None  # told of copies the walk re-hashed
         self._top: str | None = None  # the id `read` is reading, until its record is found
         self._top_from: tuple[int, int] | None = None  # (its source, record length)
 
@@ -226,6 +227,8 @@ class _Listed(ObjectStore):
         self.walked_copies += 1
         self.walked_bytes += size
         self.note_type(key, obj_type)
+        if self.progress is not None and self.walked_copies % 256 == 0:
+            self.progress(256)  # the walk is most of fsck's time on many small adapters
         return obj_type, body
 
     def _read_other_copy(self, oid: str, exc: Exception) -> tuple[str, bytes, int, int]:
@@ -739,10 +742,12 @@ def check_registry(
             progress_total(len(loose_ids) + sum(p.count for p in listed.packs))
         # The walk first: it reads (re-hashes, parses) every reachable commit, snapshot,
         # tag and eval once, and the copy check then skips the copies it read.
+        listed.progress = progress
         reach = checker.walk(checker.roots())
+        listed.progress = None
         result.copies_checked, result.bytes_checked = listed.walked_copies, listed.walked_bytes
-        if progress is not None:
-            progress(listed.walked_copies)
+        if progress is not None and listed.walked_copies % 256:
+            progress(listed.walked_copies % 256)
         checker.check_packs()
         checker.check_loose(loose_ids)
         checker.blame_dependencies()

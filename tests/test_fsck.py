@@ -418,6 +418,17 @@ def test_library_result_matches_json_and_ids_are_documented(tmp_path):
         assert severity in ("error", "warning")
 
 
+def test_progress_counts_every_copy_once(tmp_path):
+    reg, _ids_ = _history(tmp_path, steps=3)
+    _packed(reg).close()
+    reg.commit(write_checkpoint(tmp_path / "loose", 9), "loose")
+    totals, steps = [], []
+    result = check_registry(reg.ah_dir, reg.ah_dir / "objects", reg.refs, progress_total=totals.append,
+                            progress=steps.append)
+    assert result.ok
+    assert totals == [result.copies_checked] and sum(steps) == result.copies_checked
+
+
 def test_usage_errors(tmp_path):
     rc, out, err = run_ah("--registry", tmp_path / "nothing", "fsck")
     assert rc == 2 and out == ""
