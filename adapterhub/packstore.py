@@ -74,6 +74,10 @@ class PackedObjectStore(ObjectStore):
         self._small_ids: dict[str, tuple[Pack, int]] = {}  # id -> small pack holding it, position there
         self._small_again: dict[str, list[Pack]] = {}  # id -> other small packs holding it
         self._big_packs: list[Pack] = []
+        # Listed packs that cannot be opened (truncated, damaged index, pack file gone):
+        # name -> why. They are left out, so the rest of the store stays readable and new
+        # objects can still be written; a read of an object found nowhere else names them.
+        self.unreadable_packs: dict[str, str] = {}
         self._listing: tuple | None = None
         self._lock = threading.Lock()
         # The open batch (see `batch()`) belongs to the thread that opened it: its
@@ -129,14 +133,18 @@ class PackedObjectStore(ObjectStore):
             removed = [name for name in self._packs if name not in current]
             for name in removed:
                 self._packs.pop(name).close()
-            added = []
+            added, unreadable = [], {}
             for name in names:
                 if name not in self._packs:
                     try:
                         self._packs[name] = _open_listed(self.pack_dir / name)
                     except FileNotFoundError:
                         continue  # removed by gc between listing and opening
+                    except CorruptObject as exc:
+                        unreadable[name] = str(exc)[len("corrupt object "):]  # "pack <file>: why"
+                        continue
                     added.append(self._packs[name])
+            self.unreadable_packs = unreadable
             # Removals (gc) are rare: rebuild the id map then; additions extend it. New
             # maps are swapped in whole, so lock-free readers see an old or a new one.
             small = {} if removed else dict(self._small_ids)
@@ -380,6 +388,10 @@ class PackedObjectStore(ObjectStore):
             pass
         pack = self._find_in_packs(oid)
         if pack is None:
+            unreadable = self.unreadable_packs
+            if unreadable:  # it may be in one of them: say so rather than "not found"
+                raise CorruptObject(oid, f"it is in no readable pack nor loose, and {len(unreadable)} pack(s) "
+                                         f"cannot be read: {next(iter(unreadable.values()))}")
             raise ObjectNotFound(oid)
         return pack.read_record(oid)
 

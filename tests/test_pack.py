@@ -220,11 +220,39 @@ def test_truncated_pack_is_refused(packed):
 
 
 def test_missing_pack_file_is_refused(packed):
-    store, bodies, _ = packed
+    store, bodies, loose = packed
     _, pack_file = _only_pack(store)
     pack_file.unlink()
+    fresh = _fresh(store)
+    target = sorted(o for o in bodies if o != loose)[0]
     with pytest.raises(CorruptObject, match="pack file .* is missing"):
-        _fresh(store).has(sorted(bodies)[0])
+        fresh.read(target)
+    assert not fresh.has(target)  # not readable here: a new write stores it again
+
+
+def test_an_unreadable_pack_leaves_the_rest_of_the_store_readable_and_writable(packed):
+    """One truncated pack must not stop every read and every commit (each used to fail
+    listing the packs): its objects read as damaged, naming it; the others read, and new
+    writes, of its objects too, land."""
+    store, bodies, loose = packed
+    idx, pack_file = _only_pack(store)
+    for ok in ("pack-00", "pack-ff"):  # sound packs on either side of it in the listing
+        with PackWriter(store.pack_dir) as w:
+            body = ok.encode() * 100
+            w.add(hash_object(BLOB, body), codec.encode([header(BLOB, len(body)), body]))
+            w.finish()
+    pack_file.write_bytes(pack_file.read_bytes()[: pack_file.stat().st_size // 2])
+    fresh = _fresh(store)
+    target = sorted(o for o in bodies if o != loose)[0]
+    with pytest.raises(CorruptObject, match=r"cannot be read: pack pack-.*\.pack.*truncated"):
+        fresh.read(target)
+    assert fresh.read(loose) == (BLOB, bodies[loose])
+    for ok in ("pack-00", "pack-ff"):
+        body = ok.encode() * 100
+        assert fresh.read(hash_object(BLOB, body)) == (BLOB, body)
+    assert list(fresh.unreadable_packs) == [idx.name] and len(fresh.packs()) == 2
+    assert fresh.put(BLOB, bodies[target]) == target  # written again, loose
+    assert fresh.read(target) == (BLOB, bodies[target])
 
 
 def test_pack_entry_whose_bytes_hash_to_another_id(tmp_path):
