@@ -175,6 +175,9 @@ class StagedFile:
                 os.close(fd)
         except BaseException:
             self.discard()
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
             raise
 
     def publish(self) -> None:

@@ -375,35 +375,38 @@ class ObjectStore:
         done = handed = 0  # oids[:done] given to the caller; nodes[:handed] to a native call
         pending = None  # (end of its run in oids, its nodes, the PendingRead)
         run_bytes, i = 0, 0
-        while start is not None and i < len(oids):
-            before = len(nodes)
-            add(oids[i], budget, requested=True)
-            i += 1
-            for node in nodes[before:]:
-                if node.height > 1:
-                    break
-                run_bytes += node.plan[1]
-            else:
-                if run_bytes < READ_RUN_BYTES and i < len(oids):
+        try:
+            while start is not None and i < len(oids):
+                before = len(nodes)
+                add(oids[i], budget, requested=True)
+                i += 1
+                for node in nodes[before:]:
+                    if node.height > 1:
+                        break
+                    run_bytes += node.plan[1]
+                else:
+                    if run_bytes < READ_RUN_BYTES and i < len(oids):
+                        continue
+                    level, jobs = self._jobs(nodes[handed:], memo)
+                    handed, run_bytes = len(nodes), 0
+                    end = self._finish(pending, memo, decoded) if pending is not None else done
+                    pending = (i, level, start(jobs, threads) if jobs else None)
+                    if done < end:
+                        yield [memo[oid] if oid in decoded else self.read_tensor(oid) for oid in oids[done:end]]
+                        done = end
                     continue
-                level, jobs = self._jobs(nodes[handed:], memo)
-                handed, run_bytes = len(nodes), 0
-                end = self._finish(pending, memo, decoded) if pending is not None else done
-                pending = (i, level, start(jobs, threads) if jobs else None)
-                if done < end:
-                    yield [memo[oid] if oid in decoded else self.read_tensor(oid) for oid in oids[done:end]]
-                    done = end
-                continue
-            break  # a base to decode first: the rest level by level
-        if pending is not None:
-            self._finish(pending, memo, decoded)
-        if i < len(oids) or handed < len(nodes):
-            for oid in dict.fromkeys(oids[i:]):  # in order: the plan must not depend on set order
-                add(oid, budget, requested=True)
-            self._decode_levels(nodes[handed:], memo, decoded, set(oids), threads)
-        # The rest one by one, in order: the first bad id raises, as it would one by one.
-        if done < len(oids):
-            yield [memo[oid] if oid in decoded else self.read_tensor(oid) for oid in oids[done:]]
+                break  # a base to decode first: the rest level by level
+            if pending is not None:
+                self._finish(pending, memo, decoded)
+            if i < len(oids) or handed < len(nodes):
+                for oid in dict.fromkeys(oids[i:]):  # in order: the plan must not depend on set order
+                    add(oid, budget, requested=True)
+                self._decode_levels(nodes[handed:], memo, decoded, set(oids), threads)
+            # The rest one by one, in order: the first bad id raises, as it would one by one.
+            if done < len(oids):
+                yield [memo[oid] if oid in decoded else self.read_tensor(oid) for oid in oids[done:]]
+        finally:
+            pending = None  # a run still with the kept threads: joined and let go here, not when the frame is
 
     def _jobs(self, nodes: list[_ReadNode], memo: dict[str, bytes]) -> tuple[list[_ReadNode], list[tuple]]:
         """The native jobs of the nodes whose sources are in memo, and those nodes."""
@@ -685,7 +688,7 @@ class _ReadNode:
         if record is None:
             try:
                 record = store._read_record(self.oid)
-            except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+            except (ObjectNotFound, CorruptObject, UnsupportedFormat, OSError):
                 return None
         pos, body_len, width, rotate, kind, base_id, _depth, prev_id = self.plan
         base = bodies[base_id] if base_id is not None else None
@@ -745,7 +748,9 @@ class _ReadPlan:
         store = self.store
         try:
             record = store._read_record(oid)
-        except (ObjectNotFound, CorruptObject, UnsupportedFormat):
+        except (ObjectNotFound, CorruptObject, UnsupportedFormat, OSError):
+            # left to the one-by-one read, which raises it in the caller's order (an I/O
+            # error on a later tensor must not overtake damage found on an earlier one)
             return None
         plan = kernels.read_plan(record)
         if plan is None:

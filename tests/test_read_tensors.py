@@ -527,3 +527,34 @@ def test_a_started_read_waits_like_read_tensors(tmp_path):
     dropped = kernels.read_tensors_start(jobs, 2)
     del dropped  # waited for, then let go
     assert kernels.read_tensors_start(jobs, 1).wait() == want
+
+
+@needs_native
+def test_a_started_read_waited_for_by_two_threads_at_once_gives_one_result(tmp_path):
+    """Both waiters passed the "waited for already" check before either took the result
+    (the GIL is let go while the threads are joined): the jobs were freed twice (a crash
+    under helper-22's review, /tmp/rev22/r1_double_wait.py). One gets the bodies, the
+    other the RuntimeError."""
+    import threading
+
+    store, ids = _revisions(tmp_path)
+    plan = store._read_record(ids[0][0])
+    pos, body_len, width, rotate, kind, _, _, _ = kernels.read_plan(plan)
+    jobs = [(ids[0][0], plan, pos, body_len, width, rotate, None, kind, None)] * 64
+    want = kernels.read_tensors(jobs, 2)
+    for _ in range(20):
+        pending = kernels.read_tensors_start(jobs, 2)
+        got, errors = [], []
+
+        def wait():
+            try:
+                got.append(pending.wait())
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=wait) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [want] and len(errors) == 1 and "waited for already" in str(errors[0])

@@ -2154,13 +2154,13 @@ static void pending_join(PendingRead *p)
 static PyObject *pending_wait(PyObject *self, PyObject *unused)
 {
     PendingRead *p = (PendingRead *)self;
-    if (p->seq == NULL) {
+    PyObject *seq = p->seq;
+    if (seq == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "this read was waited for already");
         return NULL;
     }
+    p->seq = NULL; /* taken before the GIL is let go: a second waiter finds it gone */
     pending_join(p);
-    PyObject *seq = p->seq;
-    p->seq = NULL;
     return finish_jobs(p->kind, p->jobs, p->n, seq);
 }
 
@@ -2317,7 +2317,36 @@ static PyObject *native_hash_objects(PyObject *self, PyObject *args)
 
 /* ---- module ---------------------------------------------------------------------------- */
 
+PyDoc_STRVAR(use_popcnt_doc,
+"_use_popcnt(on=None) -> bool | None\n\n"
+"For tests: whether count_escapes takes its POPCNT build (None where there is only one\n"
+"build); with `on`, switch to it (True is refused where the CPU lacks POPCNT).");
+
+static PyObject *native_use_popcnt(PyObject *self, PyObject *args)
+{
+    PyObject *on = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &on))
+        return NULL;
+#ifdef POPCNT_VARIANT
+    int was = have_popcnt;
+    if (on != Py_None) {
+        int want = PyObject_IsTrue(on);
+        if (want < 0)
+            return NULL;
+        if (want && !__builtin_cpu_supports("popcnt")) {
+            PyErr_SetString(PyExc_ValueError, "this CPU has no POPCNT instruction");
+            return NULL;
+        }
+        have_popcnt = want;
+    }
+    return PyBool_FromLong(was);
+#else
+    Py_RETURN_NONE;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"_use_popcnt", native_use_popcnt, METH_VARARGS, use_popcnt_doc},
     {"split", (PyCFunction)(void (*)(void))native_split, METH_VARARGS | METH_KEYWORDS, split_doc},
     {"join", (PyCFunction)(void (*)(void))native_join, METH_VARARGS | METH_KEYWORDS, join_doc},
     {"survey", native_survey, METH_O, survey_doc},
