@@ -123,6 +123,18 @@ def test_log_text(repo, tmp_path):
     assert ok(repo("log", "--oneline")).strip() == f"{cid[:12]} (HEAD -> main, tag: v1) hello world"
 
 
+def test_log_prints_what_it_can_read_before_an_unreadable_commit(repo, tmp_path):
+    ids = [commit(repo, write_adapter(tmp_path / f"a{i}", seed=i), f"step {i}") for i in range(3)]
+    path = repo.root / ".ah" / "objects" / ids[0][:2] / ids[0][2:]
+    path.chmod(0o644)
+    path.write_bytes(path.read_bytes()[:-3])  # the root commit, damaged
+    rc, out, err = repo("log", "--oneline")
+    assert rc == 1 and [line.split()[0] for line in out.splitlines()] == [ids[2][:12], ids[1][:12]]
+    assert err.startswith("error: corrupt object " + ids[0])
+    rc, out, err = repo("log", "-n", "2")
+    assert rc == 0 and out.count("commit ") == 2
+
+
 def test_show_json(repo, tmp_path):
     folder = write_adapter(tmp_path / "a")
     (folder / "README.md").write_text("# adapter\n")

@@ -7,6 +7,7 @@ code in `AhGroup.main`; no command prints a traceback for a user mistake.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -155,16 +156,21 @@ def log(ctx, rev, n, oneline, fmt, where):
         from ..index.queries import log_where, parse_where
 
         infos = log_where(reg, rev, [parse_where(w) for w in where], n)
-    else:
+    elif fmt == "json":
         infos = reg.log(rev, n)
+    else:  # printed as walked: a commit that cannot be read ends the log with its error, after the rest
+        if n is not None and n < 0:
+            raise click.UsageError("-n must be zero or more")
+        infos = itertools.islice(reg.iter_log(rev), n)
     if fmt == "json":
         render.emit_json([dict(i.to_json(), evals=[e.to_json() for e in reg.evals(i.id)]) for i in infos])
         return
     deco = _decorations(reg)
-    if oneline:
-        click.echo("\n".join(render.oneline(i, deco.get(i.id)) for i in infos))
-    else:
-        click.echo("\n\n".join(render.commit_text(i, deco.get(i.id)) for i in infos))
+    for k, info in enumerate(infos):
+        if oneline:
+            click.echo(render.oneline(info, deco.get(info.id)))
+        else:
+            click.echo(("\n" if k else "") + render.commit_text(info, deco.get(info.id)))
 
 
 @cli.command()
