@@ -244,6 +244,26 @@ def test_a_stale_packed_refs_lock_leaves_refs_loose_and_gc_succeeds(tmp_path):
     assert reg.resolve("side") == ids[0]
 
 
+def test_gc_keeps_a_pack_it_cannot_open_and_prunes_nothing(tmp_path):
+    """A truncated pack is left out of the store: gc must neither remove it (what is left of
+    it may still be salvaged) nor prune anything while reachable objects are unreadable."""
+    reg, ids = _history(tmp_path, 3)
+    _gc(reg)
+    (idx,) = list((reg.ah_dir / "objects" / "pack").glob("*.idx"))
+    pack = idx.with_suffix(".pack")
+    pack.chmod(0o644)
+    os.truncate(pack, pack.stat().st_size // 2)
+    reg.commit(write_checkpoint(tmp_path / "after", 9), "after the damage")  # lands, whole
+    reg.commit(write_checkpoint(tmp_path / "doomed", 8), "doomed", branch="doomed")
+    reg.delete_branch("doomed")
+    _age_everything(reg)
+    result = _gc(Registry.open(reg.root))
+    assert result.missing and result.pruned == 0
+    assert idx.exists() and pack.exists()
+    rc, out, err = run_ah("--registry", reg.root, "gc", "--prune", "now")
+    assert rc == 0 and "missing or damaged" in err and idx.exists() and pack.exists()
+
+
 def test_second_gc_is_refused_while_one_runs(tmp_path):
     reg, _ = _history(tmp_path, 1)
     with gc_lock(reg.ah_dir):
