@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from .errors import BadAdapter, CheckoutError, CorruptObject, MalformedSafetensors, PickleRefused
 from .fsutil import atomic_write
-from .objects import BLOB, SNAPSHOT, TENSOR, FileEntry, ObjectId, Snapshot, TensorEntry
+from .objects import BLOB, SNAPSHOT, FileEntry, ObjectId, Snapshot, TensorEntry
 from .paths import check_relpath, ensure_real_dir
 from .safetensors_file import DTYPE_SIZES, parse_layout, rebuild_prefix
 from .store import ObjectStore

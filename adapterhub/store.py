@@ -20,7 +20,7 @@ from . import codec
 from .encoding import kernels
 from .errors import AmbiguousRevision, CorruptObject, ObjectNotFound, UnsupportedFormat
 from .fsutil import TMP_PREFIX, atomic_write
-from .encoding.chain import DeltaBase, DeltaRef
+from .encoding.chain import DeltaBase
 from .objects import BLOB, COMMIT, SNAPSHOT, TAG, TENSOR, Commit, ObjectId, Snapshot, Tag, hash_object, header, parse_object, split_canonical
 
 
