@@ -303,16 +303,19 @@ class Pack:
     def _inside(self, offset: int, length: int) -> bool:
         return offset >= PACK_HEAD.size and length >= 0 and offset + length <= self.data_end
 
-    def read_record(self, oid: str) -> bytes:
+    def read_record(self, oid: str, limit: int | None = None) -> bytes:
         i = self.find(oid)
         if i is None:
             raise ObjectNotFound(oid)
-        return self.record_at(oid, *self.location(i))
+        return self.record_at(oid, *self.location(i), limit)
 
-    def record_at(self, oid: str, offset: int, length: int) -> bytes:
-        """The record at a known location (checked to lie inside the record area)."""
+    def record_at(self, oid: str, offset: int, length: int, limit: int | None = None) -> bytes:
+        """The record at a known location (checked to lie inside the record area), or only
+        its first `limit` bytes: a header read need not copy a tensor's megabytes."""
         if not self._inside(offset, length):
             raise CorruptObject(oid, f"its entry in {self.path.name} points outside the pack (truncated pack?)")
+        if limit is not None and limit < length:
+            length = limit
         return self._pack[offset : offset + length]
 
     def find_prefix(self, prefix: str) -> list[ObjectId]:

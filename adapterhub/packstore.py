@@ -194,22 +194,23 @@ class PackedObjectStore(ObjectStore):
         new tensor at once, or a writer whose freshening lost its race with gc and wrote
         it loose again. A read may get either copy, and gc may keep either, so what keeps
         an object alive must keep the dependencies of all of them."""
-        records = []
+        records = []  # the head of each copy: its header is all that is parsed
+        head = codec.RECORD_HEAD_MAX
         pending = self._pending
         if pending is not None and oid in pending:
-            records.append(pending[oid])
+            records.append(pending[oid][:head])
         with contextlib.suppress(ObjectNotFound):
-            records.append(self.loose._read_record(oid))
+            records.append(self.loose._read_record_head(oid))
         if self._listing is None:
             self.rescan()
         small = self._small_ids.get(oid)
         packs = ([small[0]] if small is not None else []) + self._small_again.get(oid, [])
         for pack in packs:
-            records.append(pack.read_record(oid))
+            records.append(pack.read_record(oid, head))
         for pack in self._big_packs:
             i = pack.find(oid)
             if i is not None:
-                records.append(pack.record_at(oid, *pack.location(i)))
+                records.append(pack.record_at(oid, *pack.location(i), head))
         if not records:
             raise ObjectNotFound(oid)
         deps: list[ObjectId] = []
@@ -363,27 +364,35 @@ class PackedObjectStore(ObjectStore):
         return out
 
     def _read_record(self, oid: str) -> bytes:
+        return self._record_bytes(oid, None)
+
+    def _read_record_head(self, oid: str) -> bytes:
+        return self._record_bytes(oid, codec.RECORD_HEAD_MAX)
+
+    def _record_bytes(self, oid: str, limit: int | None) -> bytes:
+        """A record's bytes, or only its first `limit` (all of a shorter one)."""
         pending = self._pending
         if pending is not None and oid in pending:
-            return pending[oid]
+            record = pending[oid]
+            return record if limit is None else record[:limit]
         # Packs first, without re-listing: after gc or import nearly everything is packed,
         # and a failed open of a loose path per read cost more than the read (gc's mark
         # reads two objects per adapter). Then loose, then packs again after a re-list:
         # an object gc moved from a loose file into a new pack meanwhile is still found.
         last = self._last_read
         if last is not None and last[0] == oid:
-            return last[1]
+            return last[1] if limit is None else last[1][:limit]
         if self._listing is not None:
             pack, i = self._locate(oid)
             if pack is not None:
-                record = pack.read_record(oid) if i is None else pack.record_at(oid, *pack.location(i))
+                record = pack.read_record(oid, limit) if i is None else pack.record_at(oid, *pack.location(i), limit)
                 # The walk of gc and stats asks for an object's dependency (a second
                 # read of the same record) right after reading it. Small records only.
-                if len(record) <= LAST_READ_MAX:
+                if limit is None and len(record) <= LAST_READ_MAX:
                     self._last_read = (oid, record)
                 return record
         try:
-            return self.loose._read_record(oid)
+            return self.loose._read_record(oid) if limit is None else self.loose._read_record_head(oid)
         except ObjectNotFound:
             pass
         pack = self._find_in_packs(oid)
@@ -393,7 +402,7 @@ class PackedObjectStore(ObjectStore):
                 raise CorruptObject(oid, f"it is in no readable pack nor loose, and {len(unreadable)} pack(s) "
                                          f"cannot be read: {next(iter(unreadable.values()))}")
             raise ObjectNotFound(oid)
-        return pack.read_record(oid)
+        return pack.read_record(oid, limit)
 
     def _write_record(self, oid: ObjectId, record: bytes) -> None:
         if self._pending is not None:

@@ -199,8 +199,13 @@ def store_folder(
     """
     files = list_adapter_files(Path(folder))
     bases = delta_bases(store, delta_from)
+    tensor_bytes = 0
     for rel, full in files:
         check_file(rel, full)
+        if rel.lower().endswith(SAFETENSORS_SUFFIX):
+            tensor_bytes += full.stat().st_size
+    # Room for this revision's tensors, its parent's and its grandparent's (BaseCache.reserve).
+    store.base_cache.reserve(3 * tensor_bytes + (16 << 20))
     entries: list[FileEntry] = []
     new = 0
     ntensors = 0

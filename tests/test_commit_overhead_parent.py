@@ -193,3 +193,37 @@ def test_a_parent_commit_or_snapshot_that_cannot_be_read_leaves_the_commit_whole
     fresh.checkout(third.id, tmp_path / "out")
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == \
         (folders[2] / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_base_cache_smaller_than_three_revisions_grows_and_no_base_is_read_back(tmp_path, monkeypatch):
+    """A commit's working set is three revisions (its own tensors, its parent's bases and
+    its grandparent's extrapolation sources). A budget below that, as the fixed 64 MB was
+    for adapters over ~20 MB, evicted them and every commit decoded its bases back from
+    the store; store_folder now reserves room for three revisions of the folder."""
+    from adapterhub.store import ObjectStore
+
+    folders = [_checkpoint(tmp_path / f"ck{i}", i) for i in range(5)]
+    reg = Registry.init(tmp_path / "reg")
+    reg.store.base_cache.max_bytes = 40_000  # below one revision's 64 kB of tensors
+    reg.commit(folders[0], "step 0")
+    reg.commit(folders[1], "step 1")
+    read_back = []
+    real = ObjectStore._read_verified
+    monkeypatch.setattr(ObjectStore, "_read_verified",
+                        lambda self, oid, *a, **k: (read_back.append(oid), real(self, oid, *a, **k))[1])
+    for i in (2, 3, 4):
+        reg.commit(folders[i], f"step {i}")
+    assert read_back == []
+    assert reg.store.base_cache.max_bytes >= 3 * (folders[0] / "adapter_model.safetensors").stat().st_size
+
+
+def test_the_base_cache_budget_never_shrinks_and_stays_under_its_share_of_memory():
+    from adapterhub.store import BaseCache, _memory_ceiling
+
+    cache = BaseCache(max_bytes=1 << 20)
+    cache.reserve(1 << 10)
+    assert cache.max_bytes == 1 << 20
+    cache.reserve(5 << 20)
+    assert cache.max_bytes == 5 << 20
+    cache.reserve(1 << 62)
+    assert cache.max_bytes == _memory_ceiling() < 1 << 62
