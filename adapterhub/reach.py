@@ -212,7 +212,7 @@ def ref_roots(refs: RefStore) -> IdSet:
     buf = _IdBuffer()
     for oid in loose.values():
         buf.add(bytes.fromhex(oid))
-    for name, oid in refs.packed.iter_prefix("refs/"):
+    for name, oid in refs.packed_all():  # all of them, names checked: damage stops gc
         if name not in loose:
             buf.add(bytes.fromhex(oid))
     try:

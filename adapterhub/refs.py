@@ -214,6 +214,19 @@ class RefStore:
         return sorted(found)
 
     # --- packed refs ------------------------------------------------------------------
+    def packed_all(self) -> Iterator[tuple[str, ObjectId]]:
+        """Every packed ref, read from the file's first record: what gc, fsck and every
+        rewrite of the file take as the whole set. A listing under `refs/` starts with a
+        binary search, so a flipped bit that turned `refs/heads/main` into
+        `rdfs/heads/main` hid that ref and the 15 after it; gc then pruned their history
+        and a rewrite dropped them for good. A name outside `refs/` is damage and raises
+        CorruptObject (checked by prefix only: gc and import read a million of them)."""
+        for name, oid in self.packed.iter_prefix(""):
+            if not name.startswith("refs/"):
+                raise CorruptObject(PACKED_REFS, f"{self.packed.path} holds {name!r}, which is not under refs/ "
+                                                 f"(a damaged file?)")
+            yield name, oid
+
     def pack_refs(self) -> int:
         """Fold every loose ref into packed-refs and remove the loose files; the count packed.
 
@@ -223,7 +236,7 @@ class RefStore:
         lock = self._take_lock(self.ah_dir / PACKED_REFS, PACKED_REFS)
         try:
             loose = self._list_loose("refs/")
-            merged = dict(self.packed.iter_prefix("refs/"))
+            merged = dict(self.packed_all())
             merged.update(loose)
             self._commit_packed(lock, merged)
         finally:
@@ -252,7 +265,7 @@ class RefStore:
         """
         lock = self._take_lock(self.ah_dir / PACKED_REFS, PACKED_REFS)
         try:
-            merged = dict(self.packed.iter_prefix("refs/"))
+            merged = dict(self.packed_all())
             for refname, oid in refs.items():
                 check_full_ref_name(refname)
                 if not is_oid(oid):
@@ -276,7 +289,7 @@ class RefStore:
     def _rewrite_packed(self, *, remove: set[str]) -> None:
         lock = self._take_lock(self.ah_dir / PACKED_REFS, PACKED_REFS)
         try:
-            entries = {n: o for n, o in self.packed.iter_prefix("refs/") if n not in remove}
+            entries = {n: o for n, o in self.packed_all() if n not in remove}
             self._commit_packed(lock, entries)
         finally:
             lock.unlink(missing_ok=True)

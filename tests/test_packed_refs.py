@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -160,3 +161,38 @@ def test_cli_pack_refs_and_gc_pack_refs(tmp_path):
     rc, out, err = run_ah("--registry", reg.root, "gc")
     assert rc == 0, err
     assert not (reg.ah_dir / HEADS / "later").exists() and Registry.open(reg.root).resolve("later") == c
+
+
+def test_a_packed_name_damaged_out_of_refs_stops_gc_and_rewrites_and_loses_nothing(tmp_path):
+    """A flipped bit turning `refs/heads/a` into `rdfs/heads/a` once hid that ref and the
+    ones after it from every listing under refs/: gc pruned their history and a rewrite
+    of the file dropped them. gc, pack-refs and deletes now read every record and refuse."""
+    reg = Registry.init(tmp_path / "reg")
+    ids = []
+    for i in range(20):
+        folder = tmp_path / f"a{i}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text('{"i": %d}' % i)
+        ids.append(reg.commit(folder, f"adapter {i}", branch=f"b{i:02d}" if i else None).id)
+        if i == 0:
+            for j in range(1, 20):
+                reg.refs.update(HEADS + f"b{j:02d}", ids[0], expected=None)
+    # each later branch's only commit is reachable from it alone
+    reg.refs.pack_refs()
+    path = reg.ah_dir / "packed-refs"
+    data = bytearray(path.read_bytes())
+    assert data[len(HEADER_V2) + 2 : len(HEADER_V2) + 7] == b"refs/"  # shared 0, length, then the name
+    data[len(HEADER_V2) + 3] ^= 0x01  # "refs/" -> "rdfs/"
+    path.write_bytes(bytes(data))
+    old = time.time() - 90 * 86400
+    objects = sorted(p for p in (reg.ah_dir / "objects").rglob("*") if p.is_file())
+    for p in objects:
+        os.utime(p, (old, old))
+    rc, out, err = run_ah("--registry", reg.root, "gc", "--prune", "now")
+    assert rc != 0 and "packed-refs" in err and "not under refs/" in err
+    assert sorted(p for p in (reg.ah_dir / "objects").rglob("*") if p.is_file()) == objects
+    with pytest.raises(CorruptObject, match="not under refs/"):
+        reg.refs.pack_refs()
+    with pytest.raises(CorruptObject, match="not under refs/"):
+        reg.refs.delete(HEADS + "b18")  # a ref the damage does not hide
+    assert path.read_bytes() == bytes(data)
