@@ -60,7 +60,7 @@ def _tip_commits(store: ObjectStore, roots: Iterable[str]) -> list[tuple[int, Ob
         for _ in range(16):  # a tag of a tag of ... a commit; deeper is not followed
             obj_type, body = store.read(oid)
             if obj_type == TAG:
-                oid = parse_object(oid, TAG, body).target
+                oid = parse_object(oid, TAG, body).object
                 continue
             if obj_type == COMMIT:
                 tips[oid] = parse_object(oid, COMMIT, body).timestamp

@@ -277,3 +277,27 @@ def test_aggressive_gc_rewrites_tensors_whose_ids_end_in_zero_bytes(tmp_path, mo
         out = tmp_path / f"co{i}"
         Registry.open(reg.root).checkout(commit, out)
         assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / f"ck{i}" / "adapter_model.safetensors").read_bytes()
+
+
+def test_aggressive_gc_follows_an_annotated_tag_to_its_commit(tmp_path, monkeypatch):
+    """An annotated tag is a tip too (helper-23: gc --aggressive raised AttributeError on
+    Tag.target): its commit's tensors are laid out whole like a branch tip's."""
+    monkeypatch.setenv("AH_AUTHOR", "T <t@e>")
+    reg = Registry.init(tmp_path / "reg")
+    run = _momentum_run(3)
+    ids = []
+    for i, w in enumerate(run):
+        monkeypatch.setenv("AH_COMMIT_TIME", str(1_700_000_000 + i))
+        ids.append(reg.commit(_write_checkpoint(tmp_path / f"ck{i}", w), f"step {i}").id)
+    monkeypatch.setenv("AH_COMMIT_TIME", str(1_700_000_100))
+    reg.create_tag("v1", ids[1], message="annotated")
+    reg.refs.update("refs/heads/main", ids[0])  # the tag now names the newest tip kept
+    result = collect_garbage(reg.ah_dir, Registry.open(reg.root).store, reg.refs, grace_s=0, aggressive=True)
+    assert not result.missing
+    store = Registry.open(reg.root).store
+    tip = store.get_snapshot(store.get_commit(ids[1]).snapshot)
+    blob = next(f for f in tip.files if f.kind == "safetensors").tensors[0].blob
+    assert store.delta_base_of(blob) is None
+    out = tmp_path / "co"
+    Registry.open(reg.root).checkout("v1", out)
+    assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / "ck1" / "adapter_model.safetensors").read_bytes()
