@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Executor
@@ -20,11 +21,23 @@ from typing import Iterator
 from . import codec
 from .encoding import kernels
 from .errors import AmbiguousRevision, CorruptObject, ObjectNotFound, UnsupportedFormat
-from .fsutil import TMP_PREFIX, atomic_write
+from .fsutil import atomic_write
 from .encoding.chain import DeltaBase
 from .objects import BLOB, COMMIT, SNAPSHOT, TAG, TENSOR, Commit, ObjectId, Snapshot, Tag, hash_object, header, parse_object, split_canonical
 
 
+# A loose object's folder and file names: lowercase hex (2 and 62 digits). Only names that
+# are ids count: temp files, and anything else put there by hand (`ah fsck` reports it),
+# are not objects (gc and stats passed such a name on as an id and crashed on it).
+_HEX_NAME = re.compile("[0-9a-f]+")
+
+
+def _is_fan(name: str) -> bool:
+    return len(name) == 2 and _HEX_NAME.fullmatch(name) is not None
+
+
+def _is_rest(name: str) -> bool:
+    return len(name) == 62 and _HEX_NAME.fullmatch(name) is not None
 # The base cache grows (BaseCache.reserve) to at most this share of physical memory.
 MAX_MEMORY_SHARE = 1 / 8
 
@@ -661,23 +674,21 @@ class LooseObjectStore(ObjectStore):
         if not self.root.is_dir():
             return
         for fan in sorted(os.listdir(self.root)):
-            if len(fan) != 2:
-                continue
-            for rest in sorted(os.listdir(self.root / fan)):
-                if not rest.startswith(TMP_PREFIX) and len(rest) == 62:
-                    yield ObjectId(fan + rest)
+            if _is_fan(fan):
+                for rest in sorted(os.listdir(self.root / fan)):
+                    if _is_rest(rest):
+                        yield ObjectId(fan + rest)
 
     def iter_files(self) -> Iterator[tuple[ObjectId, Path]]:
-        """(id, path) of every object file, unsorted (gc and stats stat them; temp files skipped)."""
+        """(id, path) of every object file, unsorted (gc and stats stat them)."""
         if not self.root.is_dir():
             return
         for fan in os.listdir(self.root):
-            if len(fan) != 2:
-                continue
-            folder = self.root / fan
-            for name in os.listdir(folder):
-                if len(name) == 62 and not name.startswith(TMP_PREFIX):
-                    yield ObjectId(fan + name), folder / name
+            if _is_fan(fan):
+                folder = self.root / fan
+                for name in os.listdir(folder):
+                    if _is_rest(name):
+                        yield ObjectId(fan + name), folder / name
 
     def find_prefix(self, prefix: str) -> list[ObjectId]:
         # Only the one fan-out folder can hold matches: no full scan.
@@ -685,7 +696,7 @@ class LooseObjectStore(ObjectStore):
         if len(prefix) < 2 or not fan_dir.is_dir():
             return super().find_prefix(prefix) if len(prefix) < 2 else []
         rest = prefix[2:]
-        return [ObjectId(prefix[:2] + n) for n in sorted(os.listdir(fan_dir)) if n.startswith(rest) and len(n) == 62]
+        return [ObjectId(prefix[:2] + n) for n in sorted(os.listdir(fan_dir)) if n.startswith(rest) and _is_rest(n)]
 
     def remove(self, oid: str) -> None:
         self._path(oid).unlink(missing_ok=True)

@@ -333,3 +333,25 @@ def test_id_sets_are_exact_for_ids_ending_in_zero_bytes():
 
     probe = np.frombuffer(b"".join(tricky + outside), dtype="S32")
     assert inside.mask(probe).tolist() == [True] * len(tricky) + [False] * len(outside)
+
+
+def test_files_under_objects_whose_names_are_not_ids_are_left_alone(tmp_path):
+    """A 62-character name that is not hex (helper-23: gc and stats crashed on fromhex),
+    an upper-case copy of an id, and a folder that is no fan-out are no objects: gc,
+    stats and log go on and leave them where they are."""
+    reg = Registry.init(tmp_path / "reg")
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    commit = reg.commit(folder, "one").id
+    objects = reg.ah_dir / "objects"
+    stray = [objects / commit[:2] / ("z" * 62), objects / commit[:2] / commit[2:].upper(), objects / "zz" / ("a" * 62)]
+    for path in stray:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"not an object")
+    _age_everything(reg)
+    for args in (["stats"], ["gc", "--prune", "now"], ["log"]):
+        rc, out, err = run_ah("--registry", reg.root, *args)
+        assert rc == 0, (args, err)
+    assert all(path.read_bytes() == b"not an object" for path in stray)
+    assert Registry.open(reg.root).resolve("HEAD") == commit
