@@ -84,12 +84,12 @@ class Registry:
         config: the parsed `.ah/config.json`.
     """
 
-    def __init__(self, root: Path, store: ObjectStore | None = None):
+    def __init__(self, root: Path, store: ObjectStore | None = None, *, read_only: bool = False):
         self.root = Path(root)
         self.ah_dir = self.root / AH_DIR
         if not self.ah_dir.is_dir():
             raise NotARegistry(f"{self.root} is not an adapterhub registry (no {AH_DIR}/ folder)")
-        self.config = self._read_config()
+        self.config = self._read_config(upgrade=not read_only)
         self.store = store or PackedObjectStore(self.ah_dir / "objects")  # loose + packs (issue 4)
         self.refs = RefStore(self.ah_dir)
         # (commit id, its snapshot) of the last commit made through this object: the next
@@ -126,14 +126,17 @@ class Registry:
         return cls(root)
 
     @classmethod
-    def open(cls, path: Path | str | None = None) -> "Registry":
-        """Open the registry at `path`, or discover it: `$AH_REGISTRY`, else nearest `.ah/` upward."""
+    def open(cls, path: Path | str | None = None, *, read_only: bool = False) -> "Registry":
+        """Open the registry at `path`, or discover it: `$AH_REGISTRY`, else nearest `.ah/` upward.
+
+        `read_only` (ah fsck) opens without marking an older registry with the current
+        format version: a checker must change nothing."""
         if path is None:
             env = os.environ.get("AH_REGISTRY")
             path = Path(env) if env else find_registry()
-        return cls(Path(path))
+        return cls(Path(path), read_only=read_only)
 
-    def _read_config(self) -> dict:
+    def _read_config(self, *, upgrade: bool) -> dict:
         path = self.ah_dir / "config.json"
         try:
             config = json.loads(path.read_text())
@@ -147,7 +150,7 @@ class Registry:
                 f"registry format version {version!r} is not supported by this adapterhub "
                 f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade adapterhub"
             )
-        if version < FORMAT_VERSION:
+        if version < FORMAT_VERSION and upgrade:
             config = dict(config, format_version=FORMAT_VERSION)
             try:
                 atomic_write(path, (json.dumps(config, indent=2) + "\n").encode())

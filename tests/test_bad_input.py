@@ -663,6 +663,17 @@ def test_version_1_registry_is_read_and_upgraded(reg):
     assert again.resolve("HEAD") == head and again.log("main")[0].message == "good adapter"
 
 
+def test_fsck_leaves_a_version_1_registry_as_it_is(reg):
+    """`ah fsck` changes nothing, the format marker included (helper-23: it rewrote it)."""
+    (reg.ah_dir / "config.json").write_text(json.dumps({"format_version": 1, "kept": "yes"}))
+    before = (reg.ah_dir / "config.json").stat().st_mtime_ns
+    proc = run_ah("--registry", str(reg.root), "fsck")
+    assert proc[0] == 0, proc
+    assert json.loads((reg.ah_dir / "config.json").read_text()) == {"format_version": 1, "kept": "yes"}
+    assert (reg.ah_dir / "config.json").stat().st_mtime_ns == before
+    assert Registry.open(reg.root, read_only=True).config["format_version"] == 1
+
+
 def test_cli_unknown_format_version(reg):
     (reg.ah_dir / "config.json").write_text(json.dumps({"format_version": 99}))
     proc = run_ah("--registry", str(reg.root), "log")

@@ -51,10 +51,10 @@ class AhGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def _open(ctx: click.Context):
+def _open(ctx: click.Context, *, read_only: bool = False):
     from ..registry import Registry
 
-    return Registry.open(ctx.obj.get("registry"))
+    return Registry.open(ctx.obj.get("registry"), read_only=read_only)
 
 
 def _decorations(reg) -> dict[str, list[str]]:

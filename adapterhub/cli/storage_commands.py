@@ -15,11 +15,11 @@ from . import render
 FORMATS = click.Choice(["text", "json"])
 
 
-def _open(ctx: click.Context):
+def _open(ctx: click.Context, *, read_only: bool = False):
     # Imported here, not at module level: cli/main.py imports this module at its bottom.
     from .main import _open as open_registry
 
-    return open_registry(ctx)
+    return open_registry(ctx, read_only=read_only)
 
 
 def _packed_store(reg):
@@ -96,7 +96,7 @@ def fsck_command(ctx, fmt: str):
     from ..fsck import check_registry
     from .progress import count_progress
 
-    reg = _open(ctx)
+    reg = _open(ctx, read_only=True)
     store = _packed_store(reg)
     bars = contextlib.ExitStack()
     update = []
