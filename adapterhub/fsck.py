@@ -50,7 +50,8 @@ from .objects import COMMIT, SNAPSHOT, TAG, ObjectId, parse_object
 from .pack import Pack, pack_names
 from .packstore import PACK_DIR, _open_listed
 from .reach import ID_LEN, IdSet, walk
-from .refs import TAGS, RefStore
+from .packed_refs import FILE_NAME as PACKED_REFS
+from .refs import HEADS, TAGS, RefStore
 from .store import LooseObjectStore, ObjectStore
 
 ERROR = "error"
@@ -73,11 +74,16 @@ FINDINGS = {
     "ref-dangling": (ERROR, "a ref names an object that is not in the store"),
     "ref-wrong-type": (ERROR, "a ref names an object that is not a commit (nor, for a tag, a tag object)"),
     "head-broken": (ERROR, "HEAD holds neither a valid ref name nor an object id"),
+    "head-unborn": (WARNING, "HEAD names a branch that does not exist though its reflog does, while other "
+                             "branches do: the branch was lost"),
     "temp-file": (WARNING, "a temp file left by a killed writer (gc removes it)"),
     "orphan-pack": (WARNING, "a pack file without its index, left by a killed writer (gc removes it)"),
     "stale-lock": (WARNING, "a lock file left by a killed writer: the ref (or file) it locks cannot be "
                             "updated until it is removed"),
 }
+# What a damaged packed-refs file leaves unknown.
+_PACKED_UNKNOWN = ("the refs it holds are unknown from the damage on: the objects only they reach count as "
+                   "unreachable here and were not checked for reachability (do not run `ah gc` before it is repaired)")
 # Tensors read_tensors decodes at once: at most this many, of at most this many bytes.
 BATCH_OBJECTS = 1024
 BATCH_BYTES = 64 << 20
@@ -425,11 +431,16 @@ class _Checker:
                 if oid is not None:
                     loose[name] = oid
         yield list(loose), b"".join(bytes.fromhex(o) for o in loose.values())
+        branches = any(name.startswith(HEADS) for name in loose)
         names, keys = [], bytearray()
+        # Every record from the file's first one (packed_all): a listing under refs/ starts
+        # with a binary search, and one flipped bit in the first name hid every ref of the
+        # first restart block; their history then counted as unreachable, with no finding.
         try:
-            for name, oid in refs.packed.iter_prefix("refs/"):
+            for name, oid in refs.packed_all():
                 if name in loose:
                     continue
+                branches = branches or name.startswith(HEADS)
                 names.append(name)
                 keys += bytes.fromhex(oid)
                 if len(names) >= _CHUNK:
@@ -437,7 +448,10 @@ class _Checker:
                     names, keys = [], bytearray()
         except CorruptObject as exc:
             if report:
-                self.add("ref-corrupt", "packed-refs", exc.reason)
+                self.add("ref-corrupt", PACKED_REFS, f"{exc.reason}; {_PACKED_UNKNOWN}")
+        except OSError as exc:
+            if report:
+                self.add("ref-corrupt", PACKED_REFS, f"cannot be read: {exc.strerror or exc}; {_PACKED_UNKNOWN}")
         yield names, bytes(keys)
         try:
             target, head = refs.read_head()
@@ -450,6 +464,13 @@ class _Checker:
         else:
             if target is None and head is not None:
                 yield ["HEAD"], bytes.fromhex(head)
+            elif target is not None and head is None and branches and report and (self.ah_dir / "logs" / target).is_file():
+                # Unborn beside other branches is how `ah import` leaves a new registry; but
+                # a reflog means the branch had commits, and HEAD's branch is never deleted
+                # (deleting one removes its reflog too): it was lost.
+                self.add("head-unborn", "HEAD", f"names {target}, which does not exist though its reflog does, while "
+                                                f"other branches do: the branch was lost (its history may be counted "
+                                                f"unreachable) and a commit would start a new history there")
 
     def roots(self) -> IdSet:
         """What the refs and a detached HEAD name: where the walk starts."""

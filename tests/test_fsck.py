@@ -445,3 +445,48 @@ def test_usage_errors(tmp_path):
     reg, _ = _history(tmp_path)
     rc, out, err = run_ah("--registry", reg.root, "fsck", "--format", "xml")
     assert rc == 2 and err.startswith("error: ")
+
+
+def test_damaged_first_name_of_packed_refs_is_reported(tmp_path):
+    """One flipped bit in the first packed name ("refs/heads/main" -> "rdfs/heads/main") hid
+    every ref of the first restart block from a listing under refs/: fsck said nothing and
+    counted their history unreachable. It reads every record (RefStore.packed_all)."""
+    reg, ids = _history(tmp_path, steps=3)
+    for i in range(20):
+        reg.refs.update(f"refs/heads/users/u{i:03d}", ids[2])
+    reg.refs.pack_refs()
+    path = reg.ah_dir / "packed-refs"
+    data = bytearray(path.read_bytes())
+    data[data.index(b"refs/heads/main") + 1] ^= 0x01
+    path.write_bytes(bytes(data))
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    (f,) = [f for f in report["findings"] if f["id"] == "ref-corrupt"]
+    assert f["object"] == "packed-refs" and "unknown" in f["message"] and "unreachable" in f["message"]
+    # Nothing is said about HEAD: the branch it names may be among the unknown ones.
+    assert {f["id"] for f in report["findings"]} == {"ref-corrupt"}, _ids(report)
+
+
+def test_packed_refs_that_cannot_be_read_is_a_finding(tmp_path):
+    reg, ids = _history(tmp_path)
+    (reg.ah_dir / "packed-refs").mkdir()
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    assert ("ref-corrupt", "packed-refs") in _ids(report)
+
+
+def test_head_naming_a_missing_branch_beside_others_is_a_warning(tmp_path):
+    """The branch HEAD names was lost (its ref file gone, its reflog still there)."""
+    reg, ids = _history(tmp_path)
+    (reg.ah_dir / "refs" / "heads" / "main").unlink()
+    rc, report, _ = _fsck(reg)
+    assert rc == 0 and report["ok"] is True
+    assert [(f["id"], f["object"], f["severity"]) for f in report["findings"]] == [("head-unborn", "HEAD", "warning")]
+    # Unborn without a reflog (as `ah import` leaves a new registry): nothing to say.
+    (reg.ah_dir / "HEAD").write_text("ref: refs/heads/nonexistent\n")
+    rc, report, _ = _fsck(reg)
+    assert rc == 0 and report["findings"] == []
+    # A new registry: HEAD names main, which no commit made yet, and no branch exists.
+    fresh = Registry.init(tmp_path / "fresh")
+    rc, report, _ = _fsck(fresh)
+    assert rc == 0 and report["findings"] == []
