@@ -61,7 +61,7 @@ SOURCE_ID_BYTES = 32
 RECORD_HEADER = struct.Struct("<4sBQ")
 # Every header a reader parses without decoding (the encoding, the ids of the objects a
 # record depends on, a tensor's head and plane layout: at most ~115 bytes) lies within a
-# record's first RECORD_HEAD_MAX bytes, so planning a read or walking dependencies reads
+# record's first RECORD_HEAD_MAX bytes, so walking dependencies (gc, stats, fsck) reads
 # only these, not a tensor's megabytes.
 RECORD_HEAD_MAX = 256
 # Where a record's encoding byte sits (after the magic).

@@ -176,7 +176,7 @@ class ObjectStore:
 
     def _read_record_head(self, oid: str) -> bytes:
         """The first codec.RECORD_HEAD_MAX bytes of `oid`'s record (all of a shorter one):
-        every header a read plan or a dependency walk parses. Backends override it to
+        every header a dependency walk (gc, stats, fsck) parses. Backends override it to
         copy no more than that."""
         return self._read_record(oid)[: codec.RECORD_HEAD_MAX]
 
@@ -711,14 +711,17 @@ class _ReadNode:
     """A tensor record read_tensors decodes natively: its read_plan, the ids of the bodies
     it needs (delta base, extrapolation source), its level (1 + theirs; 1 when it needs
     none, or only bodies at hand) and the read budget its chain needs (0 for planes, else
-    1 + its sources'; a body at hand needs none). Planning reads only each record's head;
-    the whole record is read for its job, when its level is decoded: a plan of deep
-    chains holds no record, and each record is copied once."""
+    1 + its sources'; a body at hand needs none). A level-1 record (a checkout of the next
+    revision: every base in the base cache) is kept from planning for the job, which the
+    first native call takes at once; a higher one is read again for its job: a plan of
+    deep chains would otherwise hold every record of every level. (Reading only heads at
+    planning cost a warm checkout a second lookup per tensor and gained a cold one
+    nothing measurable.)"""
 
-    __slots__ = ("oid", "plan", "height", "need", "sources")
+    __slots__ = ("oid", "plan", "height", "need", "sources", "record")
 
-    def __init__(self, oid: str, plan: tuple, height: int, need: int):
-        self.oid, self.plan, self.height, self.need = oid, plan, height, need
+    def __init__(self, oid: str, plan: tuple, height: int, need: int, record: bytes | None):
+        self.oid, self.plan, self.height, self.need, self.record = oid, plan, height, need, record
         base_id, prev_id = plan[5], plan[7]
         self.sources = () if base_id is None else (base_id,) if prev_id is None else (base_id, prev_id)
 
@@ -726,14 +729,16 @@ class _ReadNode:
         """The native job, or None when the record cannot be read now (gc moved or removed
         it: the one-by-one read then says what is wrong; a record that changed under the
         plan fails the native checks or the re-hash and is read one by one too)."""
-        try:
-            record = store._read_record(self.oid)
-        except (ObjectNotFound, CorruptObject, UnsupportedFormat, OSError):
-            return None
-        # The head was read at planning: this read may find another copy of the object
-        # (stored twice, with other bases) or damage the head did not show.
-        if kernels.read_plan(record) != self.plan:
-            return None
+        record, self.record = self.record, None
+        if record is None:
+            try:
+                record = store._read_record(self.oid)
+            except (ObjectNotFound, CorruptObject, UnsupportedFormat, OSError):
+                return None
+            # Read again: this may be another copy of the object (stored twice, with
+            # other bases) or damaged, whose layout the native call would refuse whole.
+            if kernels.read_plan(record) != self.plan:
+                return None
         pos, body_len, width, rotate, kind, base_id, _depth, prev_id = self.plan
         base = bodies[base_id] if base_id is not None else None
         prev = bodies[prev_id] if prev_id is not None else None
@@ -791,12 +796,12 @@ class _ReadPlan:
     def _plan(self, oid: str, budget: int, requested: bool, length: int | None) -> tuple[int, int] | None:
         store = self.store
         try:
-            head = store._read_record_head(oid)
+            record = store._read_record(oid)
         except (ObjectNotFound, CorruptObject, UnsupportedFormat, OSError):
             # left to the one-by-one read, which raises it in the caller's order (an I/O
             # error on a later tensor must not overtake damage found on an earlier one)
             return None
-        plan = kernels.read_plan(head)
+        plan = kernels.read_plan(record)
         if plan is None:
             if requested:
                 return None
@@ -826,6 +831,7 @@ class _ReadPlan:
             if body is not None:
                 need = 1
             else:
+                record = None  # sources to plan first, maybe a deep chain: not held meanwhile
                 self._open.add(oid)
                 try:
                     for source in sources:
@@ -835,6 +841,6 @@ class _ReadPlan:
                         height, need = max(height, below[0] + 1), max(need, below[1] + 1)
                 finally:
                     self._open.discard(oid)
-        node = self.nodes[oid] = _ReadNode(oid, plan, height, need)
+        node = self.nodes[oid] = _ReadNode(oid, plan, height, need, record)  # None unless at level 1
         self.order.append(node)
         return height, need
