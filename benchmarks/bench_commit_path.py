@@ -17,7 +17,10 @@ bf16), in process, so that a change to one stage can be measured A/B:
   children: provenance), against ZipNN compressing the same files on one thread. Wall
   times on a shared 2-core machine swing by 2x; CPU time much less, and it says what
   two cores can do at best: a commit can only keep up with ZipNN's two-thread throughput
-  if its CPU time per checkpoint is at most about twice ZipNN's one-thread CPU time.
+  if its CPU time per checkpoint is at most about twice ZipNN's one-thread CPU time;
+- fixed cost: what a commit of a tiny adapter costs (wall, CPU, git CPU, fsyncs), with
+  and without the git processes of provenance, beside ZipNN's whole compression of one
+  checkpoint: what no commit can go below, whatever the codec does.
 
     python3 benchmarks/bench_commit_path.py            # ~1 minute on 2 cores
     python3 benchmarks/bench_commit_path.py --quick    # ~20 s (smaller checkpoints)
@@ -132,6 +135,76 @@ def cli_commit_ms(folders: list[Path], work: Path) -> tuple[float, float, float]
     return sum(times) / len(times) * 1e3, max(times) * 1e3, min(version) * 1e3
 
 
+def fixed_commit_cost(work: Path, commits: int = 30) -> dict:
+    """What a commit costs whatever the adapter's size: `commits` revisions of a tiny
+    adapter (two 4 kB tensors and a config) in process; median wall ms, CPU ms in this
+    process and in its git children (provenance), fsyncs (durability) per commit, with
+    the git provenance and without it (author and record collected once, reused)."""
+    import statistics
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from adapterhub import provenance
+    from adapterhub.registry import Registry
+
+    rng = np.random.default_rng(0)
+    folders = []
+    for i in range(commits):
+        folder = work / "tiny" / f"r{i:02d}"
+        folder.mkdir(parents=True)
+        save_file({"a": rng.standard_normal((16, 64)).astype(np.float32), "b": rng.standard_normal((64, 16)).astype(np.float32)},
+                  str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 16}')
+        folders.append(folder)
+    fsyncs = [0]
+    real_fsync, real_collect, real_author = os.fsync, provenance.collect, provenance.default_author
+
+    def counted_fsync(fd):
+        fsyncs[0] += 1
+        return real_fsync(fd)
+
+    out = {}
+    try:
+        os.fsync = counted_fsync
+        for mode in ("git", "no git"):
+            if mode == "no git":
+                record, author = real_collect(folders[0]), real_author()
+                provenance.collect = lambda *a, **k: record
+                provenance.default_author = lambda: author
+            registry = Registry.init(work / f"tiny-{mode.replace(' ', '-')}")
+            walls, fsyncs[0] = [], 0
+            own0, kids0 = _cpu_s()
+            for i, folder in enumerate(folders):
+                start = time.perf_counter()
+                registry.commit(folder, f"revision {i}")
+                walls.append(time.perf_counter() - start)
+            own1, kids1 = _cpu_s()
+            out[mode] = dict(wall_ms=statistics.median(walls) * 1e3, cpu_ms=(own1 - own0) / commits * 1e3,
+                             git_cpu_ms=(kids1 - kids0) / commits * 1e3, fsyncs=fsyncs[0] / commits)
+    finally:
+        os.fsync, provenance.collect, provenance.default_author = real_fsync, real_collect, real_author
+    return out
+
+
+def zipnn_wall_ms(folders: list[Path], dtype: str, reps: int = 3) -> float | None:
+    """Wall ms ZipNN (both cores, in memory, as bench_storage runs it) takes to compress one
+    checkpoint's weights file, lowest of `reps` passes; None without zipnn."""
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return None
+    files = [(f / "adapter_model.safetensors").read_bytes() for f in folders]
+    zipnn = ZipNN(input_format="byte", bytearray_dtype=dtype, threads=os.cpu_count() or 1)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for data in files:
+            zipnn.compress(data)
+        best = min(best, time.perf_counter() - start)
+    return best / len(files) * 1e3
+
+
 def zipnn_cpu_ms(folders: list[Path], dtype: str, reps: int = 3) -> float | None:
     """CPU ms ZipNN (one thread, in memory) spends compressing one checkpoint's weights
     file, lowest of `reps` passes; None without zipnn."""
@@ -163,6 +236,7 @@ def main(argv=None) -> int:
         _, fp32 = train_revisions(work / "fp32", revisions, int(size_mb * MB), rank=16)
         bf16 = to_bf16(fp32, work / "bf16")
         rows, cpu_rows, cli_rows, results = [], [], [], {"machine": machine_info(), "revisions": revisions}
+        zipnn_wall = {}
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         for label, folders, dtype in (("fp32", fp32, "float32"), ("bf16", bf16, "bfloat16")):
             one, two = codec_mb_s(folders, 1, 3), codec_mb_s(folders, 2, 3)
@@ -176,12 +250,20 @@ def main(argv=None) -> int:
             rows.append([label, fmt(one), fmt(two), fmt(commit), fmt(checkout)])
             ratio = None if zipnn_ms is None else (cpu_own + cpu_git) / zipnn_ms
             cpu_rows.append([label, fmt(cpu_own), fmt(cpu_git), fmt(zipnn_ms), fmt(ratio)])
+            results[label]["zipnn_wall_ms"] = zipnn_wall[label] = zipnn_wall_ms(folders, dtype)
+        fixed = results["fixed_commit_cost"] = fixed_commit_cost(work)
         print(f"{revisions} checkpoints of {size_mb} MB (fp32), in process; commit: best of {rounds} rounds per revision")
         print(format_table(["sequence", "codec MB/s (1 thread)", "codec MB/s (2)", "commit MB/s", "checkout MB/s"], rows))
         print("\nCPU per checkpoint (ms): a commit's, in this process and in its git children, and ZipNN's (1 thread)")
         print(format_table(["sequence", "commit CPU", "git CPU", "ZipNN CPU", "commit / ZipNN"], cpu_rows))
         print("\n`ah commit` from the command line, a new process per checkpoint (ms of wall time)")
         print(format_table(["sequence", "mean", "slowest (deepest chain)", "`ah --version`"], cli_rows))
+        print("\nWhat every commit costs whatever its size: a tiny adapter (two 4 kB tensors), in process, median of 30")
+        print(format_table(["provenance", "wall ms", "CPU ms", "git CPU ms", "fsyncs"],
+                           [[mode, fmt(v["wall_ms"]), fmt(v["cpu_ms"]), fmt(v["git_cpu_ms"]), fmt(v["fsyncs"])]
+                            for mode, v in fixed.items()]))
+        print("ZipNN's whole compression of one checkpoint, both cores (ms of wall time): "
+              + ", ".join(f"{label} {fmt(ms)}" for label, ms in zipnn_wall.items()))
         write_json(args.json, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -86,3 +86,7 @@ def test_bench_commit_path_quick_run(tmp_path):
         assert results[label]["commit_cpu_ms"] > 0 and results[label]["commit_git_cpu_ms"] >= 0
         assert results[label]["cli_commit_max_ms"] >= results[label]["cli_commit_ms"] > results[label]["cli_start_ms"] > 0
     assert "commit / ZipNN" in proc.stdout and "`ah --version`" in proc.stdout
+    fixed = results["fixed_commit_cost"]
+    # every commit is durable: its objects and its ref reach the disk (fsync) before it returns
+    assert fixed["git"]["fsyncs"] >= 2 and fixed["no git"]["git_cpu_ms"] == 0
+    assert fixed["git"]["wall_ms"] > 0 and "whatever its size" in proc.stdout
