@@ -490,3 +490,42 @@ def test_head_naming_a_missing_branch_beside_others_is_a_warning(tmp_path):
     fresh = Registry.init(tmp_path / "fresh")
     rc, report, _ = _fsck(fresh)
     assert rc == 0 and report["findings"] == []
+
+
+def test_objects_of_the_wrong_type_are_named_with_what_names_them(tmp_path):
+    """A commit's parents must be commits, a snapshot's tensor entries tensors and its file
+    blobs blobs, an eval list's entries evals that parse: each wrong one is reported with
+    the object that names it (checkout, log and eval list all fail on them)."""
+    from adapterhub.evals import EvalLists
+    from adapterhub.objects import EVAL, SNAPSHOT
+
+    reg, ids = _history(tmp_path)
+    snap_id = reg.store.get_commit(ids[3]).snapshot
+    tensor = _tensors(reg, ids[0])[0]
+    on_snapshot = _commit_like(reg, ids[3], parents=[snap_id], message="parent is a snapshot")
+    on_tensor = _commit_like(reg, ids[3], parents=[tensor], message="parent is a tensor")
+    snap = json.loads(reg.store.read(snap_id)[1])
+    entry = [f for f in snap["files"] if f["kind"] == "safetensors"][0]
+    entry["tensors"][0]["blob"] = ids[0]  # a commit where a tensor should be
+    entry["tensors"][1]["blob"] = entry["blob"]  # the header blob where a tensor should be
+    odd_snap = reg.store.put(SNAPSHOT, canonical_json(snap))
+    odd_files = _commit_like(reg, ids[3], snapshot=odd_snap, message="odd tensors")
+    for name, oid in (("a", on_snapshot), ("b", on_tensor), ("c", odd_files)):
+        reg.refs.update(f"refs/heads/{name}", oid)
+    bad_eval = reg.store.put(EVAL, b'{"not": "an eval record"}')
+    EvalLists(reg.ah_dir).append(ids[2], [bad_eval, _tensors(reg, ids[1])[0]])
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    found = {(f["id"], f["object"]): f["message"] for f in report["findings"]}
+    assert set(found) == {
+        ("wrong-type", snap_id), ("wrong-type", tensor), ("wrong-type", ids[0]), ("wrong-type", entry["blob"]),
+        ("wrong-type", _tensors(reg, ids[1])[0]), ("object-malformed", bad_eval),
+    }, sorted(found)
+    assert found[("wrong-type", snap_id)] == f"commit {on_snapshot} names it as a parent, but it is a snapshot"
+    assert found[("wrong-type", tensor)] == f"commit {on_tensor} names it as a parent, but it is a tensor"
+    assert found[("wrong-type", ids[0])].startswith(f"snapshot {odd_snap} names it as tensor ")
+    assert found[("wrong-type", ids[0])].endswith(", but it is a commit")
+    assert found[("wrong-type", entry["blob"])].endswith(", but it is a blob")
+    assert found[("wrong-type", _tensors(reg, ids[1])[0])] == (
+        f"the eval list of commit {ids[2]} names it as an eval, but it is a tensor")
+    assert found[("object-malformed", bad_eval)].startswith("eval: ")
