@@ -23,6 +23,10 @@ goes on as usual):
    types come from the copies read (walk and copy check).
 4. Leftovers of killed writers: temp files, packs without an index and lock files older
    than an hour are warnings; younger ones belong to writers at work and are only counted.
+   Entries under objects/ that are no object file are warnings too (stray-file).
+
+An entry that cannot be read (a folder where a file belongs, an unreadable file) is a
+finding on that entry; the run goes on to its report.
 
 Unreachable objects are counted, not reported one by one (gc prunes them).
 
@@ -85,6 +89,8 @@ FINDINGS = {
                              "branches do: the branch was lost"),
     "temp-file": (WARNING, "a temp file left by a killed writer (gc removes it)"),
     "orphan-pack": (WARNING, "a pack file without its index, left by a killed writer (gc removes it)"),
+    "stray-file": (WARNING, "an entry under objects/ that is not an object file (a name not of hex digits, "
+                            "a file where a fan-out folder belongs): never read as an object"),
     "stale-lock": (WARNING, "a lock file left by a killed writer: the ref (or file) it locks cannot be "
                             "updated until it is removed"),
 }
@@ -160,6 +166,49 @@ class FsckResult:
         return out
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_hex(name: str) -> bool:
+    return _HEX.issuperset(name)
+
+
+def list_loose(objects_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """(ids of the loose object files, (path under objects/, why) of every other entry of
+    the fan-out folders). fsck lists them itself: a name that is not 62 lowercase hex
+    digits under a folder of 2 is no object file (the store never reads it), and must
+    neither crash the check nor pass unseen. Temp files are check_leftovers'."""
+    ids: list[str] = []
+    stray: list[tuple[str, str]] = []
+    try:
+        fans = os.listdir(objects_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return ids, stray
+    for fan in fans:
+        if len(fan) != 2 or fan.startswith(TMP_PREFIX):
+            continue
+        try:
+            names = os.listdir(os.path.join(objects_dir, fan))
+        except NotADirectoryError:
+            stray.append((fan, "a file where a folder of loose objects belongs"))
+            continue
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            stray.append((fan, f"a folder of loose objects that cannot be listed: {exc.strerror or exc}"))
+            continue
+        hex_fan = _is_hex(fan)
+        for name in names:
+            if name.startswith(TMP_PREFIX):
+                continue
+            if hex_fan and len(name) == 2 * ID_LEN - 2 and _is_hex(name):
+                ids.append(fan + name)
+            else:
+                stray.append((f"{fan}/{name}", "not an object file (an object's is named by its 64 lowercase hex "
+                                               "digits, 2 as its folder): never read as one"))
+    return ids, stray
+
+
 def _age_key(pack: Pack) -> int:
     try:
         return os.stat(pack.path).st_mtime_ns
@@ -182,7 +231,7 @@ class _Listed(ObjectStore):
         self.root = Path(root)
         self.loose = LooseObjectStore(self.root, durable=False)
         if loose_ids is None:
-            loose_ids = [oid for oid, _path in self.loose.iter_files()]
+            loose_ids = list_loose(self.root)[0]
         self.loose_ids = set(loose_ids)
         self.pack_dir = self.root / PACK_DIR
         self.packs: list[Pack] = []
@@ -194,6 +243,8 @@ class _Listed(ObjectStore):
                 continue  # removed by a gc since listed
             except CorruptObject as exc:
                 self.broken.append((name, exc.reason))
+            except OSError as exc:  # a folder named as an index, an unreadable file
+                self.broken.append((name, f"cannot be read: {exc.strerror or exc}"))
         # Oldest first: a commit's pack holds deltas against tensors of older packs, so the
         # copy check finds their bases decoded already (base cache) instead of decoding
         # each chain again under every pack that depends on it.
@@ -218,10 +269,18 @@ class _Listed(ObjectStore):
                 record = pack.record_at(oid, *pack.location(i))
                 break
         else:
-            record, n = self.loose._read_record(oid), -1
+            record, n = self.loose_record(oid), -1
         if oid == self._top:
             self._top, self._top_from = None, (n, len(record))
         return record
+
+    def loose_record(self, oid: str) -> bytes:
+        """The loose file's record; CorruptObject when it cannot be read (a folder where the
+        file belongs, an unreadable file): damage of that copy, not a reason to stop."""
+        try:
+            return self.loose._read_record(oid)
+        except OSError as exc:
+            raise CorruptObject(oid, f"its loose file cannot be read: {exc.strerror or exc}") from None
 
     def read(self, oid: str) -> tuple[str, bytes]:
         """(type, body) from the first copy that reads whole and re-hashes: a damaged copy
@@ -289,8 +348,12 @@ class _Listed(ObjectStore):
                 except CorruptObject:
                     out.append((n, None))
         if oid in self.loose_ids:  # listed: a file per miss would cost a failed open each
-            with contextlib.suppress(ObjectNotFound):
-                out.append((-1, self.loose._read_record(oid)))
+            try:
+                out.append((-1, self.loose_record(oid)))
+            except ObjectNotFound:
+                pass
+            except CorruptObject:
+                out.append((-1, None))
         return out
 
     def dependencies_of(self, oid: str) -> tuple[ObjectId, ...]:
@@ -715,6 +778,8 @@ class _Checker:
             except CorruptObject as exc:
                 kind = "index-checksum" if exc.oid.endswith(".idx") else "pack-checksum"
                 self.add(kind, exc.oid.removeprefix("pack "), exc.reason)
+            except OSError as exc:
+                self.add("pack-corrupt", pack.path.name, f"cannot be read: {exc.strerror or exc}")
             skip = IdSet.build([bytes(self.listed.walked.get(n, b""))])
             try:
                 self.check_source(pack.path.name, _Copy(self.listed, partial(_pack_copy, pack)), _pack_order(pack, skip),
@@ -724,12 +789,11 @@ class _Checker:
             pack.release_pages()
 
     def check_loose(self, loose_ids: list[str]) -> None:
-        loose = self.listed.loose
         skip = IdSet.build([bytes(self.listed.walked.get(-1, b""))])
 
         def own(oid: str) -> bytes | None:
             try:
-                return loose._read_record(oid)
+                return self.listed.loose_record(oid)
             except ObjectNotFound:
                 return None
 
@@ -908,7 +972,7 @@ def check_registry(
     # Refs move after the objects they name are written, and gc moves objects loose ->
     # pack: listing loose files first, then packs, then reading the refs sees everything
     # the refs name (what is written later is not checked, and not reported missing).
-    loose_ids = [oid for oid, _path in LooseObjectStore(objects_dir).iter_files()]
+    loose_ids, stray = list_loose(Path(objects_dir))
     listed = _Listed(objects_dir, loose_ids)
     checker = _Checker(ah_dir, listed, refs, progress, threads)
     result = checker.result
@@ -937,6 +1001,9 @@ def check_registry(
         result.unreachable = int((~reach.ids.mask(stored.array)).sum())
         del reach, stored
         checker.check_leftovers(now)
+        for path, why in stray:
+            checker.add("stray-file", (Path(objects_dir) / path).relative_to(ah_dir).as_posix()
+                        if Path(objects_dir).is_relative_to(ah_dir) else path, why)
     finally:
         checker.close()
         listed.close()

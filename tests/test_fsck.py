@@ -529,3 +529,37 @@ def test_objects_of_the_wrong_type_are_named_with_what_names_them(tmp_path):
     assert found[("wrong-type", _tensors(reg, ids[1])[0])] == (
         f"the eval list of commit {ids[2]} names it as an eval, but it is a tensor")
     assert found[("object-malformed", bad_eval)].startswith("eval: ")
+
+
+def test_odd_entries_in_the_store_are_findings_not_crashes(tmp_path):
+    """Names that are no object file under objects/ are stray-file warnings; a folder where
+    an object file, a pack index or packed-refs belongs is a finding on that entry, and
+    the run goes on to its report."""
+    reg, ids = _history(tmp_path)
+    objects = reg.ah_dir / "objects"
+    (objects / "zz").mkdir()
+    (objects / "zz" / ("q" * 62)).write_bytes(b"junk")
+    (objects / ids[0][:2]).mkdir(exist_ok=True)
+    (objects / ids[0][:2] / ("g" * 62)).write_bytes(b"junk")
+    (objects / ids[0][:2] / ("A" * 62)).write_bytes(b"junk")
+    tensor = _tensors(reg, ids[-1])[0]
+    _loose_path(reg, tensor).unlink()
+    _loose_path(reg, tensor).mkdir()
+    rc, report, err = _fsck(reg)
+    assert rc == 1 and "Traceback" not in err
+    assert _ids(report) == sorted([
+        ("stray-file", f"objects/zz/{'q' * 62}"),
+        ("stray-file", f"objects/{ids[0][:2]}/{'g' * 62}"),
+        ("stray-file", f"objects/{ids[0][:2]}/{'A' * 62}"),
+        ("object-corrupt", tensor),
+    ]), _ids(report)
+    assert all(f["severity"] == "warning" for f in report["findings"] if f["id"] == "stray-file")
+
+    reg2, _ = _history(tmp_path / "two")
+    _packed(reg2).close()
+    idx_dir = reg2.ah_dir / "objects" / "pack" / ("pack-" + "ab" * 32 + ".idx")
+    idx_dir.mkdir()
+    (reg2.ah_dir / "objects" / "cd").write_bytes(b"x")
+    rc, report, err = _fsck(reg2)
+    assert rc == 1 and "Traceback" not in err
+    assert _ids(report) == [("pack-corrupt", idx_dir.name), ("stray-file", "objects/cd")], _ids(report)
