@@ -602,9 +602,17 @@ class _Checker:
         is noted with the type it must have (check_types)."""
         self.listed.on_read = self._note_names
         try:
-            return walk(self.listed, roots, self.ah_dir)
+            return walk(self.listed, roots, self.ah_dir, on_eval_error=self._eval_list_error)
         finally:
             self.listed.on_read = None
+
+    def _eval_list_error(self, commit: str, exc: Exception) -> None:
+        """The walk could not read `commit`'s eval list: reported, and the walk goes on
+        through the commit's parents (the damage must not hide what lies behind it)."""
+        if isinstance(exc, CorruptObject):
+            self.add("eval-list-corrupt", commit, exc.reason)
+        else:
+            self.add("eval-list-corrupt", commit, f"cannot be read: {getattr(exc, 'strerror', None) or exc}")
 
     def _where(self, source: int) -> str:
         return LOOSE if source < 0 else self.listed.packs[source].path.name

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import AhError, CorruptObject, ObjectNotFound
 from .evals import EvalLists
@@ -231,10 +231,16 @@ def walk(
     known: IdSet | None = None,
     *,
     want_leaves: bool = False,
+    on_eval_error: Callable[[str, Exception], None] | None = None,
 ) -> Reachable:
     """Mark everything reachable from `roots`, skipping what `known` (an earlier walk's
     ids) already holds: a second walk from refs that moved costs only what is new.
-    `out.leaves` is filled only `want_leaves` (stats): gc does not need a second set."""
+    `out.leaves` is filled only `want_leaves` (stats): gc does not need a second set.
+
+    A commit whose eval list cannot be read (CorruptObject, OSError) goes to `missing`
+    (an OSError is raised), so gc aborts; with `on_eval_error` (fsck), it is told
+    (commit id, the error) instead and the walk goes on through the commit's parents,
+    so that damage does not hide what lies behind it."""
     if not isinstance(roots, IdSet):
         roots = IdSet.of_hex(roots)
     known = known or IdSet()
@@ -272,7 +278,12 @@ def walk(
                     snapshot(commit.snapshot)
                     nexts = list(commit.parents)
                     if evals is not None:
-                        nexts.extend(evals.read(oid))
+                        try:
+                            nexts.extend(evals.read(oid))
+                        except (CorruptObject, OSError) as exc:
+                            if on_eval_error is None:
+                                raise
+                            on_eval_error(oid, exc)
                 elif obj_type == SNAPSHOT:  # a ref or an eval may name a snapshot directly
                     snapshot(oid, (obj_type, body))
                     nexts = []

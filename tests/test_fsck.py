@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterhub.fsck import FINDINGS, check_registry
+from adapterhub.fsck import FINDINGS, check_registry, list_loose
 from adapterhub.gc import collect_garbage
 from adapterhub.importer import import_folders
 from adapterhub.objects import COMMIT, canonical_json
@@ -563,3 +563,28 @@ def test_odd_entries_in_the_store_are_findings_not_crashes(tmp_path):
     rc, report, err = _fsck(reg2)
     assert rc == 1 and "Traceback" not in err
     assert _ids(report) == [("pack-corrupt", idx_dir.name), ("stray-file", "objects/cd")], _ids(report)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "folder"])
+def test_a_damaged_eval_list_does_not_hide_the_history_behind_it(tmp_path, damage):
+    """The walk goes on through the commit's parents after its eval list fails (fsck
+    passes reach.walk an error callback); gc, without one, still prunes nothing."""
+    reg, ids = _history(tmp_path)
+    evals = reg.ah_dir / "evals" / ids[3][:2] / ids[3][2:]
+    evals.parent.mkdir(parents=True, exist_ok=True)
+    if damage == "garbage":
+        evals.write_text("garbage\n")
+    else:
+        evals.mkdir()
+    snap0 = reg.store.get_commit(ids[0]).snapshot
+    _loose_path(reg, snap0).unlink()
+    rc, report, err = _fsck(reg)
+    assert rc == 1 and "Traceback" not in err
+    assert _ids(report) == sorted([("eval-list-corrupt", ids[3]), ("object-missing", snap0)]), _ids(report)
+    if damage == "garbage":
+        reg.refs.delete("refs/heads/side")  # unreachable now: gc would prune it, were it not stopped
+        before = list_loose(reg.ah_dir / "objects")[0]
+        result = collect_garbage(reg.ah_dir, reg.store, reg.refs, grace_s=0)
+        assert ids[3] in result.missing
+        store = Registry.open(reg.root).store
+        assert all(store.has(oid) for oid in before)  # nothing pruned
