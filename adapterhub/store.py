@@ -38,6 +38,8 @@ def _is_fan(name: str) -> bool:
 
 def _is_rest(name: str) -> bool:
     return len(name) == 62 and _HEX_NAME.fullmatch(name) is not None
+
+
 # The base cache grows (BaseCache.reserve) to at most this share of physical memory.
 MAX_MEMORY_SHARE = 1 / 8
 
