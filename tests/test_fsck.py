@@ -588,3 +588,23 @@ def test_a_damaged_eval_list_does_not_hide_the_history_behind_it(tmp_path, damag
         assert ids[3] in result.missing
         store = Registry.open(reg.root).store
         assert all(store.has(oid) for oid in before)  # nothing pruned
+
+
+def test_many_packs_are_searched_once_per_lookup_not_once_per_pack(tmp_path, monkeypatch):
+    """A store of one pack per commit (big commits, imports): every lookup went through
+    every pack (1,200 packs: 8.5 s, 7 million searches); one id column over all packs
+    answers each with one search."""
+    import adapterhub.packstore as packstore
+
+    monkeypatch.setattr(packstore, "BATCH_PACK_MIN_OBJECTS", 1)
+    reg = Registry.init(tmp_path / "reg")
+    for i in range(30):
+        reg.commit(write_checkpoint(tmp_path / f"ck{i}", i), f"c{i}", branch=f"b{i % 5}")
+    packs = pack_paths(reg.ah_dir / "objects" / "pack")
+    assert len(packs) == 30
+    calls = []
+    find = Pack.find
+    monkeypatch.setattr(Pack, "find", lambda self, oid: calls.append(oid) or find(self, oid))
+    result = check_registry(reg.ah_dir, reg.ah_dir / "objects", reg.refs)
+    assert result.ok and result.findings == [] and result.packs == 30
+    assert len(calls) <= 2 * result.objects_checked, (len(calls), result.objects_checked)
