@@ -608,3 +608,49 @@ def test_many_packs_are_searched_once_per_lookup_not_once_per_pack(tmp_path, mon
     result = check_registry(reg.ah_dir, reg.ah_dir / "objects", reg.refs)
     assert result.ok and result.findings == [] and result.packs == 30
     assert len(calls) <= 2 * result.objects_checked, (len(calls), result.objects_checked)
+
+
+def test_delta_chains_are_decoded_once_not_once_per_level(tmp_path, monkeypatch):
+    """The base cache is grown to hold a few revisions of the largest adapter: with its
+    fixed budget, a tensor over a quarter of it never entered, and each revision was
+    decoded through its whole chain again (16 revisions of a 20 MB tensor: 136 decodes).
+    Here the budget is made small and the tensor big against it."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import adapterhub.packstore as packstore
+    import adapterhub.store as store_mod
+
+    monkeypatch.setattr(packstore, "BATCH_PACK_MIN_OBJECTS", 1)  # a pack per commit, oldest first
+    reg = Registry.init(tmp_path / "reg")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((128, 256)).astype(np.float32)
+    revisions = 8
+    for step in range(revisions):
+        folder = tmp_path / f"ck{step}"
+        folder.mkdir()
+        a = a + np.float32(1e-4) * rng.standard_normal(a.shape).astype(np.float32)
+        save_file({"w": a}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text("{}")
+        reg.commit(folder, f"s{step}")
+    monkeypatch.setattr(store_mod.BaseCache.__init__, "__defaults__", (256 << 10,))
+    decodes = []
+    kernels = store_mod.kernels
+    for name in ("read_tensors", "read_tensors_start"):
+        native = getattr(kernels, name)
+        if native is not None:
+            monkeypatch.setattr(kernels, name, lambda jobs, threads, native=native: (
+                decodes.extend(j[0] for j in jobs), native(jobs, threads))[1])
+    verified = store_mod.ObjectStore._read_verified
+
+    def counted(self, oid, *args, **kwargs):
+        out = verified(self, oid, *args, **kwargs)
+        if out[0] == "tensor":
+            decodes.append(oid)
+        return out
+
+    monkeypatch.setattr(store_mod.ObjectStore, "_read_verified", counted)
+    result = check_registry(reg.ah_dir, reg.ah_dir / "objects", reg.refs)
+    assert result.ok and result.findings == []
+    assert len(set(decodes)) == revisions
+    assert len(decodes) <= 2 * revisions, len(decodes)  # a chain per level would be 36
