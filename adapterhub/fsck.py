@@ -88,7 +88,8 @@ FINDINGS = {
     "head-broken": (ERROR, "HEAD holds neither a valid ref name nor an object id"),
     "head-unborn": (WARNING, "HEAD names a branch that does not exist though its reflog does, while other "
                              "branches do: the branch was lost"),
-    "temp-file": (WARNING, "a temp file left by a killed writer (gc removes it)"),
+    "temp-file": (WARNING, "a temp file left by a killed writer (gc removes those in objects/pack/ and "
+                           "objects/<xx>/; any other is safe to delete)"),
     "orphan-pack": (WARNING, "a pack file without its index, left by a killed writer (gc removes it)"),
     "stray-file": (WARNING, "an entry under objects/ that is not an object file (a name not of hex digits, "
                             "a file where a fan-out folder belongs): never read as an object"),
@@ -1036,8 +1037,11 @@ class _Checker:
                 hours = age / 3600
                 if kind == "stale-lock":
                     message = f"left {hours:.0f} h ago by a writer that did not finish; remove it if no process is writing"
-                else:
+                elif folder == self.listed.pack_dir or (folder.parent == self.listed.root and len(folder.name) == 2):
                     message = f"left {hours:.0f} h ago by a writer that did not finish; `ah gc` removes it"
+                else:  # gc cleans only objects/pack/ and objects/<xx>/
+                    message = (f"left {hours:.0f} h ago by a writer that did not finish; safe to delete "
+                               f"(`ah gc` cleans only objects/pack/ and objects/<xx>/)")
                 self.add(kind, rel, message)
 
 

@@ -654,3 +654,27 @@ def test_delta_chains_are_decoded_once_not_once_per_level(tmp_path, monkeypatch)
     assert result.ok and result.findings == []
     assert len(set(decodes)) == revisions
     assert len(decodes) <= 2 * revisions, len(decodes)  # a chain per level would be 36
+
+
+def test_temp_file_messages_say_who_removes_them(tmp_path):
+    """gc cleans temp files only in objects/pack/ and objects/<xx>/: the warning says so
+    there, and "safe to delete" anywhere else (gc never removes those)."""
+    reg, ids = _history(tmp_path)
+    places = {
+        ".tmp-config": False, "objects/.tmp-a": False, "refs/heads/.tmp-b": False,
+        f"objects/{ids[0][:2]}/.tmp-c": True, "objects/pack/.tmp-d.pack": True,
+    }
+    for rel in places:
+        path = reg.ah_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (OLD, OLD))
+    rc, report, _ = _fsck(reg)
+    assert rc == 0
+    messages = {f["object"]: f["message"] for f in report["findings"] if f["id"] == "temp-file"}
+    assert set(messages) == set(places)
+    for rel, by_gc in places.items():
+        assert ("`ah gc` removes it" in messages[rel]) is by_gc, (rel, messages[rel])
+        assert ("safe to delete" in messages[rel]) is not by_gc, (rel, messages[rel])
+    collect_garbage(reg.ah_dir, reg.store, reg.refs, grace_s=0)
+    assert {rel for rel in places if (reg.ah_dir / rel).exists()} == {rel for rel, by_gc in places.items() if not by_gc}
