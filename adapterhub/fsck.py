@@ -580,6 +580,11 @@ class _Checker:
             self._relisted = _Listed(self.listed.root)
         return self._relisted.has(oid)
 
+    def relist(self) -> None:
+        """Make the next stored_now list the objects again."""
+        self.close()
+        self._relisted = None
+
     def close(self) -> None:
         if self._relisted is not None:
             self._relisted.close()
@@ -660,6 +665,7 @@ class _Checker:
         import numpy as np
 
         commits, tags = self.listed.typed_ids(COMMIT), self.listed.typed_ids(TAG)
+        dangling: list[tuple[str, str]] = []  # (ref, target) not stored, when last listed
         for names, keys in self._ref_chunks(report=True):
             if not names:
                 continue
@@ -672,12 +678,20 @@ class _Checker:
                 if is_tag[i] and name.startswith(TAGS):
                     continue
                 if not present[i]:
-                    if self.stored_now(oid):
-                        continue  # written since the objects were listed: not checked, not lost
-                    self.dangling.add(oid)
-                    self.add("ref-dangling", name, f"names {oid}, which is not in the store{self._unopened()}")
+                    if not self.stored_now(oid):
+                        dangling.append((name, oid))
                 elif oid not in missing:
                     self.add("ref-wrong-type", name, f"names {oid}, which is not a commit")
+        if dangling:
+            # Listed again, now that every ref was read: a ref read after the first
+            # relisting may name an object a writer stored after it (a commit lands in a
+            # new pack, then moves its ref), which is not lost.
+            self.relist()
+        for name, oid in dangling:
+            if self.stored_now(oid):
+                continue  # written since the objects were listed: not checked, not lost
+            self.dangling.add(oid)
+            self.add("ref-dangling", name, f"names {oid}, which is not in the store{self._unopened()}")
 
     # --- reachability --------------------------------------------------------------------------
     def walk(self, roots: IdSet):

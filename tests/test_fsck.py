@@ -678,3 +678,36 @@ def test_temp_file_messages_say_who_removes_them(tmp_path):
         assert ("safe to delete" in messages[rel]) is not by_gc, (rel, messages[rel])
     collect_garbage(reg.ah_dir, reg.store, reg.refs, grace_s=0)
     assert {rel for rel in places if (reg.ah_dir / rel).exists()} == {rel for rel, by_gc in places.items() if not by_gc}
+
+
+def test_a_ref_read_after_the_relisting_is_checked_against_a_new_listing(tmp_path, monkeypatch):
+    """stored_now lists the store again once: a detached-HEAD commit that lands right after
+    that relisting (HEAD is read last) named objects no listing had seen. A ref found
+    dangling is checked once more against a listing made after every ref was read."""
+    import adapterhub.fsck as fsck
+    import adapterhub.packstore as packstore
+
+    monkeypatch.setattr(packstore, "BATCH_PACK_MIN_OBJECTS", 1)  # commits land in new packs
+    reg, ids = _history(tmp_path)
+    (reg.ah_dir / "HEAD").write_text(ids[1] + "\n")  # detached
+    roots = fsck._Checker.roots
+
+    def roots_then_commit(self):
+        out = roots(self)
+        Registry.open(reg.root).commit(write_checkpoint(tmp_path / "late", 21), "on a branch", branch="late")
+        return out
+
+    stored_now = fsck._Checker.stored_now
+    calls = []
+
+    def stored_now_then_head_commit(self, oid):
+        found = stored_now(self, oid)
+        if not calls:
+            calls.append(oid)
+            Registry.open(reg.root).commit(write_checkpoint(tmp_path / "late2", 22), "detached HEAD commit")
+        return found
+
+    monkeypatch.setattr(fsck._Checker, "roots", roots_then_commit)
+    monkeypatch.setattr(fsck._Checker, "stored_now", stored_now_then_head_commit)
+    result = check_registry(reg.ah_dir, reg.ah_dir / "objects", reg.refs)
+    assert calls and result.findings == [] and result.ok
