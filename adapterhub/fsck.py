@@ -571,6 +571,7 @@ class _Checker:
         self._eval_lists = None  # commit ids with an eval list file (_has_eval_list)
         self.wrong_typed: set[str] = set()  # ids reported as wrong-type
         self.largest_snapshot = 0  # bytes of the largest adapter folder the walk read
+        self.corrupt_refs: set[str] = set()  # what ref-corrupt findings name
 
     def stored_now(self, oid: str) -> bool:
         """Whether `oid` is stored now, listing the objects again (once): a concurrent
@@ -591,6 +592,8 @@ class _Checker:
 
     def add(self, kind: str, obj: str, message: str, where: str | None = None) -> None:
         self.result.findings.append(Finding(kind, FINDINGS[kind][0], obj, message, where))
+        if kind == "ref-corrupt":
+            self.corrupt_refs.add(obj)
 
     # --- refs ----------------------------------------------------------------------------------
     def _ref_chunks(self, report: bool) -> Iterator[tuple[list[str], bytes]]:
@@ -638,11 +641,22 @@ class _Checker:
         try:
             target, head = refs.read_head()
         except CorruptObject as exc:
-            if report:
+            if not report:
+                pass
+            elif exc.oid == "HEAD":
                 self.add("head-broken", "HEAD", exc.reason)
+            elif exc.oid not in self.corrupt_refs:  # HEAD is fine, the ref it names is not
+                self.add("ref-corrupt", exc.oid, exc.reason)
         except OSError as exc:
-            if report:
+            if not report:
+                pass
+            elif exc.filename is None or Path(exc.filename) == self.ah_dir / "HEAD":
                 self.add("head-broken", "HEAD", f"cannot be read: {exc.strerror or exc}")
+            else:
+                name = Path(exc.filename).relative_to(self.ah_dir).as_posix() \
+                    if Path(exc.filename).is_relative_to(self.ah_dir) else str(exc.filename)
+                if name not in self.corrupt_refs:
+                    self.add("ref-corrupt", name, f"cannot be read: {exc.strerror or exc}")
         else:
             if target is None and head is not None:
                 yield ["HEAD"], bytes.fromhex(head)

@@ -711,3 +711,19 @@ def test_a_ref_read_after_the_relisting_is_checked_against_a_new_listing(tmp_pat
     monkeypatch.setattr(fsck._Checker, "stored_now", stored_now_then_head_commit)
     result = check_registry(reg.ah_dir, reg.ah_dir / "objects", reg.refs)
     assert calls and result.findings == [] and result.ok
+
+
+@pytest.mark.parametrize("damage", ["loose-ref", "packed-refs"])
+def test_head_naming_a_damaged_ref_reports_the_ref_only(tmp_path, damage):
+    """HEAD itself is sound when the ref it names is damaged: only ref-corrupt."""
+    reg, ids = _history(tmp_path)
+    if damage == "loose-ref":
+        (reg.ah_dir / "refs" / "heads" / "main").write_text("garbage\n")
+        expected = [("ref-corrupt", "refs/heads/main")]
+    else:
+        reg.refs.pack_refs()
+        (reg.ah_dir / "packed-refs").write_bytes(b"garbage\n")
+        expected = [("ref-corrupt", "packed-refs")]
+    rc, report, _ = _fsck(reg)
+    assert rc == 1
+    assert _ids(report) == expected
