@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import codec
-from .errors import AhError, CorruptObject, ObjectNotFound, UnsupportedFormat
+from .errors import AhError, BadRefName, CorruptObject, ObjectNotFound, UnsupportedFormat
 from .evals import EvalLists
 from .fsutil import TMP_PREFIX
 from .gc import LOCK_NAME as GC_LOCK, TMP_MAX_AGE_S
@@ -62,7 +62,7 @@ from .pack import Pack, pack_names
 from .packstore import PACK_DIR, _open_listed
 from .reach import ID_LEN, IdSet, walk
 from .packed_refs import FILE_NAME as PACKED_REFS
-from .refs import HEADS, TAGS, RefStore
+from .refs import HEADS, TAGS, RefStore, check_full_ref_name
 from .store import LooseObjectStore, ObjectStore
 
 ERROR = "error"
@@ -85,6 +85,8 @@ FINDINGS = {
     "ref-corrupt": (ERROR, "a ref file or the packed-refs file cannot be read"),
     "ref-dangling": (ERROR, "a ref names an object that is not in the store"),
     "ref-wrong-type": (ERROR, "a ref names an object that is not a commit (nor, for a tag, a tag object)"),
+    "ref-bad-name": (WARNING, "a file under refs/ whose name is no valid ref name: no command reads it, and gc "
+                              "does not keep what it names"),
     "head-broken": (ERROR, "HEAD holds neither a valid ref name nor an object id"),
     "head-unborn": (WARNING, "HEAD names a branch that does not exist though its reflog does, while other "
                              "branches do: the branch was lost"),
@@ -604,14 +606,25 @@ class _Checker:
         loose: dict[str, str] = {}
         for dirpath, _dirs, files in os.walk(self.ah_dir / "refs"):
             for fn in files:
-                if fn.endswith(".lock") or fn.startswith("."):
+                if fn.endswith(".lock") or fn.startswith(TMP_PREFIX):
                     continue  # locks and temp files: see check_leftovers
                 name = (Path(dirpath) / fn).relative_to(self.ah_dir).as_posix()
+                try:
+                    check_full_ref_name(name)
+                except BadRefName as exc:
+                    if report:  # refs.read takes it for no ref at all
+                        self.add("ref-bad-name", name, f"{exc}: no command reads it as a ref, and `ah gc` does not "
+                                                       f"keep what it names")
+                    continue
                 try:
                     oid = refs.read(name)
                 except CorruptObject as exc:
                     if report:
                         self.add("ref-corrupt", name, exc.reason)
+                    continue
+                except OSError as exc:
+                    if report:
+                        self.add("ref-corrupt", name, f"cannot be read: {exc.strerror or exc}")
                     continue
                 if oid is not None:
                     loose[name] = oid

@@ -727,3 +727,17 @@ def test_head_naming_a_damaged_ref_reports_the_ref_only(tmp_path, damage):
     rc, report, _ = _fsck(reg)
     assert rc == 1
     assert _ids(report) == expected
+
+
+def test_loose_ref_files_with_invalid_names_are_warnings(tmp_path):
+    """No command reads such a file as a ref (RefStore.read takes it for none), so what it
+    names is not kept by gc: fsck says so instead of skipping it silently."""
+    reg, ids = _history(tmp_path)
+    bad = ["refs/heads/a..b", "refs/heads/x y", "refs/heads/.hidden", "refs/heads/z~1"]
+    for name in bad:
+        (reg.ah_dir / name).write_text(ids[0] + "\n")
+    rc, report, _ = _fsck(reg)
+    assert rc == 0
+    assert _ids(report) == sorted(("ref-bad-name", name) for name in bad)
+    assert all(f["severity"] == "warning" for f in report["findings"])
+    assert report["refs"] == 2
