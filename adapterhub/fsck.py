@@ -99,8 +99,9 @@ FINDINGS = {
                             "updated until it is removed"),
 }
 # What a damaged packed-refs file leaves unknown.
-_PACKED_UNKNOWN = ("the refs it holds are unknown from the damage on: the objects only they reach count as "
-                   "unreachable here and were not checked for reachability (do not run `ah gc` before it is repaired)")
+_PACKED_UNKNOWN = ("the refs it holds past the damage are unknown (those a listing still finds were checked): the "
+                   "objects only unknown refs reach count as unreachable here and were not checked for "
+                   "reachability (do not run `ah gc` before it is repaired)")
 # Tensors read_tensors decodes at once: at most this many, of at most this many bytes.
 BATCH_OBJECTS = 1024
 BATCH_BYTES = 64 << 20
@@ -631,25 +632,36 @@ class _Checker:
         yield list(loose), b"".join(bytes.fromhex(o) for o in loose.values())
         branches = any(name.startswith(HEADS) for name in loose)
         names, keys = [], bytearray()
+        last = ""  # the last packed name taken, in file order (sorted)
+        damaged = False
         # Every record from the file's first one (packed_all): a listing under refs/ starts
         # with a binary search, and one flipped bit in the first name hid every ref of the
         # first restart block; their history then counted as unreachable, with no finding.
-        try:
-            for name, oid in refs.packed_all():
-                if name in loose:
-                    continue
-                branches = branches or name.startswith(HEADS)
-                names.append(name)
-                keys += bytes.fromhex(oid)
-                if len(names) >= _CHUNK:
-                    yield names, bytes(keys)
-                    names, keys = [], bytearray()
-        except CorruptObject as exc:
-            if report:
-                self.add("ref-corrupt", PACKED_REFS, f"{exc.reason}; {_PACKED_UNKNOWN}")
-        except OSError as exc:
-            if report:
-                self.add("ref-corrupt", PACKED_REFS, f"cannot be read: {exc.strerror or exc}; {_PACKED_UNKNOWN}")
+        # On damage, the refs a listing under refs/ still finds past what was read are
+        # taken too (as `ah log` sees them), so that less counts as unreachable.
+        for listing in (refs.packed_all, partial(refs.packed.iter_prefix, "refs/")):
+            try:
+                for name, oid in listing():
+                    if name in loose or name <= last:
+                        continue
+                    last = name
+                    branches = branches or name.startswith(HEADS)
+                    names.append(name)
+                    keys += bytes.fromhex(oid)
+                    if len(names) >= _CHUNK:
+                        yield names, bytes(keys)
+                        names, keys = [], bytearray()
+            except CorruptObject as exc:
+                damaged = True
+                if report and listing == refs.packed_all:
+                    self.add("ref-corrupt", PACKED_REFS, f"{exc.reason}; {_PACKED_UNKNOWN}")
+            except OSError as exc:
+                damaged = True
+                if report and listing == refs.packed_all:
+                    self.add("ref-corrupt", PACKED_REFS, f"cannot be read: {exc.strerror or exc}; {_PACKED_UNKNOWN}")
+                break
+            else:
+                break  # all read: no damage
         yield names, bytes(keys)
         try:
             target, head = refs.read_head()
@@ -673,7 +685,8 @@ class _Checker:
         else:
             if target is None and head is not None:
                 yield ["HEAD"], bytes.fromhex(head)
-            elif target is not None and head is None and branches and report and (self.ah_dir / "logs" / target).is_file():
+            elif (target is not None and head is None and branches and report and not damaged
+                  and (self.ah_dir / "logs" / target).is_file()):  # not when its branch may lie in the damage
                 # Unborn beside other branches is how `ah import` leaves a new registry; but
                 # a reflog means the branch had commits, and HEAD's branch is never deleted
                 # (deleting one removes its reflog too): it was lost.
