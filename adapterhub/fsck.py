@@ -217,7 +217,7 @@ def list_loose(objects_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
 def _age_key(pack: Pack) -> int:
     try:
         return os.stat(pack.path).st_mtime_ns
-    except FileNotFoundError:
+    except OSError:
         return 0
 
 
@@ -794,7 +794,7 @@ class _Checker:
                 with contextlib.suppress(CorruptObject, OSError):  # the walk reports those
                     for eid in self._evals.read(oid):
                         expect[EVAL] += bytes.fromhex(eid)
-        elif d.get("type") in expect:  # a tag
+        elif isinstance(d.get("type"), str) and d["type"] in expect:  # a tag
             _expect(expect[d["type"]], d.get("object"))
 
     def _has_eval_list(self, commit: str) -> bool:
@@ -1082,7 +1082,7 @@ class _Checker:
                     continue
                 try:
                     age = now - os.stat(path).st_mtime
-                except FileNotFoundError:
+                except OSError:  # gone since listed (or unreadable: nothing more to say)
                     continue
                 if age <= TMP_MAX_AGE_S:
                     self.result.in_progress += 1
