@@ -743,3 +743,28 @@ def test_loose_ref_files_with_invalid_names_are_warnings(tmp_path):
     assert _ids(report) == sorted(("ref-bad-name", name) for name in bad)
     assert all(f["severity"] == "warning" for f in report["findings"])
     assert report["refs"] == 2
+
+
+def test_dependency_lookups_read_record_heads_only(tmp_path, monkeypatch):
+    """The walk asks every reachable object's dependencies: from its records' first
+    RECORD_HEAD_MAX bytes, not whole records (a 32 MB tensor was copied to read 20 bytes)."""
+    from adapterhub import codec
+    from adapterhub.fsck import _Listed
+    from adapterhub.store import LooseObjectStore
+
+    reg, ids = _history(tmp_path)
+    base, dependent = _tensors(reg, ids[0])[0], _tensors(reg, ids[1])[0]
+    _packed(reg).close()
+    reg.commit(write_checkpoint(tmp_path / "loose", 9), "a loose one")
+    loose_dependent = _tensors(reg, reg.refs.read("refs/heads/main"))[0]
+    reads = []
+    read = LooseObjectStore._read_record
+    monkeypatch.setattr(LooseObjectStore, "_read_record", lambda self, oid, limit=-1: reads.append(limit) or read(self, oid, limit))
+    listed = _Listed(reg.ah_dir / "objects")
+    try:
+        assert listed.dependencies_of(dependent) == (base,)
+        assert listed.dependencies_of(loose_dependent)
+        assert all(len(r) <= codec.RECORD_HEAD_MAX for _, r in listed.copies(dependent, codec.RECORD_HEAD_MAX))
+    finally:
+        listed.close()
+    assert reads and all(limit == codec.RECORD_HEAD_MAX for limit in reads), reads
