@@ -278,7 +278,7 @@ class _Listed(ObjectStore):
             return
         ids = np.concatenate(arrays)
         pack_of = np.repeat(np.arange(len(arrays), dtype=np.int32), [len(a) for a in arrays])
-        entry_of = np.concatenate([np.arange(len(a), dtype=np.int64) for a in arrays])
+        entry_of = np.concatenate([np.arange(len(a), dtype=np.int32) for a in arrays])
         order = np.argsort(ids, kind="stable")  # stable: copies of one id stay in pack order
         # As bytes, searched in Python within the fan-out bucket of the id's first two
         # bytes (a few entries): a numpy search per lookup cost ~3 us of conversions.
@@ -310,6 +310,16 @@ class _Listed(ObjectStore):
             out.append((int(self._pack_of[lo]), int(self._entry_of[lo])))
             lo += 1
         return out
+
+    def stored(self) -> IdSet:
+        """Every id stored (packs that open, loose files listed): the packed column itself
+        when it holds each id once and nothing is loose (no second copy of 32 bytes an id)."""
+        import numpy as np
+
+        packed = np.frombuffer(self._raw, dtype="S32")
+        if not self.loose_ids and (len(packed) < 2 or bool((packed[1:] != packed[:-1]).all())):
+            return IdSet(packed)
+        return IdSet.build([packed, b"".join(bytes.fromhex(o) for o in self.loose_ids)])
 
     def has(self, oid: str) -> bool:
         return bool(self.locate(oid)) or oid in self.loose_ids or self.loose.has(oid)
@@ -1127,7 +1137,7 @@ def check_registry(
     result = checker.result
     try:
         result.packs = len(listed.packs) + len(listed.broken)
-        stored = IdSet.build([p.id_array() for p in listed.packs] + [b"".join(bytes.fromhex(o) for o in loose_ids)])
+        stored = listed.stored()
         result.objects_checked = len(stored)
         if progress_total is not None:
             progress_total(len(loose_ids) + sum(p.count for p in listed.packs))
