@@ -13,14 +13,16 @@ goes on as usual):
    dictionary) is missing or damaged is reported apart from the damaged object itself,
    so the root cause stands out from its dependents. Commits, snapshots, tags and evals
    are parsed too.
-3. Refs: every branch, tag and other ref (loose and packed) and HEAD name a stored
-   commit (a tag may name a tag object); then the reachability walk that gc uses
+3. Refs: every branch, tag and other ref (loose, and every record of packed-refs from
+   its first) and HEAD name a stored commit (a tag may name a tag object); loose ref
+   files with invalid names are reported (no command reads them); then the reachability walk that gc uses
    (reach.walk: history, snapshots, evals, dependency chains) must find everything, and
    every reachable object must be of the type that names it expects (a commit's parents
    are commits and its snapshot a snapshot, its eval list's entries evals; a snapshot's
    tensor entries are tensors and its file and header blobs blobs; a tag's object is of
    the type the tag says): the walk notes what each object it reads names, and the
-   types come from the copies read (walk and copy check).
+   types come from the copies read (walk and copy check). A commit whose eval list
+   cannot be read is reported and the walk goes on through its parents.
 4. Leftovers of killed writers: temp files, packs without an index and lock files older
    than an hour are warnings; younger ones belong to writers at work and are only counted.
    Entries under objects/ that are no object file are warnings too (stray-file).
@@ -34,7 +36,10 @@ Order: list loose files, then packs, then read the refs (refs move after the obj
 name are written, and gc moves objects loose -> pack, so this order sees all the refs
 reach); walk first (it decodes, re-hashes and parses every reachable commit, snapshot,
 tag and eval: the copy it read of each is not decoded again); then every other copy,
-tensors in batches. Time is the walk's (as gc's mark) plus native decoding of tensors.
+tensors in batches, oldest pack first, with a base cache grown to a few revisions of the
+largest adapter (each delta chain decoded once, not once per level). Lookups go through
+one sorted id column over all packs (one search, not one per pack). Time is the walk's
+(as gc's mark) plus native decoding of tensors.
 
 Each finding has a stable id from FINDINGS (documented in docs/user-guide.md): scripts
 may rely on ids and severities; messages are for people and may change.
