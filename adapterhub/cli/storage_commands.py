@@ -102,7 +102,7 @@ def fsck_command(ctx, fmt: str):
     update = []
 
     def total(n: int) -> None:
-        update.append(bars.enter_context(count_progress(n, "fsck", unit="object")))
+        update.append(bars.enter_context(count_progress(n, "fsck", unit="copy")))
 
     def progress(k: int) -> None:
         if update and update[0] is not None:
