@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -62,7 +61,7 @@ from .errors import AhError, BadRefName, CorruptObject, ObjectNotFound, Unsuppor
 from .evals import EvalLists
 from .fsutil import TMP_PREFIX
 from .gc import LOCK_NAME as GC_LOCK, TMP_MAX_AGE_S
-from .objects import BLOB, COMMIT, EVAL, PARSERS, SNAPSHOT, TAG, TENSOR, TYPES, ObjectId, is_oid, parse_object
+from .objects import BLOB, COMMIT, EVAL, PARSERS, SNAPSHOT, TAG, TENSOR, TYPES, ObjectId, Snapshot, is_oid, parse_object
 from .pack import Pack, pack_names
 from .packstore import PACK_DIR, _open_listed
 from .reach import ID_LEN, IdSet, walk
@@ -76,7 +75,7 @@ WARNING = "warning"
 # id -> (severity, what it means). Stable: add ids, never rename or reuse one.
 FINDINGS = {
     "object-corrupt": (ERROR, "a stored copy of an object does not decode or does not hash to its id"),
-    "object-malformed": (ERROR, "a commit, snapshot or tag hashes right but does not parse"),
+    "object-malformed": (ERROR, "a commit, snapshot, tag or eval hashes right but does not parse"),
     "delta-base-corrupt": (ERROR, "a copy cannot be decoded because an object it depends on is damaged"),
     "delta-base-missing": (ERROR, "a copy depends on an object (delta base, extrapolation source, "
                                   "compression dictionary) that is not in the store"),
@@ -99,7 +98,8 @@ FINDINGS = {
                            "objects/<xx>/; any other is safe to delete)"),
     "orphan-pack": (WARNING, "a pack file without its index, left by a killed writer (gc removes it)"),
     "stray-file": (WARNING, "an entry under objects/ that is not an object file (a name not of hex digits, "
-                            "a file where a fan-out folder belongs): never read as an object"),
+                            "a file where a fan-out folder belongs, anything else beside those folders or "
+                            "in pack/): never read as an object"),
     "stale-lock": (WARNING, "a lock file left by a killed writer: the ref (or file) it locks cannot be "
                             "updated until it is removed"),
 }
@@ -184,10 +184,11 @@ def _is_hex(name: str) -> bool:
 
 
 def list_loose(objects_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """(ids of the loose object files, (path under objects/, why) of every other entry of
-    the fan-out folders). fsck lists them itself: a name that is not 62 lowercase hex
-    digits under a folder of 2 is no object file (the store never reads it), and must
-    neither crash the check nor pass unseen. Temp files are check_leftovers'."""
+    """(ids of the loose object files, (path under objects/, why) of every other entry:
+    in the fan-out folders, beside them, and in pack/ other than packs and indexes). fsck
+    lists them itself: a name that is not 62 lowercase hex digits under a folder of 2 is
+    no object file (the store never reads it), and must neither crash the check nor pass
+    unseen. Temp files are check_leftovers'."""
     ids: list[str] = []
     stray: list[tuple[str, str]] = []
     try:
@@ -195,7 +196,16 @@ def list_loose(objects_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
     except (FileNotFoundError, NotADirectoryError):
         return ids, stray
     for fan in fans:
-        if len(fan) != 2 or fan.startswith(TMP_PREFIX):
+        if fan.startswith(TMP_PREFIX):
+            continue
+        if fan == PACK_DIR:
+            with contextlib.suppress(OSError):  # an unlistable pack folder is the packs' check
+                stray += [(f"{PACK_DIR}/{name}", "neither a pack nor a pack index: never read")
+                          for name in os.listdir(os.path.join(objects_dir, fan))
+                          if not name.startswith(TMP_PREFIX) and not name.endswith((".pack", ".idx"))]
+            continue
+        if len(fan) != 2:
+            stray.append((fan, "neither a folder of loose objects (2 hex digits) nor pack/: never read"))
             continue
         try:
             names = os.listdir(os.path.join(objects_dir, fan))
@@ -544,8 +554,6 @@ def _pack_order(pack: Pack, skip: IdSet) -> Iterator[tuple[str, Callable[[], byt
 
 
 _FAN = 1 << 16  # buckets of _Listed's id column: by the first two bytes
-_SNAPSHOT_IDS = re.compile(rb'"blob":"([0-9a-f]{64})","(dtype|kind)"')
-_SNAPSHOT_SIZES = re.compile(rb'"size":([0-9]+)')
 # The base cache holds this many times the largest reachable adapter (BaseCache.reserve
 # caps it at a share of memory): the revision being checked, the one before (its delta
 # bases) and the second extrapolation source, and the cache admits no body over a quarter
@@ -755,7 +763,8 @@ class _Checker:
         is noted with the type it must have (check_types)."""
         self.listed.on_read = self._note_names
         try:
-            return walk(self.listed, roots, self.ah_dir, on_eval_error=self._eval_list_error)
+            return walk(self.listed, roots, self.ah_dir, on_eval_error=self._eval_list_error,
+                        on_snapshot=self._note_snapshot)
         finally:
             self.listed.on_read = None
 
@@ -782,18 +791,7 @@ class _Checker:
                 self._bad_copy(oid, self._where(source), "object-malformed", f"{obj_type}: {exc.reason}")
             return
         expect = self._expected
-        if obj_type == SNAPSHOT:
-            # The walk parses and checks it right after (a malformed one is reported there):
-            # the ids alone are taken here, from its canonical JSON, where keys are sorted
-            # (a tensor entry's "blob" comes right before its "dtype", a file's before its
-            # "kind") and a string cannot hold an unescaped quote. Parsing every snapshot
-            # twice made a walk of many small adapters 45% slower.
-            for key, kind in _SNAPSHOT_IDS.findall(body):
-                expect[TENSOR if kind == b"dtype" else BLOB] += bytes.fromhex(key.decode())
-            size = sum(int(n) for n in _SNAPSHOT_SIZES.findall(body))  # its files' sizes (tensors have shapes)
-            self.largest_snapshot = max(self.largest_snapshot, size)
-            return
-        if obj_type not in (COMMIT, TAG):
+        if obj_type not in (COMMIT, TAG):  # a snapshot: _note_snapshot, handed the walk's parse
             return
         try:
             d = json.loads(bytes(body))
@@ -811,6 +809,18 @@ class _Checker:
                         expect[EVAL] += bytes.fromhex(eid)
         elif isinstance(d.get("type"), str) and d["type"] in expect:  # a tag
             _expect(expect[d["type"]], d.get("object"))
+
+    def _note_snapshot(self, sid: str, snap: Snapshot) -> None:
+        """What a snapshot the walk parsed names: its tensor entries are tensors, its file
+        and header blobs blobs (taken from the walk's own parse: parsing every snapshot a
+        second time made a walk of many small adapters 45% slower, and matching ids in
+        its text missed or invented entries when a snapshot carried an unknown key)."""
+        expect = self._expected
+        for f in snap.files:
+            expect[BLOB] += bytes.fromhex(f.blob)
+            for t in f.tensors:
+                expect[TENSOR] += bytes.fromhex(t.blob)
+        self.largest_snapshot = max(self.largest_snapshot, sum(f.size for f in snap.files))
 
     def _has_eval_list(self, commit: str) -> bool:
         """Whether `commit` may have an eval list: the eval folder is listed once (few

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import AhError, CorruptObject, ObjectNotFound
 from .evals import EvalLists
-from .objects import COMMIT, SNAPSHOT, TAG, ObjectId, parse_object
+from .objects import COMMIT, SNAPSHOT, TAG, ObjectId, Snapshot, parse_object
 from .refs import RefStore
 from .store import ObjectStore
 
@@ -232,6 +232,7 @@ def walk(
     *,
     want_leaves: bool = False,
     on_eval_error: Callable[[str, Exception], None] | None = None,
+    on_snapshot: Callable[[str, Snapshot], None] | None = None,
 ) -> Reachable:
     """Mark everything reachable from `roots`, skipping what `known` (an earlier walk's
     ids) already holds: a second walk from refs that moved costs only what is new.
@@ -240,7 +241,8 @@ def walk(
     A commit whose eval list cannot be read (CorruptObject, OSError) goes to `missing`
     (an OSError is raised), so gc aborts; with `on_eval_error` (fsck), it is told
     (commit id, the error) instead and the walk goes on through the commit's parents,
-    so that damage does not hide what lies behind it."""
+    so that damage does not hide what lies behind it. `on_snapshot` (fsck) is handed
+    each snapshot the walk parsed, so that a checker need not parse it again."""
     if not isinstance(roots, IdSet):
         roots = IdSet.of_hex(roots)
     known = known or IdSet()
@@ -312,6 +314,8 @@ def walk(
         except (ObjectNotFound, CorruptObject):
             out.missing.add(sid)
             return
+        if on_snapshot is not None:
+            on_snapshot(sid, snap)
         out.snapshot_bytes += sum(f.size for f in snap.files)
         for b in snap.blob_ids():
             leaves.add(bytes.fromhex(b))

@@ -768,3 +768,49 @@ def test_dependency_lookups_read_record_heads_only(tmp_path, monkeypatch):
     finally:
         listed.close()
     assert reads and all(limit == codec.RECORD_HEAD_MAX for limit in reads), reads
+
+
+def test_snapshot_entries_are_typed_from_the_parsed_snapshot_whatever_keys_it_carries(tmp_path):
+    """A snapshot may carry keys a reader ignores (a later format's): its entries are taken
+    from the parse, not matched in its text, which missed a tensor entry with an extra key
+    and read a fake entry under an unknown top-level key as one (helper-25)."""
+    from adapterhub.objects import SNAPSHOT
+
+    reg, ids = _history(tmp_path)
+    snap_id = reg.store.get_commit(ids[3]).snapshot
+
+    def crafted(branch: str, mutate) -> None:
+        snap = json.loads(reg.store.read(snap_id)[1])
+        entry = [f for f in snap["files"] if f["kind"] == "safetensors"][0]
+        mutate(snap, entry)
+        reg.refs.update(f"refs/heads/{branch}",
+                        _commit_like(reg, ids[3], snapshot=reg.store.put(SNAPSHOT, canonical_json(snap)), message=branch))
+
+    def extra_key_on_a_wrong_entry(snap, entry):
+        entry["tensors"][0]["blob"], entry["tensors"][0]["c"] = entry["blob"], 1
+
+    def fake_entry_under_an_unknown_key(snap, entry):
+        snap["x"] = [{"blob": entry["blob"], "dtype": "F32"}]
+
+    header_blob = [f for f in json.loads(reg.store.read(snap_id)[1])["files"] if f["kind"] == "safetensors"][0]["blob"]
+    crafted("extra", extra_key_on_a_wrong_entry)
+    rc, report, _ = _fsck(reg)
+    assert rc == 1 and [(f["id"], f["object"]) for f in report["findings"]] == [("wrong-type", header_blob)]
+    reg.refs.delete("refs/heads/extra")
+    crafted("fake", fake_entry_under_an_unknown_key)
+    rc, report, _ = _fsck(reg)
+    assert rc == 0 and report["findings"] == [], report["findings"]
+
+
+def test_entries_beside_the_fan_out_folders_and_in_pack_are_stray(tmp_path):
+    reg, ids = _history(tmp_path)
+    collect_garbage(reg.ah_dir, reg.store, reg.refs)
+    objects = reg.ah_dir / "objects"
+    (objects / "README").write_text("x")
+    (objects / "abc").mkdir()
+    (objects / "abc" / ("0" * 62)).write_text("x")
+    (objects / "pack" / "notes.txt").write_text("x")
+    rc, report, _ = _fsck(reg)
+    assert rc == 0
+    assert _ids(report) == sorted([("stray-file", "objects/README"), ("stray-file", "objects/abc"),
+                                   ("stray-file", "objects/pack/notes.txt")]), _ids(report)
