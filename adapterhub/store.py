@@ -44,12 +44,26 @@ def _is_rest(name: str) -> bool:
 MAX_MEMORY_SHARE = 1 / 8
 
 
+# Where a Linux container's memory limit is read (cgroup v2, then v1).
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 @functools.cache
 def _memory_ceiling() -> int:
+    """MAX_MEMORY_SHARE of the memory this process may use: the machine's, or its
+    container's limit when that is lower (a share of the host's would overrun it)."""
     try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * MAX_MEMORY_SHARE)
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # no sysconf: assume a small machine
-        return 1 << 30
+        memory = 8 << 30
+    for path in _CGROUP_LIMITS:
+        try:
+            with open(path) as fh:
+                memory = min(memory, int(fh.read().strip()))
+            break
+        except (OSError, ValueError):  # absent, or "max": no limit there
+            continue
+    return int(memory * MAX_MEMORY_SHARE)
 
 
 class BaseCache:

@@ -227,3 +227,19 @@ def test_the_base_cache_budget_never_shrinks_and_stays_under_its_share_of_memory
     assert cache.max_bytes == 5 << 20
     cache.reserve(1 << 62)
     assert cache.max_bytes == _memory_ceiling() < 1 << 62
+
+
+def test_the_base_cache_ceiling_follows_a_container_memory_limit(tmp_path, monkeypatch):
+    from adapterhub import store
+
+    limit = tmp_path / "memory.max"
+    limit.write_text("1073741824\n")  # a 1 GiB container on a bigger machine
+    monkeypatch.setattr(store, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    store._memory_ceiling.cache_clear()
+    try:
+        assert store._memory_ceiling() == int((1 << 30) * store.MAX_MEMORY_SHARE)
+        limit.write_text("max\n")  # no limit: the machine's memory
+        store._memory_ceiling.cache_clear()
+        assert store._memory_ceiling() > int((1 << 30) * store.MAX_MEMORY_SHARE)
+    finally:
+        store._memory_ceiling.cache_clear()
