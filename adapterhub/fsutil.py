@@ -9,7 +9,9 @@ object or ref.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +21,25 @@ TMP_PREFIX = ".tmp-"
 
 _sync_file_range = None  # libc's sync_file_range once looked up; False where there is none
 _SYNC_FILE_RANGE_WRITE = 2
+
+
+class NotARegularFile(OSError):
+    """A FIFO, socket or device where the registry keeps a file."""
+
+
+def open_regular(path) -> int:
+    """A read-only descriptor of `path`, which must be a regular file. A FIFO put where an
+    object or ref file belongs would block a plain open (or its read) forever: every
+    command, `ah fsck` included, hung on it. Opened without blocking, checked, and refused
+    (NotARegularFile) unless it is a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

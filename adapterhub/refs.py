@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import BadRefName, CorruptObject, RefConflict, RefExists, RefLocked, UnknownRevision
-from .fsutil import fsync_dir
+from .fsutil import NotARegularFile, fsync_dir, open_regular
 from .objects import ObjectId, is_oid
 from .packed_refs import FILE_NAME as PACKED_REFS, PackedRefs, render as render_packed
 
@@ -71,8 +71,12 @@ def check_full_ref_name(refname: str) -> str:
 
 def _read_text(path: Path) -> str:
     """A small file's text, with three system calls (open, read, close): `read_text`'s
-    buffered reader made ten for each ref and HEAD a commit reads."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    buffered reader made ten for each ref and HEAD a commit reads. Anything but a regular
+    file (a FIFO would block forever) is a corrupt ref, named by its path under .ah/."""
+    try:
+        fd = open_regular(path)
+    except NotARegularFile:
+        raise CorruptObject(path.name, f"{path} is not a regular file") from None
     try:
         chunks = []
         while True:

@@ -21,7 +21,7 @@ from typing import Iterator
 from . import codec
 from .encoding import kernels
 from .errors import AmbiguousRevision, CorruptObject, ObjectNotFound, UnsupportedFormat
-from .fsutil import atomic_write
+from .fsutil import NotARegularFile, atomic_write, open_regular
 from .encoding.chain import DeltaBase
 from .objects import BLOB, COMMIT, SNAPSHOT, TAG, TENSOR, Commit, ObjectId, Snapshot, Tag, hash_object, header, parse_object, split_canonical
 
@@ -666,10 +666,13 @@ class LooseObjectStore(ObjectStore):
 
     def _read_record(self, oid: str, limit: int = -1) -> bytes:
         try:
-            with open(self._path_str(oid), "rb") as fh:
-                return fh.read(limit)
+            fd = open_regular(self._path_str(oid))
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFound(oid) from None
+        except (NotARegularFile, IsADirectoryError):
+            raise CorruptObject(oid, "its loose file is not a regular file") from None
+        with open(fd, "rb") as fh:
+            return fh.read(limit)
 
     def _read_record_head(self, oid: str) -> bytes:
         return self._read_record(oid, codec.RECORD_HEAD_MAX)

@@ -684,3 +684,24 @@ def test_config_not_json_refused(reg):
     (reg.ah_dir / "config.json").write_text("{nope")
     with pytest.raises(UnsupportedFormat, match="not valid JSON"):
         Registry.open(reg.root)
+
+
+def test_a_fifo_where_an_object_or_a_ref_belongs_is_an_error_not_a_hang(reg, tmp_path):
+    """A FIFO blocks a plain open forever: every command (fsck too) hung on one put where a
+    loose object or a ref file belongs (helper-25). Now each is refused as not a regular file."""
+    head = reg.resolve("HEAD")
+    snap = reg.store.get_commit(head).snapshot
+    loose = reg.ah_dir / "objects" / snap[:2] / snap[2:]
+    if not loose.exists():
+        pytest.skip("the snapshot is packed in this fixture")
+    loose.unlink()
+    os.mkfifo(loose)
+    os.mkfifo(reg.ah_dir / "refs" / "heads" / "fifo")
+    rc, out, err = run_ah("--registry", reg.root, "checkout", "HEAD", "-o", tmp_path / "out", timeout=60)
+    assert rc == 1 and "not a regular file" in err
+    rc, out, err = run_ah("--registry", reg.root, "fsck", "--format", "json", timeout=60)
+    assert rc == 1
+    found = {(f["id"], f["object"]) for f in json.loads(out)["findings"]}
+    assert ("ref-corrupt", "refs/heads/fifo") in found and any(obj == snap for _, obj in found), found
+    with pytest.raises(CorruptObject, match="not a regular file"):
+        reg.refs.read("refs/heads/fifo")
