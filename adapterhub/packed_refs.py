@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -61,6 +62,8 @@ class PackedRefs:
             return None
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp != self._stamp:
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below forever
+                raise CorruptObject(FILE_NAME, f"{self.path} is not a regular file")
             with open(self.path, "rb") as fh:
                 data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
             if data[: len(HEADER_V2)] == HEADER_V2:

@@ -705,3 +705,7 @@ def test_a_fifo_where_an_object_or_a_ref_belongs_is_an_error_not_a_hang(reg, tmp
     assert ("ref-corrupt", "refs/heads/fifo") in found and any(obj == snap for _, obj in found), found
     with pytest.raises(CorruptObject, match="not a regular file"):
         reg.refs.read("refs/heads/fifo")
+    (reg.ah_dir / "refs" / "heads" / "fifo").unlink()
+    os.mkfifo(reg.ah_dir / "packed-refs")
+    rc, out, err = run_ah("--registry", reg.root, "log", timeout=60)
+    assert rc == 1 and "packed-refs is not a regular file" in err
