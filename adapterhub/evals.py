@@ -223,7 +223,11 @@ class EvalLists:
             return []
         except UnicodeDecodeError:
             raise CorruptObject(commit, "eval list is not ASCII") from None
-        lines = text.splitlines()
+        # Lines end at "\n" only (as written): splitlines() also split at \v, \f and
+        # \x1c-\x1e, so a newline damaged into one of those went unseen.
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
         if not lines or lines[0] != LIST_HEADER:
             raise CorruptObject(commit, f"eval list does not start with {LIST_HEADER!r}")
         ids = lines[1:]

@@ -206,3 +206,19 @@ def test_evals_travel_with_their_objects(tmp_path):
     assert link_received(dst.store, lists, wanted) == 2
     assert link_received(dst.store, lists, wanted) == 0  # idempotent
     assert lists.read(ids[0]) == wanted
+
+
+@pytest.mark.parametrize("damaged", ["\v", "\f", "\x1c", "\x1e"])
+def test_a_newline_damaged_into_another_line_break_is_caught(tmp_path, damaged):
+    """The list is written with "\\n" only; read with splitlines(), a newline turned into
+    \\v, \\f or \\x1c-\\x1e by a flipped bit read the same and went unseen (helper-25)."""
+    reg, ids = make_registry(tmp_path, 1)
+    reg.add_eval(ids[0], {"acc": 0.9, "loss": 1.0})
+    lists = EvalLists(reg.ah_dir)
+    path = lists._path(ids[0])
+    text = path.read_text()
+    assert text.count("\n") == 3 and text.endswith("\n")
+    assert len(lists.read(ids[0])) == 2
+    path.write_text(text.replace("\n", damaged, 2).replace(damaged, "\n", 1))  # the second newline only
+    with pytest.raises(CorruptObject, match="not an object id"):
+        lists.read(ids[0])
