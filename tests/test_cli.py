@@ -353,3 +353,15 @@ def test_checkout_with_the_native_codec_never_imports_numpy(registry, tmp_path):
     registry.commit(write_adapter(tmp_path / "b", seed=1), "second")
     assert _heavy_imports(registry, tmp_path, ["checkout", "HEAD", "-o", str(tmp_path / "out")]) == []
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_version_is_the_installed_distributions(ah):
+    """`ah --version` prints adapterhub.__version__ without asking the package metadata
+    (its import cost ~20 ms): that must be the version pip installed (pyproject.toml)."""
+    from importlib import metadata
+
+    import adapterhub
+
+    out = ok(ah("--version"))
+    assert out.strip() == f"ah, version {adapterhub.__version__}"
+    assert adapterhub.__version__ == metadata.version("adapterhub")
