@@ -37,9 +37,10 @@ name are written, and gc moves objects loose -> pack, so this order sees all the
 reach); walk first (it decodes, re-hashes and parses every reachable commit, snapshot,
 tag and eval: the copy it read of each is not decoded again); then every other copy,
 tensors in batches, oldest pack first, with a base cache grown to a few revisions of the
-largest adapter (each delta chain decoded once, not once per level). Lookups go through
-one sorted id column over all packs (one search, not one per pack). Time is the walk's
-(as gc's mark) plus native decoding of tensors.
+largest adapter once a delta is seen (each delta chain decoded once, not once per level;
+without deltas it holds nothing). Lookups go through one sorted id column over all packs
+(one search, not one per pack); the types read are noted as bits beside it. Time is the
+walk's (as gc's mark) plus native decoding of tensors.
 
 Each finding has a stable id from FINDINGS (documented in docs/user-guide.md): scripts
 may rely on ids and severities; messages are for people and may change.
@@ -67,7 +68,7 @@ from .packstore import PACK_DIR, _open_listed
 from .reach import ID_LEN, IdSet, walk
 from .packed_refs import FILE_NAME as PACKED_REFS
 from .refs import HEADS, TAGS, RefStore, check_full_ref_name
-from .store import LooseObjectStore, ObjectStore
+from .store import _HEX_NAME, LooseObjectStore, ObjectStore, _is_fan, _is_rest
 
 ERROR = "error"
 WARNING = "warning"
@@ -112,6 +113,8 @@ BATCH_OBJECTS = 1024
 BATCH_BYTES = 64 << 20
 # Records of these encodings are tensors (planes, delta, extrapolated delta): batched.
 _TENSOR_ENCODINGS = (codec.ENC_PLANES, codec.ENC_DELTA, codec.ENC_EXTRAPOLATED)
+# The encoding byte of a delta's record (its base may be worth keeping decoded).
+_DELTA_BYTES = tuple(bytes([e]) for e in codec.DELTA_ENCODINGS)
 LOOSE = "loose"
 
 
@@ -176,13 +179,6 @@ class FsckResult:
         return out
 
 
-_HEX = frozenset("0123456789abcdef")
-
-
-def _is_hex(name: str) -> bool:
-    return _HEX.issuperset(name)
-
-
 def list_loose(objects_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """(ids of the loose object files, (path under objects/, why) of every other entry:
     in the fan-out folders, beside them, and in pack/ other than packs and indexes). fsck
@@ -217,16 +213,45 @@ def list_loose(objects_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
         except OSError as exc:
             stray.append((fan, f"a folder of loose objects that cannot be listed: {exc.strerror or exc}"))
             continue
-        hex_fan = _is_hex(fan)
+        hex_fan = _is_fan(fan)
         for name in names:
             if name.startswith(TMP_PREFIX):
                 continue
-            if hex_fan and len(name) == 2 * ID_LEN - 2 and _is_hex(name):
+            if hex_fan and _is_rest(name):  # as the store names them (LooseObjectStore.iter_files)
                 ids.append(fan + name)
             else:
                 stray.append((f"{fan}/{name}", "not an object file (an object's is named by its 64 lowercase hex "
                                                "digits, 2 as its folder): never read as one"))
     return ids, stray
+
+
+class _Stored:
+    """Every id stored (packs that open, loose files listed), as `IdSet` answers `in`,
+    `mask` and `len`, without a copy of the packs' id column (32 bytes an id): the
+    column itself, where an id stored in two packs is twice, and the loose ids no pack
+    holds."""
+
+    def __init__(self, column, loose_ids: Iterable[str]):
+        import numpy as np
+
+        self.packed = IdSet(column)  # sorted, with duplicates: `in` and mask hold, len does not
+        loose = np.frombuffer(b"".join(bytes.fromhex(o) for o in loose_ids), dtype="S32")
+        self.loose = IdSet.build([loose[~self.packed.mask(loose)]])
+        distinct = int(np.count_nonzero(column[1:] != column[:-1])) + 1 if len(column) else 0
+        self._len = distinct + len(self.loose)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, oid: object) -> bool:
+        return oid in self.packed or oid in self.loose
+
+    def mask(self, keys):
+        return self.packed.mask(keys) | self.loose.mask(keys)
+
+    def count_in(self, ids: IdSet) -> int:
+        """How many of `ids` (each once) are stored."""
+        return int(self.mask(ids.array).sum())
 
 
 def _age_key(pack: Pack) -> int:
@@ -273,8 +298,13 @@ class _Listed(ObjectStore):
         self.walked: dict[int, bytearray] = {}  # source (pack position, -1 loose) -> raw ids read whole
         self.walked_copies = 0
         self.walked_bytes = 0
-        # Raw ids by type, of every copy read whole or checked (walk and copy check).
-        self.typed: dict[str, bytearray] = {t: bytearray() for t in TYPES}
+        # Types of the copies read whole or checked (walk and copy check), noted by id
+        # (note_type): pending ones, then as bits in _type_bits (the packed ids) and, for
+        # ids stored only loose, in per-type buffers of raw ids.
+        self._pending_keys, self._pending_bits = bytearray(), bytearray()
+        self._loose_typed: dict[str, bytearray] = {t: bytearray() for t in TYPES}
+        self._loose_sets: dict[str, tuple[int, IdSet]] = {}
+        self.deltas = False  # whether a record the walk read the head of is a delta (dependencies_of)
         self.on_read: Callable[[str, str, bytes, int], None] | None = None  # told of each object the walk reads
         self.progress: Callable[[int], None] | None = None  # told of copies the walk re-hashed
         self._top: str | None = None  # the id `read` is reading, until its record is found
@@ -283,25 +313,39 @@ class _Listed(ObjectStore):
     def _index_packs(self) -> None:
         """One sorted id column over every pack, with each entry's pack (position in
         `packs`) and its index in that pack: a lookup is one binary search, not one per
-        pack (1,200 packs of one commit each took 8.5 s, 7 million searches, to check)."""
+        pack (1,200 packs of one commit each took 8.5 s, 7 million searches, to check).
+        The ids are sorted straight into the column (no sorted copy, no bytes copy of
+        it) and the fan-out is searched on their first two bytes as they lie there: the
+        column costs 41 bytes an id (with its pack, entry and type bits), its making 40
+        more for a moment (the joined ids, the sort order)."""
         import numpy as np
 
         arrays = [p.id_array() for p in self.packs]
-        if not arrays:
-            self._raw, self._fan = b"", [0] * (_FAN + 1)
-            self._pack_of = self._entry_of = np.empty(0, dtype=np.int64)
+        counts = np.array([len(a) for a in arrays], dtype=np.int64)
+        total = int(counts.sum())
+        # Searched in Python within the fan-out bucket of the id's first two bytes (a few
+        # entries): a numpy search per lookup cost ~3 us of conversions.
+        self._raw = bytearray(total * ID_LEN)
+        self._column = np.frombuffer(self._raw, dtype="S32")
+        self._type_bits = np.zeros(total, dtype=np.uint8)  # see note_type
+        if not total:
+            self._fan = [0] * (_FAN + 1)
+            self._pack_of = self._entry_of = np.empty(0, dtype=np.int32)
             return
-        ids = np.concatenate(arrays)
-        pack_of = np.repeat(np.arange(len(arrays), dtype=np.int32), [len(a) for a in arrays])
-        entry_of = np.concatenate([np.arange(len(a), dtype=np.int32) for a in arrays])
+        ids = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        del arrays
         order = np.argsort(ids, kind="stable")  # stable: copies of one id stay in pack order
-        # As bytes, searched in Python within the fan-out bucket of the id's first two
-        # bytes (a few entries): a numpy search per lookup cost ~3 us of conversions.
-        self._raw = ids[order].tobytes()
-        self._pack_of, self._entry_of = pack_of[order], entry_of[order]
-        heads = np.frombuffer(self._raw, dtype=np.uint8).reshape(-1, ID_LEN)[:, :2].astype(np.int64)
-        heads = heads[:, 0] * 256 + heads[:, 1]
-        self._fan = np.searchsorted(heads, np.arange(_FAN + 1)).tolist()
+        np.take(ids, order, out=self._column)
+        del ids
+        pack_of = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        self._pack_of = pack_of[order]
+        del pack_of
+        entry_of = order.astype(np.int32)
+        del order
+        entry_of -= (np.cumsum(counts) - counts).astype(np.int32)[self._pack_of]
+        self._entry_of = entry_of
+        heads = np.ndarray((total,), dtype=">u2", buffer=self._raw, strides=(ID_LEN,))
+        self._fan = np.searchsorted(heads, np.arange(_FAN, dtype=np.uint16)).tolist() + [total]
 
     def locate(self, oid: str) -> list[tuple[int, int]]:
         """(position in `packs`, index entry) of every packed copy of `oid`, oldest pack first."""
@@ -326,15 +370,9 @@ class _Listed(ObjectStore):
             lo += 1
         return out
 
-    def stored(self) -> IdSet:
-        """Every id stored (packs that open, loose files listed): the packed column itself
-        when it holds each id once and nothing is loose (no second copy of 32 bytes an id)."""
-        import numpy as np
-
-        packed = np.frombuffer(self._raw, dtype="S32")
-        if not self.loose_ids and (len(packed) < 2 or bool((packed[1:] != packed[:-1]).all())):
-            return IdSet(packed)
-        return IdSet.build([packed, b"".join(bytes.fromhex(o) for o in self.loose_ids)])
+    def stored(self) -> _Stored:
+        """Every id stored (packs that open, loose files listed)."""
+        return _Stored(self._column, self.loose_ids)
 
     def has(self, oid: str) -> bool:
         return bool(self.locate(oid)) or oid in self.loose_ids or self.loose.has(oid)
@@ -408,10 +446,57 @@ class _Listed(ObjectStore):
         raise exc
 
     def note_type(self, key: bytes, obj_type: str) -> None:
-        self.typed[obj_type] += key
+        """Note that a copy of the object with raw id `key`, read whole, is of `obj_type`.
+        A bit per type and per id of the packed column (a byte an id, where a buffer of
+        raw ids per type cost 32 and sets of them 64 more): noted in batches, one numpy
+        search for many ids."""
+        self._pending_keys += key
+        self._pending_bits.append(_TYPE_BIT[obj_type])
+        if len(self._pending_bits) >= _CHUNK:
+            self._flush_types()
+
+    def _flush_types(self) -> None:
+        import numpy as np
+
+        if not self._pending_bits:
+            return
+        keys_buf, bits_buf = self._pending_keys, self._pending_bits
+        self._pending_keys, self._pending_bits = bytearray(), bytearray()
+        keys, bits = np.frombuffer(keys_buf, dtype="S32"), np.frombuffer(bits_buf, dtype=np.uint8)
+        found, pos = IdSet(self._column).positions(keys)
+        np.bitwise_or.at(self._type_bits, pos[found], bits[found])
+        if not found.all():
+            for obj_type in TYPES:
+                self._loose_typed[obj_type] += keys[~found & (bits == _TYPE_BIT[obj_type])].tobytes()
+
+    def _loose_set(self, obj_type: str) -> IdSet:
+        buf = self._loose_typed[obj_type]
+        cached = self._loose_sets.get(obj_type)
+        if cached is None or cached[0] != len(buf):
+            cached = self._loose_sets[obj_type] = (len(buf), IdSet.build([bytes(buf)]))
+        return cached[1]
+
+    def type_bits(self, keys):
+        """For each id of the `S32` array `keys`, the bits (_TYPE_BIT) of the types its
+        copies read whole were found to be; 0 for one never read whole."""
+        import numpy as np
+
+        self._flush_types()
+        out = np.zeros(len(keys), dtype=np.uint8)
+        if len(self._column):
+            found, pos = IdSet(self._column).positions(keys)
+            out[found] = self._type_bits[pos[found]]
+        for obj_type in TYPES:
+            if self._loose_typed[obj_type]:
+                out[self._loose_set(obj_type).mask(keys)] |= _TYPE_BIT[obj_type]
+        return out
 
     def typed_ids(self, obj_type: str) -> IdSet:
-        return IdSet.build([bytes(self.typed[obj_type])])
+        """Every id a copy of which was read whole and found of `obj_type`."""
+        self._flush_types()
+        packed = self._column[(self._type_bits & _TYPE_BIT[obj_type]) != 0]  # sorted, each id once
+        loose = self._loose_set(obj_type)
+        return IdSet.build([packed, loose.array]) if len(loose) else IdSet(packed)
 
     def _write_record(self, oid, record) -> None:
         raise AhError("fsck never writes to the store")
@@ -420,7 +505,7 @@ class _Listed(ObjectStore):
         import numpy as np
 
         found = set(self.loose.find_prefix(prefix))
-        if not prefix or len(prefix) % 2 or not _is_hex(prefix):
+        if not prefix or len(prefix) % 2 or not _HEX_NAME.fullmatch(prefix):
             for pack in self.packs:
                 found.update(pack.find_prefix(prefix))
             return sorted(found)
@@ -458,6 +543,8 @@ class _Listed(ObjectStore):
             raise ObjectNotFound(oid)
         deps: list[ObjectId] = []
         for record in records:
+            if record[codec.ENCODING_AT : codec.ENCODING_AT + 1] in _DELTA_BYTES:
+                self.deltas = True
             try:
                 found = codec.dependencies(oid, record, self.find_prefix)
             except UnsupportedFormat as exc:
@@ -554,6 +641,7 @@ def _pack_order(pack: Pack, skip: IdSet) -> Iterator[tuple[str, Callable[[], byt
 
 
 _FAN = 1 << 16  # buckets of _Listed's id column: by the first two bytes
+_TYPE_BIT = {t: 1 << n for n, t in enumerate(TYPES)}  # _Listed.type_bits
 # The base cache holds this many times the largest reachable adapter (BaseCache.reserve
 # caps it at a share of memory): the revision being checked, the one before (its delta
 # bases) and the second extrapolation source, and the cache admits no body over a quarter
@@ -574,6 +662,25 @@ def _expect(buf: bytearray, oid) -> None:
     """Append `oid`'s raw id to `buf` if it is an id."""
     if isinstance(oid, str) and is_oid(oid):
         buf += bytes.fromhex(oid)
+
+
+def _id_set_of(buf: bytearray) -> IdSet:
+    """The raw ids in `buf` (emptied) as an IdSet: sorted in place, and one copy of the
+    distinct ones (IdSet.build from bytes(buf) held three copies at once)."""
+    import numpy as np
+
+    arr = np.frombuffer(buf, dtype="S32")
+    arr.sort()
+    if len(arr) > 1:
+        keep = np.empty(len(arr), dtype=bool)
+        keep[0] = True
+        np.not_equal(arr[1:], arr[:-1], out=keep[1:])
+        out = arr[keep]
+    else:
+        out = arr.copy()
+    del arr
+    buf.clear()
+    return IdSet(out)
 
 
 class _Checker:
@@ -597,7 +704,32 @@ class _Checker:
         self._eval_lists = None  # commit ids with an eval list file (_has_eval_list)
         self.wrong_typed: set[str] = set()  # ids reported as wrong-type
         self.largest_snapshot = 0  # bytes of the largest adapter folder the walk read
+        self._cache_grown = False  # grow_cache done
+        self._cache_default = 0  # the base cache's budget before size_cache set it aside
         self.corrupt_refs: set[str] = set()  # what ref-corrupt findings name
+
+    def size_cache(self) -> None:
+        """Before the copy check: room in the base cache for the bases of a revision's
+        deltas when the walk met one (grow_cache); else none until a delta turns up
+        (unreachable ones): without deltas, no tensor decoded is ever looked up there, and
+        the cache only held the last ones checked, as much as its budget (grown to 4
+        adapters, or the default 64 MB)."""
+        if self.listed.deltas:
+            self.grow_cache()
+        else:
+            cache = self.listed.base_cache
+            self._cache_default, cache.max_bytes = cache.max_bytes, 0
+
+    def grow_cache(self) -> None:
+        """Room in the base cache for the bases of a revision's deltas (once): with the
+        fixed 64 MB, a revision of a 20 MB tensor never entered (a quarter of the budget at
+        most) and each of 16 was decoded through its whole chain again, 136 decodes
+        instead of 16."""
+        if not self._cache_grown:
+            self._cache_grown = True
+            cache = self.listed.base_cache
+            cache.max_bytes = max(cache.max_bytes, self._cache_default)
+            cache.reserve(_CACHE_ADAPTERS * self.largest_snapshot)
 
     def stored_now(self, oid: str) -> bool:
         """Whether `oid` is stored now, listing the objects again (once): a concurrent
@@ -721,13 +853,12 @@ class _Checker:
         """What the refs and a detached HEAD name: where the walk starts."""
         return IdSet.build([keys for _names, keys in self._ref_chunks(report=False)])
 
-    def check_refs(self, stored: IdSet, missing: set[str]) -> None:
+    def check_refs(self, stored: _Stored, missing: set[str]) -> None:
         """Each ref names a stored commit (under refs/tags/, a tag object will do). Types
         come from the walk, which read every ref's target; a target it could not read
         (`missing`) is damaged and reported as such."""
         import numpy as np
 
-        commits, tags = self.listed.typed_ids(COMMIT), self.listed.typed_ids(TAG)
         dangling: list[tuple[str, str]] = []  # (ref, target) not stored, when last listed
         for names, keys in self._ref_chunks(report=True):
             if not names:
@@ -735,7 +866,8 @@ class _Checker:
             if names != ["HEAD"]:
                 self.result.refs += len(names)
             arr = np.frombuffer(keys, dtype="S32")
-            ok, is_tag, present = commits.mask(arr), tags.mask(arr), stored.mask(arr)
+            bits = self.listed.type_bits(arr)
+            ok, is_tag, present = (bits & _TYPE_BIT[COMMIT]) != 0, (bits & _TYPE_BIT[TAG]) != 0, stored.mask(arr)
             for i in np.nonzero(~ok)[0].tolist():
                 name, oid = names[i], keys[i * ID_LEN : (i + 1) * ID_LEN].hex()
                 if is_tag[i] and name.startswith(TAGS):
@@ -842,19 +974,19 @@ class _Checker:
         """Every object a reachable one names is of the type the naming expects (noted by
         the walk); the actual types are those of the copies read whole or checked. Each
         wrong one is reported with the object that names it."""
-        actual = {t: self.listed.typed_ids(t) for t in TYPES}
+        import numpy as np
+
         wrong: dict[str, list[tuple[str, str]]] = {}  # id -> [(expected, actual type)]
         for expected, buf in self._expected.items():
-            want = IdSet.build([bytes(buf)])
-            buf.clear()
-            for obj_type, have in actual.items():
-                if obj_type == expected or not len(want) or not len(have):
-                    continue
-                for key in want.array[have.mask(want.array)].tolist():
-                    wrong.setdefault(key.ljust(ID_LEN, b"\0").hex(), []).append((expected, obj_type))
+            want = _id_set_of(buf)
+            other = self.listed.type_bits(want.array) & (0xFF ^ _TYPE_BIT[expected])
+            for i in np.nonzero(other)[0].tolist():
+                oid = bytes(want.array[i]).ljust(ID_LEN, b"\0").hex()
+                wrong.setdefault(oid, []).extend((expected, t) for t in TYPES if other[i] & _TYPE_BIT[t])
         if not wrong:
             return
-        namers = self._namers(wrong, [k for t in (COMMIT, SNAPSHOT, TAG) for k in actual[t].array.tolist()])
+        namers = self._namers(wrong, [k for t in (COMMIT, SNAPSHOT, TAG)
+                                      for k in self.listed.typed_ids(t).array.tolist()])
         for oid in sorted(wrong):
             for expected, obj_type in wrong[oid]:
                 by = namers.get((oid, expected), f"a reachable object names it as a {expected}")
@@ -896,7 +1028,7 @@ class _Checker:
                 named(obj.object, obj.object_type, f"tag {by} names it as a {obj.object_type}")
         return found
 
-    def report_unreachable_parts(self, missing: set[str], stored: IdSet) -> None:
+    def report_unreachable_parts(self, missing: set[str], stored: _Stored) -> None:
         """What the walk could not follow and no other finding explains."""
         for oid in sorted(missing):
             if oid in self.bad or oid in self.missing_deps or oid in self.dangling or oid in self.wrong_typed:
@@ -927,7 +1059,7 @@ class _Checker:
                 return
         if obj_type == COMMIT:
             try:
-                EvalLists(self.ah_dir).read(oid)
+                self._evals.read(oid)
             except CorruptObject as exc:
                 self.add("eval-list-corrupt", oid, exc.reason)
                 return
@@ -999,6 +1131,8 @@ class _Checker:
                 if release is not None and done % _RELEASE_EVERY == 0:
                     release()
             if len(record) >= codec.RECORD_HEADER.size and record[:4] == codec.MAGIC and record[4] in _TENSOR_ENCODINGS:
+                if not self._cache_grown and record[4] in codec.DELTA_ENCODINGS:
+                    self.grow_cache()  # an unreachable delta (the walk saw the reachable ones)
                 batch.append(oid)
                 view.pinned[oid] = record
                 batch_bytes += len(record)
@@ -1021,9 +1155,9 @@ class _Checker:
             for oid in oids:  # which ones, and why: one by one
                 self._check_one(where, view, oid)
         else:
-            typed = self.listed.typed[TENSOR]
+            note = self.listed.note_type
             for oid in oids:
-                typed += bytes.fromhex(oid)
+                note(bytes.fromhex(oid), TENSOR)
         finally:
             view.pinned.clear()
 
@@ -1164,10 +1298,7 @@ def check_registry(
         result.copies_checked, result.bytes_checked = listed.walked_copies, listed.walked_bytes
         if progress is not None and listed.walked_copies % 256:
             progress(listed.walked_copies % 256)
-        # Room for the bases of a revision's deltas: with the fixed 64 MB, a revision of a
-        # 20 MB tensor never entered (a quarter of the budget at most) and each of 16 was
-        # decoded through its whole chain again, 136 decodes instead of 16.
-        listed.base_cache.reserve(_CACHE_ADAPTERS * checker.largest_snapshot)
+        checker.size_cache()  # the walk read the head of every reachable tensor: listed.deltas
         checker.check_packs()
         checker.check_loose(loose_ids)
         checker.blame_dependencies()
@@ -1176,7 +1307,7 @@ def check_registry(
         checker.check_refs(stored, reach.missing)
         checker.report_unreachable_parts(reach.missing, stored)
         result.reachable = len(reach.ids)
-        result.unreachable = int((~reach.ids.mask(stored.array)).sum())
+        result.unreachable = len(stored) - stored.count_in(reach.ids)
         del reach, stored
         checker.check_leftovers(now)
         for path, why in stray:

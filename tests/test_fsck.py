@@ -814,3 +814,85 @@ def test_entries_beside_the_fan_out_folders_and_in_pack_are_stray(tmp_path):
     assert rc == 0
     assert _ids(report) == sorted([("stray-file", "objects/README"), ("stray-file", "objects/abc"),
                                    ("stray-file", "objects/pack/notes.txt")]), _ids(report)
+
+
+def _cache_runs(reg: Registry, monkeypatch) -> tuple[list[int], object]:
+    """fsck `reg`; (the sizes the base cache was reserved for, the run's cache)."""
+    import adapterhub.fsck as fsck_mod
+    import adapterhub.store as store_mod
+
+    reserved: list[int] = []
+    reserve = store_mod.BaseCache.reserve
+    monkeypatch.setattr(store_mod.BaseCache, "reserve", lambda self, n: (reserved.append(n), reserve(self, n))[1])
+    caches = []
+    close = fsck_mod._Listed.close
+    monkeypatch.setattr(fsck_mod._Listed, "close", lambda self: (caches.append(self.base_cache), close(self))[1])
+    result = check_registry(reg.ah_dir, reg.ah_dir / "objects", reg.refs)
+    assert result.ok and result.findings == []
+    return reserved, caches[0]
+
+
+def test_the_base_cache_is_grown_only_when_the_store_holds_deltas(tmp_path, monkeypatch):
+    """Without a delta no decoded tensor is looked up again: the cache is not grown to
+    hold adapters for nothing (6 adapters of 64 MB: 532 -> 708 MiB peak), nor does it
+    keep what was checked. A reachable delta grows it before the copy check, an
+    unreachable one when the copy check meets it."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    reg = Registry.init(tmp_path / "reg")
+    for i in range(3):  # different random tensors, each a branch's first commit: nothing to delta against
+        folder = tmp_path / f"a{i}"
+        folder.mkdir()
+        rng = np.random.default_rng(i)
+        save_file({"w": rng.standard_normal((64, 256)).astype(np.float32)}, str(folder / "adapter_model.safetensors"))
+        reg.commit(folder, f"a{i}", branch=f"b{i}")
+    reserved, cache = _cache_runs(reg, monkeypatch)
+    assert reserved == [] and cache.max_bytes == 0 and len(cache._items) == 0
+
+    reg, _ = _history(tmp_path / "deltas")  # revisions stored as deltas, reachable
+    reserved, cache = _cache_runs(reg, monkeypatch)
+    assert len(reserved) == 1 and cache.max_bytes >= 64 << 20
+
+    for name in ("refs/heads/main", "refs/heads/side"):  # the same deltas, none reachable
+        reg.refs.delete(name)
+    reserved, cache = _cache_runs(reg, monkeypatch)
+    assert len(reserved) == 1 and cache.max_bytes >= 64 << 20
+
+
+def test_the_id_column_over_all_packs_finds_every_copy(tmp_path, monkeypatch):
+    """_Listed's one sorted column over every pack (sorted in place, fan-out by the first
+    two bytes): each packed id is found in every pack that holds it, oldest first, and
+    the stored ids count each id once, loose ones too."""
+    import adapterhub.packstore as packstore
+    from adapterhub.fsck import _Listed
+
+    monkeypatch.setattr(packstore, "BATCH_PACK_MIN_OBJECTS", 1)  # a pack per commit
+    reg = Registry.init(tmp_path / "reg")
+    for i in range(5):
+        reg.commit(write_checkpoint(tmp_path / f"ck{i}", i), f"c{i}", branch=f"b{i % 2}")
+    pack_dir = reg.ah_dir / "objects" / "pack"
+    first = min(pack_paths(pack_dir), key=lambda p: p.stat().st_mtime_ns)
+    for suffix in (".pack", ".idx"):  # a second copy of every object of the oldest pack, in the newest
+        copy = pack_dir / ("pack-" + "f" * 40 + suffix)
+        copy.write_bytes(first.with_suffix(suffix).read_bytes())
+        os.utime(copy, ns=(time.time_ns() + 10**9,) * 2)
+    monkeypatch.setattr(packstore, "BATCH_PACK_MIN_OBJECTS", 1 << 30)
+    reg.commit(write_checkpoint(tmp_path / "loose", 9), "loose")
+    listed = _Listed(reg.ah_dir / "objects")
+    try:
+        assert len(listed.packs) == 6 and listed.packs[-1].path.name.startswith("pack-fff")
+        where: dict[str, list[tuple[int, int]]] = {}
+        for n, pack in enumerate(listed.packs):
+            for i, key in enumerate(pack.id_array().tolist()):
+                where.setdefault(key.ljust(32, b"\0").hex(), []).append((n, i))
+        assert any(len(v) > 1 for v in where.values())
+        for oid, copies in where.items():
+            assert listed.locate(oid) == copies
+            assert listed.find_prefix(oid[:6]) == sorted(o for o in where if o.startswith(oid[:6]))
+        assert listed.locate("ff" * 32) == [] and listed.locate("00" * 32) == []
+        stored = listed.stored()
+        assert len(stored) == len(set(where) | listed.loose_ids) > len(where)
+        assert all(oid in stored for oid in listed.loose_ids)
+    finally:
+        listed.close()
