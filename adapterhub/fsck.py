@@ -664,25 +664,6 @@ def _expect(buf: bytearray, oid) -> None:
         buf += bytes.fromhex(oid)
 
 
-def _id_set_of(buf: bytearray) -> IdSet:
-    """The raw ids in `buf` (emptied) as an IdSet: sorted in place, and one copy of the
-    distinct ones (IdSet.build from bytes(buf) held three copies at once)."""
-    import numpy as np
-
-    arr = np.frombuffer(buf, dtype="S32")
-    arr.sort()
-    if len(arr) > 1:
-        keep = np.empty(len(arr), dtype=bool)
-        keep[0] = True
-        np.not_equal(arr[1:], arr[:-1], out=keep[1:])
-        out = arr[keep]
-    else:
-        out = arr.copy()
-    del arr
-    buf.clear()
-    return IdSet(out)
-
-
 class _Checker:
     """One fsck run: the steps of check_registry and the findings they add."""
 
@@ -978,7 +959,7 @@ class _Checker:
 
         wrong: dict[str, list[tuple[str, str]]] = {}  # id -> [(expected, actual type)]
         for expected, buf in self._expected.items():
-            want = _id_set_of(buf)
+            want = IdSet.take(buf)
             other = self.listed.type_bits(want.array) & (0xFF ^ _TYPE_BIT[expected])
             for i in np.nonzero(other)[0].tolist():
                 oid = bytes(want.array[i]).ljust(ID_LEN, b"\0").hex()

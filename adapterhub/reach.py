@@ -73,6 +73,20 @@ def _prefix_lookups_memoized(store: ObjectStore):
         del store.find_prefix
 
 
+def _sorted_distinct(arr):
+    """`arr` (an `S32` array, sorted in place) without repeats: a new array, or `arr` itself
+    when it holds at most one id."""
+    import numpy as np
+
+    arr.sort(kind="stable")
+    if len(arr) <= 1:
+        return arr
+    keep = np.empty(len(arr), dtype=bool)
+    keep[0] = True
+    np.not_equal(arr[1:], arr[:-1], out=keep[1:])
+    return arr[keep]
+
+
 class IdSet:
     """An immutable set of object ids: one sorted, duplicate-free numpy `S32` array.
 
@@ -99,13 +113,21 @@ class IdSet:
             return cls()
         arr = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
         parts.clear()
-        arr.sort(kind="stable")
-        if len(arr) > 1:
-            keep = np.empty(len(arr), dtype=bool)
-            keep[0] = True
-            np.not_equal(arr[1:], arr[:-1], out=keep[1:])
-            arr = arr[keep]
-        return cls(arr)
+        return cls(_sorted_distinct(arr))
+
+    @classmethod
+    def take(cls, buf: bytearray) -> "IdSet":
+        """The raw ids in `buf` as an IdSet, `buf` emptied: sorted in place, then one copy of
+        the distinct ones (build from bytes(buf) held three copies at once: fsck's notes)."""
+        import numpy as np
+
+        view = np.frombuffer(buf, dtype="S32")
+        ids = _sorted_distinct(view)
+        if ids is view:  # at most one id: still a view of `buf`
+            ids = ids.copy()
+        del view
+        buf.clear()
+        return cls(ids)
 
     @classmethod
     def of_hex(cls, ids: Iterable[str]) -> "IdSet":

@@ -896,3 +896,14 @@ def test_the_id_column_over_all_packs_finds_every_copy(tmp_path, monkeypatch):
         assert all(oid in stored for oid in listed.loose_ids)
     finally:
         listed.close()
+
+
+def test_idset_take_sorts_dedupes_and_empties_the_buffer():
+    from adapterhub.reach import IdSet
+
+    a, b = bytes([1]) * 32, bytes([2]) * 32
+    for raw, want in ((b + a + b, [a, b]), (a, [a]), (b"", [])):
+        buf = bytearray(raw)
+        ids = IdSet.take(buf)
+        assert ids.array.tolist() == want and len(buf) == 0
+        assert IdSet.build([raw]).array.tolist() == want
